@@ -1,0 +1,55 @@
+"""Top-level pytest set-up: runs before any test module imports fastsora or a Triton kernel.
+
+Without a CUDA device, Triton's interpreter is switched on so the kernels run on CPU tensors.
+"""
+import os
+
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+if not _has_cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+#: bf16 is broken in Triton's interpreter (REFERENCE §4): covered by compilation and on GPUs.
+DTYPES = (torch.float32, torch.float16, torch.bfloat16) if CUDA else (torch.float32, torch.float16)
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """cuda when present, else cpu (the Triton kernels then run in the interpreter)."""
+    return DEVICE
+
+
+@pytest.fixture(params=DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def dtype(request) -> torch.dtype:
+    """fp32 and fp16 (plus bf16 on CUDA)."""
+    return request.param
+
+
+@pytest.fixture
+def poison():
+    """Kernel outputs start as NaN inside this fixture's test (fastsora.kernels.utils.poisoned_outputs)."""
+    from fastsora.testing import poisoned_outputs
+
+    with poisoned_outputs():
+        yield

@@ -1,0 +1,109 @@
+"""Backend choice, in one place.
+
+``FASTSORA_BACKEND=auto|triton|torch`` sets the process default; ``fastsora.use_backend(name)`` overrides it
+for the current context (thread / asyncio task). Every public op calls :func:`select_backend` and nothing else
+decides between Triton and torch:
+
+* ``auto``: Triton for CUDA tensors, the torch reference path for CPU tensors.
+* ``triton``: the Triton kernels. CUDA tensors run compiled kernels; CPU tensors run them in Triton's
+  interpreter, which must be switched on (``TRITON_INTERPRET=1``) before fastsora is imported.
+* ``torch``: the plain-PyTorch reference path on any device.
+
+A Triton path never falls back to torch: when the Triton kernels cannot take an input, the error says why
+and which backend can.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from typing import Iterator, Optional
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+ENV_VAR = "FASTSORA_BACKEND"
+
+_override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("fastsora_backend", default=None)
+
+
+class BackendError(RuntimeError):
+    """The requested backend cannot run this call; the message says why and what would."""
+
+
+def _validate(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}; got {name!r}")
+    return name
+
+
+def get_backend() -> str:
+    """The backend requested here: the innermost ``use_backend`` or else ``$FASTSORA_BACKEND`` (default auto)."""
+    name = _override.get()
+    if name is not None:
+        return name
+    return _validate(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", ENV_VAR)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[str]:
+    """Run the ops inside the ``with`` block on backend ``name`` ('auto', 'triton' or 'torch').
+
+    Context-local: other threads and tasks keep their own choice.
+    """
+    token = _override.set(_validate(name, "use_backend(name)"))
+    try:
+        yield name
+    finally:
+        _override.reset(token)
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreter_active() -> bool:
+    """True when fastsora's Triton kernels were created in Triton's interpreter (run on CPU tensors)."""
+    if not triton_available():
+        return False
+    from fastsora.kernels import KERNELS_INTERPRETED
+
+    return KERNELS_INTERPRETED
+
+
+def select_backend(op: str, device: torch.device, unsupported: Optional[str] = None) -> str:
+    """Resolve the backend for one call of ``op`` on ``device``: returns 'triton' or 'torch'.
+
+    ``unsupported`` is the Triton kernels' own reason for refusing this input (None when they take it);
+    it is raised, never silently routed to torch, whenever the Triton path was chosen.
+    """
+    requested = get_backend()
+    if requested == "torch":
+        return "torch"
+    if requested == "auto" and device.type != "cuda":
+        return "torch"
+    if not triton_available():
+        raise BackendError(f"{op}: backend {requested!r} needs Triton, which is not installed; "
+                           "install triton or use backend 'torch'")
+    if device.type == "cpu":
+        if not interpreter_active():
+            raise BackendError(
+                f"{op}: backend 'triton' got CPU tensors, which only Triton's interpreter can run; set "
+                "TRITON_INTERPRET=1 before importing fastsora, move the tensors to a CUDA device, or use "
+                "backend 'torch'")
+    elif device.type == "cuda":
+        if interpreter_active():
+            raise BackendError(
+                f"{op}: the Triton kernels were built for the interpreter (TRITON_INTERPRET=1), which runs "
+                "CPU tensors only; unset TRITON_INTERPRET to run CUDA tensors, or use backend 'torch'")
+    else:
+        raise BackendError(f"{op}: the Triton kernels run on CUDA devices (or CPU in the interpreter), "
+                           f"not on {device.type!r}; use backend 'torch'")
+    if unsupported:
+        raise BackendError(f"{op}: the Triton kernels do not support this input: {unsupported}; "
+                           "use backend 'torch' for it")
+    return "triton"

@@ -1,0 +1,298 @@
+"""``fastsora bench``: reference vs fastsora (and third-party baselines) per op, case, dtype and mode.
+
+Times are medians: ``triton.testing.do_bench`` on CUDA, wall clock on CPU. On CPU the 'fastsora' impl runs
+fastsora's torch backend (its CPU path); the Triton kernels there run only in the interpreter, which is a
+correctness tool and is never timed. Peak memory is the extra memory one iteration allocates beyond its
+inputs (CUDA: the caching allocator's peak; CPU: the profiler's allocation timeline).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from fastsora.backend import use_backend
+from fastsora.registry import OPS, Case, OpSpec, load_all
+
+#: FLOPs of a backward pass relative to the forward (flash-attn counts 2.5 for attention; cases override
+#: through ``Case.meta['bwd_flops_factor']``).
+BWD_FLOPS_FACTOR = 2.0
+MODE_FLOPS = {"fwd": lambda f, k: f, "bwd": lambda f, k: f * k, "fwd+bwd": lambda f, k: f * (1 + k)}
+_OOM = (torch.OutOfMemoryError, MemoryError)
+
+
+def versions() -> Dict[str, Optional[str]]:
+    info: Dict[str, Optional[str]] = {"python": platform.python_version(), "torch": torch.__version__}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    info["cuda"] = torch.version.cuda
+    info["cudnn"] = str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else None
+    try:
+        import xformers
+
+        info["xformers"] = xformers.__version__
+    except ImportError:
+        info["xformers"] = None
+    return info
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU ({os.cpu_count()} cores)"
+
+
+def git_commit() -> Optional[str]:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def median_ms(fn: Callable[[], Any], device: torch.device, min_runs: int = 3, budget_s: float = 2.0) -> float:
+    """Median time of ``fn`` in ms: do_bench on CUDA, wall clock (after one warm-up) on CPU."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, return_mode="median"))
+    fn()
+    times: List[float] = []
+    start = time.perf_counter()
+    while len(times) < min_runs or (time.perf_counter() - start < budget_s and len(times) < 50):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int:
+    """Bytes one call of ``fn`` allocates at its peak beyond what was allocated before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - base)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # allocations inside an op are folded into that op's self usage; frees outside ops are '[memory]' rows
+    deltas = sorted((e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
+                    for e in prof.events())
+    current = peak = 0
+    for _, delta in deltas:
+        current += delta
+        peak = max(peak, current)
+    return int(peak)
+
+
+def measured_peaks(device: torch.device, dtype: torch.dtype) -> Dict[str, float]:
+    """Measured peak matmul TFLOP/s (in ``dtype``) and copy GB/s on this device, for % of peak."""
+    n = 8192 if device.type == "cuda" else 1024
+    mm_dtype = dtype if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=mm_dtype)
+    b = torch.randn(n, n, device=device, dtype=mm_dtype)
+    tflops = 2 * n**3 / (median_ms(lambda: a @ b, device) * 1e-3) / 1e12
+    x = torch.empty(64 * 2**20 if device.type == "cuda" else 8 * 2**20, device=device, dtype=torch.float32)
+    y = torch.empty_like(x)
+    gbps = 2 * x.numel() * 4 / (median_ms(lambda: y.copy_(x), device) * 1e-3) / 1e9
+    return {"tflops": tflops, "gbps": gbps}
+
+
+def _impls(spec: OpSpec, device: torch.device) -> Dict[str, Callable]:
+    """The impls to time here; on CPU 'fastsora' is fastsora's torch backend (labelled so)."""
+    impls = {}
+    for name, make in spec.bench_impls.items():
+        if name == "fastsora":
+            backend = "triton" if device.type == "cuda" else "torch"
+
+            def make_fast(args, mode, _make=make, _backend=backend):
+                thunk = _make(args, mode)
+                if thunk is None:
+                    return None
+
+                def run():
+                    with use_backend(_backend):
+                        return thunk()
+                return run
+            impls[f"fastsora[{backend}]"] = make_fast
+        else:
+            impls[name] = make
+    return impls
+
+
+def bench_item(item: "BenchItem", device: torch.device, peaks: Dict[str, float]) -> Dict[str, Any]:
+    """Time one point and measure its peak memory; out-of-memory and n/a points are rows too."""
+    case = item.case
+    row: Dict[str, Any] = {"op": item.spec.name, "case": case.label, "dtype": str(item.dtype).removeprefix("torch."),
+                           "mode": item.mode, "impl": item.impl, "status": "ok", "median_ms": None,
+                           "tflops": None, "gbps": None, "pct_peak_flops": None, "pct_peak_bw": None,
+                           "peak_mem_bytes": None}
+    try:
+        thunk = item.thunk(device)
+        if thunk is None:
+            row["status"] = "n/a"
+            return row
+        row["peak_mem_bytes"] = peak_memory_bytes(thunk, device)
+        ms = median_ms(thunk, device)
+    except _OOM as exc:
+        row["status"] = f"out of memory: {str(exc).splitlines()[0][:120]}"
+        return row
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    row["median_ms"] = ms
+    factor = case.meta.get("bwd_flops_factor", BWD_FLOPS_FACTOR)
+    mode = item.mode
+    if case.flops:
+        row["tflops"] = MODE_FLOPS[mode](case.flops, factor) / (ms * 1e-3) / 1e12
+        row["pct_peak_flops"] = 100 * row["tflops"] / peaks["tflops"]
+    if case.bytes:
+        row["gbps"] = MODE_FLOPS[mode](case.bytes, factor) / (ms * 1e-3) / 1e9
+        row["pct_peak_bw"] = 100 * row["gbps"] / peaks["gbps"]
+    return row
+
+
+@dataclass
+class BenchItem:
+    """One timed point: an impl of an op on one case, dtype and mode."""
+
+    spec: OpSpec
+    case: Case
+    dtype: torch.dtype
+    mode: str
+    impl: str
+    make: Callable
+
+    def __str__(self) -> str:
+        return f"{self.spec.name}-{self.case.label}-{str(self.dtype).removeprefix('torch.')}-{self.mode}-{self.impl}"
+
+    def thunk(self, device: torch.device) -> Optional[Callable[[], Any]]:
+        """Fresh inputs and the zero-argument callable that runs one iteration (None: not applicable)."""
+        return self.make(self.case.make(device, self.dtype), self.mode)
+
+
+def bench_plan(device: torch.device, ops: Optional[Sequence[str]] = None,
+               dtypes: Optional[Sequence[torch.dtype]] = None,
+               modes: Optional[Sequence[str]] = None) -> List[BenchItem]:
+    """Every (op, case, dtype, mode, impl) point registered for ``device`` (default dtype: bf16 on CUDA,
+    fp32 on CPU). Shared by ``fastsora bench`` and the pytest-benchmark suites in benchmarks/."""
+    load_all()
+    names = list(ops) if ops else sorted(OPS)
+    unknown = [n for n in names if n not in OPS]
+    if unknown:
+        raise SystemExit(f"fastsora bench: unknown op(s) {unknown}; registered: {sorted(OPS)}")
+    plan = []
+    for name in names:
+        spec = OPS[name]
+        op_dtypes = dtypes or ((torch.bfloat16,) if device.type == "cuda" else (torch.float32,))
+        for case in spec.bench_cases(device):
+            for dtype in op_dtypes:
+                for mode in (m for m in spec.bench_modes if not modes or m in modes):
+                    for impl, make in _impls(spec, device).items():
+                        plan.append(BenchItem(spec, case, dtype, mode, impl, make))
+    return plan
+
+
+def run_bench(device: torch.device, ops: Optional[Sequence[str]] = None,
+              dtypes: Optional[Sequence[torch.dtype]] = None, modes: Optional[Sequence[str]] = None,
+              progress: Callable[[str], None] = lambda s: None) -> Dict[str, Any]:
+    plan = bench_plan(device, ops, dtypes, modes)
+    peaks = {str(d).removeprefix("torch."): measured_peaks(device, d) for d in {p.dtype for p in plan}}
+    rows = []
+    for i, item in enumerate(plan, 1):
+        row = bench_item(item, device, peaks[str(item.dtype).removeprefix("torch.")])
+        rows.append(row)
+        timing = f"{row['median_ms']:.3f} ms" if row["median_ms"] is not None else row["status"]
+        progress(f"[{i}/{len(plan)}] {item}: {timing}")
+    return {
+        "device": device_name(device), "device_type": device.type, "versions": versions(),
+        "git_commit": git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "interpreter_note": None if device.type == "cuda" else
+        "CPU: fastsora is timed on its torch backend; Triton kernels run only in the interpreter here and are not timed",
+        "measured_peaks": peaks, "results": rows,
+    }
+
+
+def write_results(report: Dict[str, Any], out_dir: str) -> List[str]:
+    """Write the JSON (and a PNG plot when matplotlib is installed); returns the paths written."""
+    os.makedirs(out_dir, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    tag = "".join(c if c.isalnum() else "-" for c in report["device"]).strip("-").lower()[:40]
+    base = os.path.join(out_dir, f"bench-{tag}-{stamp}")
+    with open(base + ".json", "w") as f:
+        json.dump(report, f, indent=1)
+    paths = [base + ".json"]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install fastsora[bench]): no plot written", file=sys.stderr)
+        return paths
+    rows = [r for r in report["results"] if r["median_ms"] is not None]
+    groups = sorted({(r["op"], r["mode"]) for r in rows})
+    if not groups:
+        return paths
+    fig, axes = plt.subplots(len(groups), 1, figsize=(11, 3.2 * len(groups)), squeeze=False)
+    for ax, (op, mode) in zip(axes[:, 0], groups):
+        sel = [r for r in rows if r["op"] == op and r["mode"] == mode]
+        cases = list(dict.fromkeys(f"{r['case']} {r['dtype']}" for r in sel))
+        impls = list(dict.fromkeys(r["impl"] for r in sel))
+        width = 0.8 / len(impls)
+        for j, impl in enumerate(impls):
+            xs, ys = [], []
+            for i, c in enumerate(cases):
+                for r in sel:
+                    if r["impl"] == impl and f"{r['case']} {r['dtype']}" == c:
+                        xs.append(i + j * width)
+                        ys.append(r["median_ms"])
+            ax.bar(xs, ys, width, label=impl)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))], cases, rotation=20, fontsize=7, ha="right")
+        ax.set_yscale("log")
+        ax.set_ylabel("median ms")
+        ax.set_title(f"{op} {mode} on {report['device']}", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(base + ".png", dpi=110)
+    plt.close(fig)
+    paths.append(base + ".png")
+    return paths
+
+
+def pytest_benchmark(benchmark, item: BenchItem, device: torch.device) -> None:
+    """Run one plan point under pytest-benchmark (the suites in benchmarks/ call this)."""
+    import pytest
+
+    try:
+        thunk = item.thunk(device)
+    except _OOM as exc:
+        pytest.skip(f"out of memory: {exc}")
+    if thunk is None:
+        pytest.skip(f"{item.impl} does not apply here")
+    if device.type == "cuda":
+        def run():
+            thunk()
+            torch.cuda.synchronize(device)
+        benchmark(run)
+    else:
+        benchmark(thunk)
+    benchmark.extra_info.update({"device": device_name(device), **versions()})

@@ -1,0 +1,70 @@
+"""``fastsora check``: numerical parity of every registered op against its float64 reference, here.
+
+On CPU the Triton kernels run in the interpreter at the small check shapes, in fp32 and fp16; on CUDA the
+compiled kernels run at realistic shapes in fp32, fp16 and bf16.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+
+from fastsora.backend import use_backend
+from fastsora.registry import OPS, OpSpec, load_all
+from fastsora.testing import poisoned_outputs, relative_error, to_float64
+
+
+@dataclass
+class CheckRow:
+    op: str
+    case: str
+    dtype: str
+    max_rel_error: float
+    tolerance: float
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error and self.max_rel_error <= self.tolerance
+
+
+def _flat(out) -> List[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for item in out for t in _flat(item)]
+
+
+def check_op(spec: OpSpec, device: torch.device, dtypes: Optional[Sequence[torch.dtype]] = None) -> List[CheckRow]:
+    """Run every check case of ``spec`` on the Triton backend and compare with the float64 reference."""
+    if dtypes is None:
+        dtypes = spec.dtypes_cuda if device.type == "cuda" else spec.dtypes_cpu
+    rows = []
+    for case in spec.check_cases(device):
+        for dtype in dtypes:
+            tol = spec.tolerance[dtype]
+            row = CheckRow(spec.name, case.label, str(dtype).removeprefix("torch."), float("nan"), tol)
+            try:
+                args = case.make(device, dtype)
+                with use_backend("triton"), poisoned_outputs():
+                    out = _flat(spec.run(*args))
+                ref = _flat(spec.reference(*to_float64(args)))
+                if len(out) != len(ref):
+                    raise AssertionError(f"{len(out)} outputs but the reference gave {len(ref)}")
+                row.max_rel_error = max((relative_error(o, r) for o, r in zip(out, ref)), default=0.0)
+            except Exception as exc:
+                row.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+            rows.append(row)
+    return rows
+
+
+def run_checks(device: torch.device, ops: Optional[Sequence[str]] = None) -> List[CheckRow]:
+    load_all()
+    names = list(ops) if ops else sorted(OPS)
+    unknown = [n for n in names if n not in OPS]
+    if unknown:
+        raise SystemExit(f"fastsora check: unknown op(s) {unknown}; registered: {sorted(OPS)}")
+    rows = []
+    for name in names:
+        rows.extend(check_op(OPS[name], device))
+    return rows

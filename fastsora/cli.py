@@ -1,0 +1,158 @@
+"""The ``fastsora`` command: info, check, compile, bench (see ``fastsora <command> --help``)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional, Sequence
+
+
+def _prepare_environment() -> None:
+    """Before any kernel is created: without a CUDA device, run the Triton kernels in the interpreter."""
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    from fastsora.backend import get_backend, interpreter_active, select_backend
+    from fastsora.bench import device_name, versions
+    from fastsora.registry import KERNELS, OPS, load_all
+
+    load_all()
+    device = _device()
+    for key, value in versions().items():
+        print(f"{key:>16}: {value or 'not installed'}")
+    print(f"{'device':>16}: {device_name(device)}")
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        print(f"{'compute cap.':>16}: sm_{major}{minor}")
+    print(f"{'interpreter':>16}: {'on (TRITON_INTERPRET=1)' if interpreter_active() else 'off'}")
+    print(f"{'backend':>16}: {get_backend()} (FASTSORA_BACKEND / fastsora.use_backend)")
+    print(f"{'kernels':>16}: {len(KERNELS)} kernels, {sum(len(e.configs) for e in KERNELS.values())} configs")
+    rows = []
+    for name in sorted(OPS):
+        try:
+            chosen = select_backend(name, device)
+        except Exception as exc:
+            chosen = f"error: {exc}"
+        rows.append((name, OPS[name].family, device.type, chosen))
+    print()
+    print(_table(("op", "family", "device", "backend here"), rows) if rows else "no ops registered")
+    return 0
+
+
+def cmd_check(args) -> int:
+    from fastsora.check import run_checks
+
+    device = _device()
+    rows = run_checks(device, args.ops)
+    table = [(r.op, r.case, r.dtype, f"{r.max_rel_error:.2e}", f"{r.tolerance:.0e}",
+              "ok" if r.ok else ("ERROR " + r.error if r.error else "MISMATCH")) for r in rows]
+    print(f"parity against float64 references on {device.type}"
+          f"{' (Triton interpreter)' if device.type == 'cpu' else ''}")
+    print(_table(("op", "case", "dtype", "max rel err", "tol", "result"), table))
+    bad = [r for r in rows if not r.ok]
+    print(f"\n{len(rows) - len(bad)}/{len(rows)} passed")
+    return 1 if bad or not rows else 0
+
+
+def cmd_compile(args) -> int:
+    from fastsora.aot import ARCHS, compile_config
+    from fastsora.registry import KERNELS, load_all
+
+    load_all()
+    families = set(args.families or [])
+    results = []
+    for key in sorted(KERNELS):
+        entry = KERNELS[key]
+        if families and entry.family not in families:
+            continue
+        for config in entry.configs:
+            for arch in args.arch:
+                if arch not in ARCHS:
+                    print(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}", file=sys.stderr)
+                    return 2
+                results.append(compile_config(entry, config, arch))
+                if args.verbose:
+                    print(f"compiled {key} [{config.label}] {arch}", file=sys.stderr)
+    rows = [(r.kernel, r.config, r.arch, r.registers, r.spill_bytes, r.shared_bytes,
+             "wgmma" if r.wgmma else ("mma" if r.mma else "-"), "; ".join(r.problems) or "ok") for r in results]
+    print(_table(("kernel", "config", "arch", "regs", "spill B", "smem B", "tensor cores", "result"), rows)
+          if rows else "no kernels registered")
+    bad = [r for r in results if r.problems]
+    print(f"\n{len(results) - len(bad)}/{len(results)} configs clean")
+    return 1 if bad or not results else 0
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    from fastsora.bench import run_bench, write_results
+
+    device = _device()
+    dtypes = [getattr(torch, d) for d in args.dtype] if args.dtype else None
+    report = run_bench(device, args.ops, dtypes, args.modes, progress=lambda s: print(s, file=sys.stderr))
+    rows = [(r["op"], r["case"], r["dtype"], r["mode"], r["impl"],
+             f"{r['median_ms']:.3f}" if r["median_ms"] is not None else r["status"],
+             f"{r['tflops']:.2f}" if r["tflops"] is not None else "-",
+             f"{r['gbps']:.1f}" if r["gbps"] is not None else "-",
+             f"{r['peak_mem_bytes'] / 2**20:.1f}" if r["peak_mem_bytes"] is not None else "-")
+            for r in report["results"]]
+    print(f"{report['device']} | torch {report['versions']['torch']} | triton {report['versions']['triton']}")
+    if report["interpreter_note"]:
+        print(report["interpreter_note"])
+    print(_table(("op", "case", "dtype", "mode", "impl", "median ms", "TFLOP/s", "GB/s", "peak MiB"), rows))
+    for path in write_results(report, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastsora", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, device, interpreter, backend per op").set_defaults(func=cmd_info)
+    p = sub.add_parser("check", help="parity of every registered op against its float64 reference")
+    p.add_argument("--ops", nargs="*", help="op names (default: all)")
+    p.set_defaults(func=cmd_check)
+    p = sub.add_parser("compile", help="compile every kernel config for NVIDIA archs without a GPU")
+    p.add_argument("--arch", nargs="+", default=["sm_80", "sm_90"])
+    p.add_argument("--families", nargs="*", help="kernel families (default: all)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_compile)
+    p = sub.add_parser("bench", help="time reference vs fastsora vs baselines; JSON + PNG in --out")
+    p.add_argument("--ops", nargs="*", help="op names (default: all)")
+    p.add_argument("--dtype", nargs="*", choices=["float32", "float16", "bfloat16"],
+                   help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--modes", nargs="*", choices=["fwd", "bwd", "fwd+bwd"])
+    p.add_argument("--out", default=os.path.join("benchmarks", "results"))
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    _prepare_environment()
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

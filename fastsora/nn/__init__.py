@@ -1,0 +1,1 @@
+"""Drop-in nn.Modules backed by fastsora's ops."""

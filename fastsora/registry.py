@@ -1,0 +1,119 @@
+"""What each kernel family registers once, and where the CLI, tests and benchmarks find it.
+
+* ``register_kernel(family, kernel, configs)`` (from ``kernels/<family>.py``): the ``@triton.jit`` kernel and
+  every config its launcher or autotuner may pick, each with a compile signature, so ``fastsora compile``
+  can build it for sm_80/sm_90 without a GPU.
+* ``register_op(OpSpec(...))`` (from ``fastsora/cases/<family>.py``): the public op, its float64 reference,
+  check cases for ``fastsora check`` and benchmark cases (with baselines) for ``fastsora bench``.
+
+``load_all()`` imports every module of ``fastsora.kernels`` and ``fastsora.cases``, so a new family is found
+by dropping its files in those folders.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """One compile-time configuration of a kernel.
+
+    ``signature`` maps every argument of the kernel, in order, to a Triton type string ('*fp16', '*fp32',
+    'i32', 'i64', 'fp32', ...) or 'constexpr'; ``constexprs`` gives the value of each constexpr argument
+    (tile sizes, dtype switches). ``label`` names the config in tables (e.g. 'fwd fp16 D=64 BM=128 BN=64').
+    """
+
+    label: str
+    signature: Dict[str, str]
+    constexprs: Dict[str, Any]
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+@dataclass
+class KernelEntry:
+    family: str
+    kernel: Any  # triton JITFunction (or InterpretedFunction under the interpreter)
+    configs: List[KernelConfig]
+
+    @property
+    def name(self) -> str:
+        fn = getattr(self.kernel, "fn", self.kernel)
+        return getattr(fn, "__name__", str(fn))
+
+
+@dataclass
+class Case:
+    """One input configuration of an op.
+
+    ``make(device, dtype)`` returns the positional arguments (fresh random tensors every call);
+    ``flops`` / ``bytes`` (of the forward pass, optional) turn times into TFLOP/s and GB/s.
+    """
+
+    label: str
+    make: Callable[[torch.device, torch.dtype], Tuple[Any, ...]]
+    flops: Optional[float] = None
+    bytes: Optional[float] = None
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OpSpec:
+    """A public op as the CLI sees it.
+
+    ``run(*args)`` calls fastsora under the current backend; ``reference(*args)`` is the float64 oracle (it
+    receives the same arguments with floating tensors upcast to float64 on CPU). Both return a tuple of
+    tensors to compare (outputs and, where the op is differentiable, the gradients of a fixed random
+    projection of them: the family decides). ``tolerance`` maps dtype to the allowed relative error
+    (max |out - ref| / max |ref|). ``check_cases(device)`` is small on CPU (interpreter), realistic on CUDA.
+
+    ``bench_cases(device)`` and ``bench_impls``: each impl maps (args, mode) to a zero-argument callable
+    that runs one iteration of ``mode`` ('fwd', 'bwd' or 'fwd+bwd'), or to None when it does not apply or
+    is unavailable here (a missing third-party library, an input it cannot take). One impl is named
+    'fastsora'; baselines have descriptive names ('reference', 'F.pad+F.conv3d', 'sdpa_dense', ...).
+    An impl may raise ``torch.OutOfMemoryError``/``MemoryError``: the runner records out-of-memory points.
+    """
+
+    name: str
+    family: str
+    run: Callable[..., Tuple[torch.Tensor, ...]]
+    reference: Callable[..., Tuple[torch.Tensor, ...]]
+    check_cases: Callable[[torch.device], Sequence[Case]]
+    tolerance: Dict[torch.dtype, float]
+    bench_cases: Callable[[torch.device], Sequence[Case]] = lambda device: ()
+    bench_impls: Dict[str, Callable[[Tuple[Any, ...], str], Optional[Callable[[], Any]]]] = field(default_factory=dict)
+    bench_modes: Tuple[str, ...] = ("fwd", "fwd+bwd")
+    dtypes_cpu: Tuple[torch.dtype, ...] = (torch.float32, torch.float16)
+    dtypes_cuda: Tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+
+
+KERNELS: Dict[str, KernelEntry] = {}
+OPS: Dict[str, OpSpec] = {}
+
+
+def register_kernel(family: str, kernel: Any, configs: Sequence[KernelConfig]) -> Any:
+    """Record ``kernel`` (a @triton.jit function) and its configs under ``family``; returns the kernel."""
+    entry = KernelEntry(family, kernel, list(configs))
+    if not entry.configs:
+        raise ValueError(f"register_kernel: {entry.name} needs at least one KernelConfig")
+    KERNELS[f"{family}.{entry.name}"] = entry
+    return kernel
+
+
+def register_op(spec: OpSpec) -> OpSpec:
+    OPS[spec.name] = spec
+    return spec
+
+
+def load_all() -> None:
+    """Import every kernel family and every op case module, filling KERNELS and OPS."""
+    for package in ("fastsora.kernels", "fastsora.cases"):
+        pkg = importlib.import_module(package)
+        for info in pkgutil.iter_modules(pkg.__path__):
+            if not info.name.startswith("_") and info.name != "utils":
+                importlib.import_module(f"{package}.{info.name}")

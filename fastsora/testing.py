@@ -1,0 +1,112 @@
+"""Test helpers: random inputs, float64 references, tolerances, layout variants, NaN-poisoned outputs."""
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional, Sequence, Tuple, Union
+
+import torch
+
+from fastsora.kernels.utils import poisoned_outputs  # noqa: F401  (re-exported for tests)
+
+#: Allowed relative error (max |out - ref| / max |ref|) of a kernel against a float64 reference.
+#: fp32 leaves room for tf32 dots on GPUs; the interpreter computes fp32 exactly.
+TOLERANCE = {
+    torch.float64: 1e-10,
+    torch.float32: 2e-5,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1.6e-2,
+}
+
+TensorTree = Union[torch.Tensor, Sequence[Any], None]
+
+
+def randn(*shape: int, dtype=torch.float32, device="cpu", requires_grad: bool = False, scale: float = 1.0,
+          generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Fresh standard-normal values (never zeros), made in fp32 and cast, optionally a grad leaf."""
+    t = (torch.randn(*shape, dtype=torch.float32, device=device, generator=generator) * scale).to(dtype)
+    return t.requires_grad_(requires_grad)
+
+
+def to_float64(tree: Any) -> Any:
+    """Detached float64 CPU copies of every floating tensor in ``tree`` (other leaves pass through)."""
+    if isinstance(tree, torch.Tensor):
+        if tree.is_floating_point():
+            return tree.detach().to("cpu", torch.float64).requires_grad_(tree.requires_grad)
+        return tree.cpu()
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(to_float64(t) for t in tree) if not hasattr(tree, "_fields") else \
+            type(tree)(*(to_float64(t) for t in tree))
+    if isinstance(tree, dict):
+        return {k: to_float64(v) for k, v in tree.items()}
+    return tree
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| / max |ref| in float64 (NaN anywhere in ``out`` gives inf)."""
+    out64 = out.detach().to("cpu", torch.float64)
+    ref64 = ref.detach().to("cpu", torch.float64)
+    if out64.shape != ref64.shape:
+        raise AssertionError(f"shape {tuple(out64.shape)} differs from reference {tuple(ref64.shape)}")
+    if out64.numel() == 0:
+        return 0.0
+    if not torch.isfinite(out64).all() and torch.isfinite(ref64).all():
+        return float("inf")
+    denom = ref64.abs().max().item()
+    err = (out64 - ref64).abs().max().item()
+    return err / denom if denom > 0 else err
+
+
+def assert_close(out: Any, ref: Any, dtype: torch.dtype, name: str = "output", tol: Optional[float] = None):
+    """Assert every tensor of ``out`` is within the dtype tolerance of the matching tensor of ``ref``."""
+    tol = TOLERANCE[dtype] if tol is None else tol
+    for i, (o, r) in enumerate(zip(_flatten(out), _flatten(ref), strict=True)):
+        err = relative_error(o, r)
+        assert err <= tol, f"{name}[{i}]: relative error {err:.3e} > {tol:.1e} ({dtype})"
+
+
+def assert_flash_rule(out: torch.Tensor, ref64: torch.Tensor, same_precision_torch: torch.Tensor,
+                      factor: float = 2.0, name: str = "output", atol: float = 1e-6) -> None:
+    """flash-attn's CUDA rule: max error vs the fp64/fp32 reference <= factor x the error of the same
+    computation done by torch at the kernel's precision (plus a tiny floor)."""
+    err = (out.double() - ref64.double()).abs().max().item()
+    base = (same_precision_torch.double() - ref64.double()).abs().max().item()
+    assert err <= factor * base + atol, f"{name}: error {err:.3e} > {factor} x torch error {base:.3e}"
+
+
+def channels_last(t: torch.Tensor) -> torch.Tensor:
+    """The same values in channels_last (4-D) / channels_last_3d (5-D) memory order."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}[t.dim()]
+    return t.detach().contiguous(memory_format=fmt).requires_grad_(t.requires_grad)
+
+
+def noncontiguous(t: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """The same values as a strided view (every other element of a buffer twice as long along ``dim``)."""
+    dim = dim % t.dim()
+    shape = list(t.shape)
+    shape[dim] *= 2
+    buf = torch.randn(shape, dtype=torch.float32, device=t.device).to(t.dtype)
+    view = buf[tuple(slice(None, None, 2) if d == dim else slice(None) for d in range(t.dim()))]
+    view.copy_(t.detach())
+    assert not view.is_contiguous() or t.shape[dim] <= 1
+    return view.requires_grad_(t.requires_grad)
+
+
+def _flatten(tree: TensorTree) -> Iterable[torch.Tensor]:
+    if tree is None:
+        return []
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    flat = []
+    for t in tree:
+        flat.extend(_flatten(t))
+    return flat
+
+
+def grads(outputs: Any, inputs: Sequence[torch.Tensor], seed: int = 0) -> Tuple[torch.Tensor, ...]:
+    """Gradients of <outputs, R> (R a fixed random projection, same for every backend) w.r.t. ``inputs``.
+
+    The projection is drawn from a seeded CPU generator in float64 and cast, so a kernel run and its float64
+    reference see the same cotangent."""
+    gen = torch.Generator().manual_seed(seed)
+    outs = [o for o in _flatten(outputs) if o.is_floating_point() and o.requires_grad]
+    cot = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device, o.dtype) for o in outs]
+    return torch.autograd.grad(outs, list(inputs), cot, allow_unused=False)

@@ -1,0 +1,38 @@
+"""Host-side helpers shared by the launchers: output allocation (NaN-poisoned under test) and launch checks."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+
+_poison = False
+
+
+@contextlib.contextmanager
+def poisoned_outputs(enabled: bool = True) -> Iterator[None]:
+    """Inside the block, every launcher output starts as NaN (floats) or -1 (integers).
+
+    Tests use it so that an element the kernel forgot to write shows up as NaN instead of as a stale zero.
+    """
+    global _poison
+    previous, _poison = _poison, enabled
+    try:
+        yield
+    finally:
+        _poison = previous
+
+
+def new_output(shape: Sequence[int], dtype: torch.dtype, device: torch.device, **kwargs) -> torch.Tensor:
+    """Allocate a kernel output: ``torch.empty`` normally, NaN / -1 filled inside :func:`poisoned_outputs`.
+
+    Extra keyword arguments (``memory_format``) go to ``torch.empty``.
+    """
+    out = torch.empty(tuple(shape), dtype=dtype, device=device, **kwargs)
+    if _poison:
+        out.fill_(float("nan") if out.is_floating_point() else -1)
+    return out
+
+
+def new_output_like(t: torch.Tensor, **kwargs) -> torch.Tensor:
+    return new_output(t.shape, kwargs.pop("dtype", t.dtype), t.device, **kwargs)
