@@ -27,7 +27,7 @@ from fastsora.registry import OPS, Case, OpSpec, load_all
 #: through ``Case.meta['bwd_flops_factor']``).
 BWD_FLOPS_FACTOR = 2.0
 MODE_FLOPS = {"fwd": lambda f, k: f, "bwd": lambda f, k: f * k, "fwd+bwd": lambda f, k: f * (1 + k)}
-_OOM = (torch.OutOfMemoryError, MemoryError)
+_OOM = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError)
 
 
 def versions() -> Dict[str, Optional[str]]:

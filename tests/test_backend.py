@@ -1,0 +1,112 @@
+"""Backend dispatch: FASTSORA_BACKEND, use_backend, select_backend and the interpreter switch."""
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+import fastsora
+from fastsora.backend import BackendError, get_backend, interpreter_active, select_backend, use_backend
+
+CPU = torch.device("cpu")
+
+
+def test_kernels_are_interpreted_without_cuda():
+    if torch.cuda.is_available():
+        assert not interpreter_active()
+    else:
+        import triton
+
+        from fastsora.kernels import _interpreter_probe_kernel
+
+        assert interpreter_active()
+        assert isinstance(_interpreter_probe_kernel, triton.runtime.interpreter.InterpretedFunction)
+
+
+def test_env_var_sets_default(monkeypatch):
+    monkeypatch.setenv("FASTSORA_BACKEND", "torch")
+    assert get_backend() == "torch"
+    monkeypatch.setenv("FASTSORA_BACKEND", " Triton ")
+    assert get_backend() == "triton"
+    monkeypatch.delenv("FASTSORA_BACKEND")
+    assert get_backend() == "auto"
+
+
+def test_env_var_bad_value_names_the_variable(monkeypatch):
+    monkeypatch.setenv("FASTSORA_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="FASTSORA_BACKEND must be one of auto, triton, torch; got 'cuda'"):
+        get_backend()
+
+
+def test_use_backend_overrides_env_and_nests(monkeypatch):
+    monkeypatch.setenv("FASTSORA_BACKEND", "torch")
+    with fastsora.use_backend("triton"):
+        assert get_backend() == "triton"
+        with use_backend("auto"):
+            assert get_backend() == "auto"
+        assert get_backend() == "triton"
+    assert get_backend() == "torch"
+    with pytest.raises(ValueError, match="use_backend"):
+        with use_backend("gpu"):
+            pass
+
+
+def test_use_backend_is_context_local():
+    seen = {}
+    started, release = threading.Event(), threading.Event()
+
+    def other_thread():
+        started.set()
+        release.wait(5)
+        seen["other"] = get_backend()
+
+    t = threading.Thread(target=other_thread)
+    with use_backend("torch"):
+        t.start()
+        started.wait(5)
+        release.set()
+        t.join(5)
+        seen["here"] = get_backend()
+    assert seen == {"here": "torch", "other": "auto"}
+
+
+def test_select_backend_rules():
+    with use_backend("auto"):
+        assert select_backend("op", CPU) == "torch"
+    with use_backend("torch"):
+        assert select_backend("op", CPU, unsupported="anything") == "torch"
+    if interpreter_active():
+        with use_backend("triton"):
+            assert select_backend("op", CPU) == "triton"
+
+
+def test_unsupported_input_raises_instead_of_falling_back():
+    backend = "triton" if interpreter_active() else "auto"
+    device = CPU if interpreter_active() else torch.device("cuda")
+    with use_backend(backend), pytest.raises(BackendError, match="my_op: .*do not support.*head dim 300 > 256"):
+        select_backend("my_op", device, unsupported="head dim 300 > 256")
+
+
+def test_other_devices_are_refused_for_triton():
+    with use_backend("triton"), pytest.raises(BackendError, match="'meta'"):
+        select_backend("op", torch.device("meta"))
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    code = (
+        "import torch, fastsora\n"
+        "from fastsora.backend import select_backend, use_backend, BackendError\n"
+        "with use_backend('triton'):\n"
+        "    try:\n"
+        "        select_backend('demo', torch.device('cpu'))\n"
+        "    except BackendError as e:\n"
+        "        print('ERR', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "ERR demo: backend 'triton' got CPU tensors" in out.stdout
+    assert "TRITON_INTERPRET=1" in out.stdout

@@ -1,0 +1,160 @@
+"""The registry-driven tools behind the CLI: check, compile, bench, info — on a tiny test kernel."""
+import json
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from fastsora import cli
+from fastsora.aot import ARCHS, compile_config
+from fastsora.backend import select_backend
+from fastsora.bench import peak_memory_bytes, run_bench, write_results
+from fastsora.check import check_op
+from fastsora.kernels.utils import new_output
+from fastsora.registry import KERNELS, OPS, Case, KernelConfig, KernelEntry, OpSpec, register_kernel, register_op
+
+
+@triton.jit
+def scaled_add_kernel(x_ptr, y_ptr, out_ptr, alpha, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    x = tl.load(x_ptr + offs, mask=m).to(tl.float32)
+    y = tl.load(y_ptr + offs, mask=m).to(tl.float32)
+    tl.store(out_ptr + offs, (alpha * x + y).to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def dot_kernel(a_ptr, out_ptr, BM: tl.constexpr, BK: tl.constexpr):
+    rm = tl.arange(0, BM)
+    rk = tl.arange(0, BK)
+    a = tl.load(a_ptr + rm[:, None] * BK + rk[None, :])
+    acc = tl.dot(a, tl.trans(a))
+    tl.store(out_ptr + rm[:, None] * BM + rm[None, :], acc)
+
+
+def scaled_add(x, y, alpha=0.5, buggy=False):
+    backend = select_backend("test_scaled_add", x.device)
+    if backend == "torch":
+        return (alpha * x + y,)
+    out = new_output(x.shape, x.dtype, x.device)
+    n = x.numel() - (1 if buggy else 0)  # the buggy variant forgets the last element
+    scaled_add_kernel[(triton.cdiv(n, 64),)](x, y, out, alpha, n, BLOCK=64)
+    return (out,)
+
+
+SPEC = OpSpec(
+    name="test_scaled_add", family="test",
+    run=scaled_add,
+    reference=lambda x, y: (0.5 * x + y,),
+    check_cases=lambda device: [Case("n=100", lambda d, t: (torch.randn(100, device=d, dtype=t),
+                                                            torch.randn(100, device=d, dtype=t)))],
+    tolerance={torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2},
+    bench_cases=lambda device: [Case("n=4096", lambda d, t: (torch.randn(4096, device=d, dtype=t),
+                                                            torch.randn(4096, device=d, dtype=t)),
+                                     flops=2 * 4096, bytes=3 * 4096 * 4)],
+    bench_impls={"fastsora": lambda args, mode: (lambda: scaled_add(*args)) if mode == "fwd" else None,
+                 "reference": lambda args, mode: (lambda: 0.5 * args[0] + args[1])},
+    bench_modes=("fwd", "fwd+bwd"),
+)
+
+
+@pytest.fixture
+def registered():
+    register_kernel("test", scaled_add_kernel, [KernelConfig(
+        "fp32 BLOCK=64", {"x_ptr": "*fp32", "y_ptr": "*fp32", "out_ptr": "*fp32", "alpha": "fp32", "n": "i32",
+                          "BLOCK": "constexpr"}, {"BLOCK": 64})])
+    register_op(SPEC)
+    yield SPEC
+    KERNELS.pop("test.scaled_add_kernel", None)
+    OPS.pop(SPEC.name, None)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter path")
+def test_check_passes_a_correct_kernel_and_catches_an_unwritten_element(registered):
+    rows = check_op(registered, torch.device("cpu"))
+    assert [r.dtype for r in rows] == ["float32", "float16"]
+    assert all(r.ok for r in rows), rows
+    buggy = OpSpec(**{**registered.__dict__, "run": lambda x, y: scaled_add(x, y, buggy=True)})
+    rows = check_op(buggy, torch.device("cpu"))
+    assert rows and not any(r.ok for r in rows), "a NaN-poisoned element the kernel skipped must fail"
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_compile_reports_resources(arch):
+    entry = KernelEntry("test", scaled_add_kernel, [])
+    cfg = KernelConfig("fp16", {"x_ptr": "*fp16", "y_ptr": "*fp16", "out_ptr": "*fp16", "alpha": "fp32",
+                                "n": "i32", "BLOCK": "constexpr"}, {"BLOCK": 1024})
+    res = compile_config(entry, cfg, arch)
+    assert res.ok, res.error
+    assert res.registers and res.registers > 0
+    assert res.spill_bytes == 0 and res.problems == []
+    assert not res.mma
+
+
+def test_compile_sees_tensor_cores_and_shared_memory_limit():
+    entry = KernelEntry("test", dot_kernel, [])
+    small = KernelConfig("64x64", {"a_ptr": "*fp16", "out_ptr": "*fp32", "BM": "constexpr", "BK": "constexpr"},
+                         {"BM": 64, "BK": 64})
+    res90 = compile_config(entry, small, "sm_90")
+    assert res90.ok and res90.mma and res90.wgmma and res90.problems == []
+    res80 = compile_config(entry, small, "sm_80")
+    assert res80.ok and res80.mma and not res80.wgmma
+    bad = KernelConfig("bad", {"a_ptr": "*fp16", "out_ptr": "*fp32", "BM": "constexpr", "BK": "constexpr"},
+                       {"BM": 48, "BK": 64})
+    res = compile_config(entry, bad, "sm_90")
+    assert not res.ok and res.problems and "compile failed" in res.problems[0]
+
+
+def test_compile_flags_shared_memory_over_the_arch_limit(monkeypatch):
+    entry = KernelEntry("test", dot_kernel, [])
+    cfg = KernelConfig("128x128", {"a_ptr": "*fp16", "out_ptr": "*fp32", "BM": "constexpr", "BK": "constexpr"},
+                       {"BM": 128, "BK": 128})
+    res = compile_config(entry, cfg, "sm_80")
+    assert res.ok and res.shared_bytes > 0
+    monkeypatch.setitem(ARCHS, "sm_80", {**ARCHS["sm_80"], "smem": res.shared_bytes - 1})
+    assert any("shared memory" in p for p in res.problems)
+
+
+def test_peak_memory_counts_an_allocation():
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    n = 4 * 2**20
+
+    def alloc():
+        a = torch.ones(n, device=device)  # 16 MiB
+        return (a * 2).sum()  # another 16 MiB while `a` is alive
+
+    peak = peak_memory_bytes(alloc, device)
+    assert 2 * n * 4 <= peak <= 3 * n * 4
+
+
+def test_bench_runs_and_writes_json(registered, tmp_path):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    report = run_bench(device, ops=[registered.name], dtypes=[torch.float32], modes=["fwd", "fwd+bwd"])
+    rows = report["results"]
+    assert {(r["mode"], r["impl"]) for r in rows} == {
+        (m, i) for m in ("fwd", "fwd+bwd") for i in ("reference", "fastsora[torch]" if device.type == "cpu"
+                                                     else "fastsora[triton]")}
+    na = [r for r in rows if r["status"] == "n/a"]
+    assert [(r["mode"], r["impl"].startswith("fastsora")) for r in na] == [("fwd+bwd", True)]
+    timed = [r for r in rows if r["status"] == "ok"]
+    assert all(r["median_ms"] > 0 and r["tflops"] > 0 and r["gbps"] > 0 for r in timed)
+    assert report["versions"]["torch"] == torch.__version__ and report["date"]
+    paths = write_results(report, str(tmp_path))
+    data = json.load(open(paths[0]))
+    assert data["device"] == report["device"] and len(data["results"]) == len(rows)
+
+
+def test_cli_info_and_check(registered, capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "interpreter" in out and "test_scaled_add" in out
+    if not torch.cuda.is_available():
+        assert cli.main(["check", "--ops", registered.name]) == 0
+        out = capsys.readouterr().out
+        assert "2/2 passed" in out
+
+
+def test_cli_check_unknown_op_is_an_error():
+    with pytest.raises(SystemExit, match="unknown op"):
+        cli.main(["check", "--ops", "no_such_op"])
