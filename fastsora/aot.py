@@ -48,9 +48,15 @@ class CompileResult:
         return found
 
 
-def _jit_function(kernel):
-    """The JITFunction behind ``kernel`` (under TRITON_INTERPRET=1 the decorator returned an
-    InterpretedFunction; AOT compilation needs a real JITFunction of the same Python function)."""
+def _jit_function(kernel, _memo=None):
+    """The JITFunction behind ``kernel``.
+
+    Under TRITON_INTERPRET=1 the decorator returned an InterpretedFunction, and so did the decorator of
+    every ``@triton.jit`` helper it calls; AOT compilation needs real JITFunctions, so the Python function
+    is rebuilt over a copy of its globals in which each interpreted helper is replaced the same way.
+    """
+    import types
+
     import triton
 
     if isinstance(kernel, triton.runtime.jit.JITFunction):
@@ -58,7 +64,18 @@ def _jit_function(kernel):
     fn = getattr(kernel, "fn", None)
     if fn is None:
         raise TypeError(f"{kernel!r} is not a Triton kernel")
-    return triton.runtime.jit.JITFunction(fn)
+    memo = {} if _memo is None else _memo
+    if id(kernel) in memo:
+        return memo[id(kernel)]
+    interpreted = triton.runtime.interpreter.InterpretedFunction
+    scope = dict(fn.__globals__)
+    clone = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+    clone.__qualname__, clone.__module__ = fn.__qualname__, fn.__module__
+    jit = memo[id(kernel)] = triton.runtime.jit.JITFunction(clone)
+    for name, value in fn.__globals__.items():
+        if isinstance(value, interpreted):
+            scope[name] = _jit_function(value, memo)
+    return jit
 
 
 def _cuobjdump() -> str:

@@ -33,6 +33,17 @@ def dot_kernel(a_ptr, out_ptr, BM: tl.constexpr, BK: tl.constexpr):
     tl.store(out_ptr + rm[:, None] * BM + rm[None, :], acc)
 
 
+@triton.jit
+def _double(x):
+    return x * 2
+
+
+@triton.jit
+def calls_helper_kernel(x_ptr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(x_ptr + offs, _double(tl.load(x_ptr + offs)))
+
+
 def scaled_add(x, y, alpha=0.5, buggy=False):
     backend = select_backend("test_scaled_add", x.device)
     if backend == "torch":
@@ -90,6 +101,13 @@ def test_compile_reports_resources(arch):
     assert res.registers and res.registers > 0
     assert res.spill_bytes == 0 and res.problems == []
     assert not res.mma
+
+
+def test_compile_resolves_jit_helpers_the_kernel_calls():
+    # under the interpreter both the kernel and its helper are InterpretedFunctions
+    entry = KernelEntry("test", calls_helper_kernel, [])
+    res = compile_config(entry, KernelConfig("64", {"x_ptr": "*fp32", "BLOCK": "constexpr"}, {"BLOCK": 64}), "sm_90")
+    assert res.ok, res.error
 
 
 def test_compile_sees_tensor_cores_and_shared_memory_limit():
