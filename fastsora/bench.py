@@ -213,7 +213,8 @@ def bench_plan(device: torch.device, ops: Optional[Sequence[str]] = None,
 
 def run_bench(device: torch.device, ops: Optional[Sequence[str]] = None,
               dtypes: Optional[Sequence[torch.dtype]] = None, modes: Optional[Sequence[str]] = None,
-              progress: Callable[[str], None] = lambda s: None) -> Dict[str, Any]:
+              progress: Callable[[int, int, str], None] = lambda i, n, s: None) -> Dict[str, Any]:
+    """Run every plan point; ``progress(done, total, line)`` is called after each."""
     plan = bench_plan(device, ops, dtypes, modes)
     peaks = {str(d).removeprefix("torch."): measured_peaks(device, d) for d in {p.dtype for p in plan}}
     rows = []
@@ -221,7 +222,7 @@ def run_bench(device: torch.device, ops: Optional[Sequence[str]] = None,
         row = bench_item(item, device, peaks[str(item.dtype).removeprefix("torch.")])
         rows.append(row)
         timing = f"{row['median_ms']:.3f} ms" if row["median_ms"] is not None else row["status"]
-        progress(f"[{i}/{len(plan)}] {item}: {timing}")
+        progress(i, len(plan), f"{item}: {timing}")
     return {
         "device": device_name(device), "device_type": device.type, "versions": versions(),
         "git_commit": git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),

@@ -103,6 +103,17 @@ def cmd_compile(args) -> int:
     return 1 if bad or not results else 0
 
 
+def _progress_bar(done: int, total: int, line: str) -> None:
+    """A progress bar on stderr (redrawn in place on a terminal, one line per point otherwise)."""
+    width = 30
+    filled = width * done // max(total, 1)
+    text = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {line}"
+    if sys.stderr.isatty():
+        print("\r\033[K" + text[:150], end="\n" if done == total else "", file=sys.stderr, flush=True)
+    else:
+        print(text, file=sys.stderr, flush=True)
+
+
 def cmd_bench(args) -> int:
     import torch
 
@@ -110,7 +121,7 @@ def cmd_bench(args) -> int:
 
     device = _device()
     dtypes = [getattr(torch, d) for d in args.dtype] if args.dtype else None
-    report = run_bench(device, args.ops, dtypes, args.modes, progress=lambda s: print(s, file=sys.stderr))
+    report = run_bench(device, args.ops, dtypes, args.modes, progress=_progress_bar)
     rows = [(r["op"], r["case"], r["dtype"], r["mode"], r["impl"],
              f"{r['median_ms']:.3f}" if r["median_ms"] is not None else r["status"],
              f"{r['tflops']:.2f}" if r["tflops"] is not None else "-",
