@@ -176,3 +176,14 @@ def test_cli_info_and_check(registered, capsys):
 def test_cli_check_unknown_op_is_an_error():
     with pytest.raises(SystemExit, match="unknown op"):
         cli.main(["check", "--ops", "no_such_op"])
+
+
+def test_cli_bench_writes_results(registered, tmp_path, capsys):
+    assert cli.main(["bench", "--ops", registered.name, "--modes", "fwd", "--out", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert "1/2" in captured.err and "2/2" in captured.err
+    (path,) = tmp_path.glob("bench-*.json")
+    data = json.load(open(path))
+    assert {r["impl"] for r in data["results"]} >= {"reference"}
+    assert all(r["mode"] == "fwd" and r["status"] == "ok" for r in data["results"])
+    assert f"wrote {path}" in captured.out
