@@ -1,0 +1,247 @@
+"""``fastsora.ops.causal_conv3d``: causal 3-D convolution (magvit2-pytorch semantics) with a fused epilogue.
+
+    y = act(conv(causal_pad(x), weight) + bias) + residual
+
+x (B, C_in, T, H, W) float16/bfloat16/float32 (NCDHW, channels_last_3d or any strided view);
+weight (C_out, C_in, kt, kh, kw) with kh, kw odd; bias (C_out,); residual (B, C_out, T // stride, H, W);
+output (B, C_out, T // stride, H, W) in x's memory format. See :mod:`fastsora.reference.causal_conv3d` for the
+padding rules. Streaming (``cache``) is used through :class:`fastsora.nn.CausalConv3d`.
+
+The op is a ``torch.library.custom_op`` (``fastsora::causal_conv3d``) with a fake implementation and registered
+autograd (backward op ``fastsora::causal_conv3d_backward``), so it works under ``torch.compile(fullgraph=True)``.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from fastsora.backend import select_backend
+from fastsora.reference import causal_conv3d as _ref
+
+__all__ = ["causal_conv3d"]
+
+OP_NAME = "causal_conv3d"
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _memory_format(x: torch.Tensor):
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _triton_unsupported(x: torch.Tensor) -> Optional[str]:
+    if x.dtype not in _FLOATS:
+        return f"{str(x.dtype).removeprefix('torch.')} inputs (the kernels take float16, bfloat16 and float32)"
+    if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+        return "bfloat16 inputs on CPU (Triton's interpreter computes bfloat16 wrongly)"
+    return None
+
+
+def _check_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"causal_conv3d: {name} must be an int (it applies to time only); got {value!r}")
+    if value < minimum:
+        raise ValueError(f"causal_conv3d: {name} must be >= {minimum}; got {value}")
+    return value
+
+
+def _validate(x, weight, bias, residual, cache, stride, dilation, pad_mode, activation, streaming) -> int:
+    """Check every argument; return the time padding."""
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"causal_conv3d: {name} must be a tensor; got {type(t).__name__}")
+    if x.dim() != 5:
+        raise ValueError(f"causal_conv3d: x must be 5-D (B, C_in, T, H, W); got shape {tuple(x.shape)}")
+    if weight.dim() != 5:
+        raise ValueError(f"causal_conv3d: weight must be 5-D (C_out, C_in, kt, kh, kw); got shape "
+                         f"{tuple(weight.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"causal_conv3d: x must be a floating tensor; got {x.dtype}")
+    C_out, C_in, kt, kh, kw = weight.shape
+    if x.shape[1] != C_in:
+        raise ValueError(f"causal_conv3d: x has {x.shape[1]} channels but weight expects C_in={C_in} "
+                         f"(weight shape {tuple(weight.shape)})")
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f"causal_conv3d: the spatial kernel sizes must be odd (symmetric padding); got "
+                         f"kh={kh}, kw={kw}")
+    if kt < 1 or C_out < 1:
+        raise ValueError(f"causal_conv3d: weight shape {tuple(weight.shape)} has an empty dimension")
+    stride = _check_int("stride", stride)
+    dilation = _check_int("dilation", dilation)
+    if pad_mode not in _ref.PAD_MODES:
+        raise ValueError(f"causal_conv3d: pad_mode must be 'constant' or 'replicate'; got {pad_mode!r}")
+    if activation not in _ref.ACTIVATIONS:
+        raise ValueError(f"causal_conv3d: activation must be None or 'silu'; got {activation!r}")
+    named = [("weight", weight), ("bias", bias), ("residual", residual), ("cache", cache)]
+    for name, t in named:
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"causal_conv3d: {name} must be a tensor or None; got {type(t).__name__}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"causal_conv3d: {name} has dtype {t.dtype} but x has {x.dtype}; cast them to one dtype")
+        if t.device != x.device:
+            raise ValueError(f"causal_conv3d: {name} is on {t.device} but x is on {x.device}")
+    B, _, T, H, W = x.shape
+    if T // stride < 1:
+        raise ValueError(f"causal_conv3d: x has {T} frames, fewer than the time stride {stride}: no output frame")
+    if streaming and T % stride:
+        raise ValueError(f"causal_conv3d: streamed chunks must have a multiple of stride={stride} frames; got {T}")
+    if bias is not None and tuple(bias.shape) != (C_out,):
+        raise ValueError(f"causal_conv3d: bias must have shape ({C_out},); got {tuple(bias.shape)}")
+    out_shape = (B, C_out, T // stride, H, W)
+    if residual is not None and tuple(residual.shape) != out_shape:
+        raise ValueError(f"causal_conv3d: residual must have the output's shape {out_shape}; got "
+                         f"{tuple(residual.shape)}")
+    tp = _ref.time_padding(kt, stride, dilation)
+    if cache is not None:
+        need = (B, C_in, max(tp, 0), H, W)
+        if tuple(cache.shape) != need:
+            raise ValueError(f"causal_conv3d: cache must have shape {need} (the {max(tp, 0)} frames before x); "
+                             f"got {tuple(cache.shape)}")
+    return tp
+
+
+# ---------------------------------------------------------------------------------------------------------
+# custom ops
+# ---------------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastsora::causal_conv3d", mutates_args=())
+def _causal_conv3d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      residual: Optional[torch.Tensor], cache: Optional[torch.Tensor], stride: int, dilation: int,
+                      pad_mode: str, activation: str, streaming: bool, save_pre: bool
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+    act = activation or None
+    backend = select_backend(OP_NAME, x.device, _triton_unsupported(x))
+    tp = _ref.time_padding(weight.shape[2], stride, dilation)
+    mode = _ref.effective_pad_mode(pad_mode, tp, x.shape[2], streaming or cache is not None)
+    if backend == "triton":
+        from fastsora.kernels import causal_conv3d as _k
+
+        y, z = _k.causal_conv3d_fwd(x, weight, bias, residual, cache, stride, dilation, tp, mode == "replicate",
+                                    act, save_pre)
+        return y, (z if z is not None else x.new_empty(0))
+    pre = _ref.causal_conv3d(x, weight, bias, stride=stride, dilation=dilation, pad_mode=pad_mode,
+                             cache=cache, streaming=streaming)
+    y = pre
+    if act == "silu":
+        y = torch.nn.functional.silu(y)
+    if residual is not None:
+        y = y + residual
+    fmt = _memory_format(x)
+    y = y.contiguous(memory_format=fmt)
+    if y is x or y is residual:
+        y = y.clone()
+    return y, (pre.contiguous(memory_format=fmt).clone() if save_pre else x.new_empty(0))
+
+
+@_causal_conv3d_op.register_fake
+def _(x, weight, bias, residual, cache, stride, dilation, pad_mode, activation, streaming, save_pre):
+    B, _, T, H, W = x.shape
+    shape = (B, weight.shape[0], T // stride, H, W)
+    fmt = _memory_format(x)
+    y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    z = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt) if save_pre else x.new_empty(0)
+    return y, z
+
+
+@torch.library.custom_op("fastsora::causal_conv3d_backward", mutates_args=())
+def _causal_conv3d_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                               bias: Optional[torch.Tensor], pre: torch.Tensor, cache: Optional[torch.Tensor],
+                               stride: int, dilation: int, pad_mode: str, activation: str, streaming: bool,
+                               need_input: bool, need_weight: bool
+                               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    act = activation or None
+    backend = select_backend(OP_NAME, x.device, _triton_unsupported(x))
+    tp = _ref.time_padding(weight.shape[2], stride, dilation)
+    has_bias = bias is not None
+    if backend == "triton":
+        from fastsora.kernels import causal_conv3d as _k
+
+        mode = _ref.effective_pad_mode(pad_mode, tp, x.shape[2], streaming or cache is not None)
+        g = _k.silu_backward(dy, pre) if act == "silu" else dy
+        dx, dw, db = _k.causal_conv3d_bwd(g, x, weight, cache, stride, dilation, tp, mode == "replicate",
+                                          has_bias and need_weight, need_input, need_weight)
+    else:
+        dx, dw, db = _ref.causal_conv3d_backward(dy, x, weight, bias, cache, stride, dilation, pad_mode, act,
+                                                 streaming)
+        dx = dx.contiguous(memory_format=_memory_format(x))
+    empty = x.new_empty(0)
+    return (dx if (need_input and dx is not None) else empty,
+            dw if (need_weight and dw is not None) else empty,
+            db if (need_weight and db is not None) else empty)
+
+
+@_causal_conv3d_backward_op.register_fake
+def _(dy, x, weight, bias, pre, cache, stride, dilation, pad_mode, activation, streaming, need_input, need_weight):
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x)) \
+        if need_input else x.new_empty(0)
+    dw = torch.empty_like(weight) if need_weight else x.new_empty(0)
+    db = torch.empty_like(bias) if (need_weight and bias is not None) else x.new_empty(0)
+    return dx, dw, db
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, residual, cache, stride, dilation, pad_mode, activation, streaming, save_pre = inputs
+    _, pre = output
+    ctx.save_for_backward(x, weight, bias, pre, cache)
+    ctx.args = (stride, dilation, pad_mode, activation, streaming)
+    ctx.has_bias = bias is not None
+    ctx.has_residual = residual is not None
+
+
+def _backward(ctx, dy, dpre):
+    x, weight, bias, pre, cache = ctx.saved_tensors
+    stride, dilation, pad_mode, activation, streaming = ctx.args
+    need_x = ctx.needs_input_grad[0]
+    need_w = ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2])
+    dx = dw = db = None
+    if need_x or need_w:
+        gx, gw, gb = _causal_conv3d_backward_op(dy, x, weight, bias, pre, cache, stride, dilation, pad_mode,
+                                                activation, streaming, need_x, need_w)
+        dx = gx if need_x else None
+        dw = gw if ctx.needs_input_grad[1] else None
+        db = gb if (ctx.has_bias and ctx.needs_input_grad[2]) else None
+    dres = dy if (ctx.has_residual and ctx.needs_input_grad[3]) else None
+    return dx, dw, db, dres, None, None, None, None, None, None, None
+
+
+_causal_conv3d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# public API
+# ---------------------------------------------------------------------------------------------------------
+
+def causal_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, stride: int = 1,
+                  dilation: int = 1, pad_mode: str = "constant", activation: Optional[str] = None,
+                  residual: Optional[torch.Tensor] = None, cache: Optional[torch.Tensor] = None,
+                  streaming: bool = False) -> torch.Tensor:
+    """Causal 3-D convolution with magvit2-pytorch's padding and a fused epilogue.
+
+    Args:
+        x: (B, C_in, T, H, W) float16, bfloat16 or float32; any strides (NCDHW and channels_last_3d are read
+            in place).
+        weight: (C_out, C_in, kt, kh, kw), kh and kw odd, same dtype and device as x.
+        bias: optional (C_out,).
+        stride, dilation: time-only stride and dilation (ints).
+        pad_mode: 'constant' (zeros) or 'replicate' (first frame in time, border pixels in space); a whole-clip
+            call with time_pad >= T falls back to 'constant' like magvit2-pytorch.
+        activation: None or 'silu', applied to conv + bias.
+        residual: optional (B, C_out, T // stride, H, W), added last: ``y = act(conv + bias) + residual``.
+        cache: optional (B, C_in, max(time_pad, 0), H, W): the frames preceding x (streaming; see
+            :class:`fastsora.nn.CausalConv3d`). It is a constant for autograd.
+        streaming: treat x as a chunk of a longer video (no short-clip fallback); implied by ``cache``.
+
+    Returns:
+        (B, C_out, T // stride, H, W) in x's dtype and memory format.
+    """
+    tp = _validate(x, weight, bias, residual, cache, stride, dilation, pad_mode, activation, streaming)
+    del tp
+    save_pre = activation == "silu" and torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+    y, _ = _causal_conv3d_op(x, weight, bias, residual, cache, stride, dilation, pad_mode, activation or "",
+                             bool(streaming), bool(save_pre))
+    return y

@@ -1,0 +1,577 @@
+"""Causal 3-D convolution as implicit GEMMs in Triton: forward, grad input, grad weight (+ bias), SiLU backward.
+
+Notation: x (B, C_in, T, H, W) read through its strides (NCDHW, channels_last_3d or any view), weight packed on
+the host to (taps, C_in, C_out) with taps = kt*kh*kw (a copy of the weight only), output y
+(B, C_out, T_out, H, W) with T_out = T // stride in the input's memory format.
+
+The padded input is never built. A padded coordinate (tv, hv, wv) of output (to, h, w) and tap (i, j, k) is
+``tv = to*stride + i*dilation - time_pad``, ``hv = h + j - kh//2``, ``wv = w + k - kw//2``; the kernels turn it
+into a load by index arithmetic:
+
+* constant mode: masked load (zero) outside the clip;
+* replicate mode: coordinates clamped to the clip (first frame in time, borders in space);
+* streaming: frames tv < 0 come from a second base pointer, the cache (B, C_in, Tc, H, W), at frame tv + Tc.
+
+Grad input of the replicate mode: an input pixel p on a border receives the gradient of every padded position v
+that clamps to it. The main grad-input launch sums the direct term (v = p) for every pixel; two more launches
+recompute border pixels (all of frame 0 when time is replicated, then the spatial border pixels) summing over
+every v that clamps to p, and overwrite them. No padded gradient buffer is built.
+
+All offsets are int64. fp32 inputs use IEEE fp32 dots (no tf32); fp16/bf16 accumulate in fp32.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from fastsora.kernels import KERNELS_INTERPRETED
+from fastsora.kernels.utils import new_output
+from fastsora.registry import KernelConfig, register_kernel
+
+# ----------------------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_x_tile(x_ptr, c_ptr, b, tv, hv, wv, row_ok, offs_c, C_in, H, W, Tc,
+                 sxb, sxc, sxt, sxh, sxw, scb, scc, sct, sch, scw,
+                 REPLICATE: tl.constexpr, HAS_CACHE: tl.constexpr):
+    """[BLOCK_M, BLOCK_K] tile of the (virtually) padded input at padded coordinates (tv, hv, wv) per row."""
+    c_ok = offs_c < C_in
+    if REPLICATE:
+        hh = tl.minimum(tl.maximum(hv, 0), H - 1)
+        ww = tl.minimum(tl.maximum(wv, 0), W - 1)
+        ok = row_ok
+    else:
+        hh = hv
+        ww = wv
+        ok = row_ok & (hv >= 0) & (hv < H) & (wv >= 0) & (wv < W)
+    if HAS_CACHE:
+        in_x = tv >= 0
+        off_x = b * sxb + tv * sxt + hh * sxh + ww * sxw
+        off_c = b * scb + (tv + Tc) * sct + hh * sch + ww * scw
+        a_x = tl.load(x_ptr + off_x[:, None] + offs_c[None, :] * sxc,
+                      mask=(ok & in_x)[:, None] & c_ok[None, :], other=0.0)
+        a_c = tl.load(c_ptr + off_c[:, None] + offs_c[None, :] * scc,
+                      mask=(ok & (tv < 0))[:, None] & c_ok[None, :], other=0.0)
+        a = tl.where(in_x[:, None], a_x, a_c)
+    else:
+        if REPLICATE:
+            tt = tl.maximum(tv, 0)
+        else:
+            tt = tv
+            ok = ok & (tv >= 0)
+        off_x = b * sxb + tt * sxt + hh * sxh + ww * sxw
+        a = tl.load(x_ptr + off_x[:, None] + offs_c[None, :] * sxc, mask=ok[:, None] & c_ok[None, :], other=0.0)
+    return a
+
+
+@triton.jit
+def _causal_conv3d_fwd_kernel(
+    x_ptr, c_ptr, w_ptr, b_ptr, r_ptr, y_ptr, z_ptr,
+    M, C_in, H, W, C_out, T_out, Tc,
+    sxb, sxc, sxt, sxh, sxw,
+    scb, scc, sct, sch, scw,
+    srb, src, srt, srh, srw,
+    syb, syc, syt, syh, syw,
+    stride_t, dil_t, pad_t,
+    KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    REPLICATE: tl.constexpr, HAS_CACHE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+    ACT: tl.constexpr, STORE_PRE: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """y[m, n] = act(sum_{tap, c} xpad[m, tap, c] * w[tap, c, n] + bias[n]) + res[m, n]; m = (b, to, h, w)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < M
+    w_o = offs_m % W
+    r = offs_m // W
+    h_o = r % H
+    r = r // H
+    t_o = r % T_out
+    b = r // T_out
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < C_out
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tap in range(KT * KH * KW):
+        i = tap // (KH * KW)
+        j = (tap // KW) % KH
+        k = tap % KW
+        tv = t_o * stride_t + (i * dil_t - pad_t)
+        hv = h_o + (j - KH // 2)
+        wv = w_o + (k - KW // 2)
+        w_row = tap * C_in
+        for c0 in range(0, C_in, BLOCK_K):
+            offs_c = c0 + offs_k
+            a = _load_x_tile(x_ptr, c_ptr, b, tv, hv, wv, row_ok, offs_c, C_in, H, W, Tc,
+                             sxb, sxc, sxt, sxh, sxw, scb, scc, sct, sch, scw, REPLICATE, HAS_CACHE)
+            wt = tl.load(w_ptr + (w_row + offs_c)[:, None] * C_out + offs_n[None, :],
+                         mask=(offs_c < C_in)[:, None] & n_ok[None, :], other=0.0)
+            if IEEE:
+                acc = tl.dot(a, wt, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, wt, acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    mask = row_ok[:, None] & n_ok[None, :]
+    y_off = (b * syb + t_o * syt + h_o * syh + w_o * syw)[:, None] + offs_n[None, :] * syc
+    if STORE_PRE:
+        tl.store(z_ptr + y_off, acc.to(z_ptr.dtype.element_ty), mask=mask)
+    if ACT == 1:
+        acc = acc * tl.sigmoid(acc)
+    if HAS_RES:
+        r_off = (b * srb + t_o * srt + h_o * srh + w_o * srw)[:, None] + offs_n[None, :] * src
+        acc += tl.load(r_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _causal_conv3d_bwd_weight_kernel(
+    x_ptr, c_ptr, g_ptr, dw_ptr, db_ptr,
+    M, C_in, H, W, C_out, T_out, Tc, rows_per_split,
+    sxb, sxc, sxt, sxh, sxw,
+    scb, scc, sct, sch, scw,
+    sgb, sgc, sgt, sgh, sgw,
+    stride_t, dil_t, pad_t,
+    KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    REPLICATE: tl.constexpr, HAS_CACHE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dw[tap, c, n] += sum_m xpad[m, tap, c] * g[m, n] over this program's rows [pid_s * rows_per_split, +
+    rows_per_split) (rows_per_split a multiple of BLOCK_M; fp32 atomics);
+    db[n] += sum_m g[m, n] (programs of tap 0, first channel block). Grid (taps * C_in blocks, C_out blocks,
+    splits of m)."""
+    pid0 = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    n_cb = tl.cdiv(C_in, BLOCK_K)
+    tap = pid0 // n_cb
+    cb = pid0 % n_cb
+    i = tap // (KH * KW)
+    j = (tap // KW) % KH
+    k = tap % KW
+    offs_c = cb * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < C_out
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    dbacc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    m_begin = pid_s.to(tl.int64) * rows_per_split
+    m_end = tl.minimum(m_begin + rows_per_split, M)
+    for m0 in range(0, rows_per_split, BLOCK_M):
+        offs_m = m_begin + m0 + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < m_end
+        w_o = offs_m % W
+        r = offs_m // W
+        h_o = r % H
+        r = r // H
+        t_o = r % T_out
+        b = r // T_out
+        tv = t_o * stride_t + (i * dil_t - pad_t)
+        hv = h_o + (j - KH // 2)
+        wv = w_o + (k - KW // 2)
+        a = _load_x_tile(x_ptr, c_ptr, b, tv, hv, wv, row_ok, offs_c, C_in, H, W, Tc,
+                         sxb, sxc, sxt, sxh, sxw, scb, scc, sct, sch, scw, REPLICATE, HAS_CACHE)
+        g_off = (b * sgb + t_o * sgt + h_o * sgh + w_o * sgw)[:, None] + offs_n[None, :] * sgc
+        g = tl.load(g_ptr + g_off, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(tl.trans(a), g, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(tl.trans(a), g, acc)
+        if HAS_BIAS:
+            dbacc += tl.sum(g.to(tl.float32), axis=0)
+    dw_off = (tap.to(tl.int64) * C_in + offs_c)[:, None] * C_out + offs_n[None, :]
+    tl.atomic_add(dw_ptr + dw_off, acc, mask=(offs_c < C_in)[:, None] & n_ok[None, :])
+    if HAS_BIAS:
+        if (tap == 0) & (cb == 0):
+            tl.atomic_add(db_ptr + offs_n, dbacc, mask=n_ok)
+
+
+@triton.jit
+def _causal_conv3d_bwd_input_kernel(
+    g_ptr, w_ptr, dx_ptr, rows_ptr,
+    R, C_in, T_rows, H, W, C_out, T_out,
+    sgb, sgc, sgt, sgh, sgw,
+    sxb, sxc, sxt, sxh, sxw,
+    stride_t, dil_t, pad_t, halo_t, halo_h, halo_w, NT, NH, NW,
+    KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    ROW_LIST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dx[p, c] = sum over taps and padded positions v that map to p of g[out(v, tap), n] * w[tap, c, n].
+
+    Rows p = (b, t, h, w): all positions (flat index over B x T_rows x H x W) or, with ROW_LIST, the flat
+    indices in rows_ptr. The padded positions of p are v in [lo, hi] per dimension, lo = p - halo at the first
+    index (frame 0 / row 0 / column 0), hi = p + halo at the last row/column (replicate); halo 0 gives v = p.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_r = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_r < R
+    if ROW_LIST:
+        flat = tl.load(rows_ptr + offs_r, mask=row_ok, other=0)
+    else:
+        flat = offs_r
+    w_i = flat % W
+    r = flat // W
+    h_i = r % H
+    r = r // H
+    t_i = r % T_rows
+    b = r // T_rows
+    lo_t = tl.where(t_i == 0, t_i - halo_t, t_i)
+    lo_h = tl.where(h_i == 0, h_i - halo_h, h_i)
+    hi_h = tl.where(h_i == H - 1, h_i + halo_h, h_i)
+    lo_w = tl.where(w_i == 0, w_i - halo_w, w_i)
+    hi_w = tl.where(w_i == W - 1, w_i + halo_w, w_i)
+    offs_c = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ok = offs_c < C_in
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    n_e = NT * NH * NW
+    for tap in range(KT * KH * KW):
+        i = tap // (KH * KW)
+        j = (tap // KW) % KH
+        k = tap % KW
+        w_row = tap * C_in
+        for e in range(0, n_e):
+            vt = lo_t + e // (NH * NW)
+            vh = lo_h + (e // NW) % NH
+            vw = lo_w + e % NW
+            num = vt + (pad_t - i * dil_t)
+            t_o = num // stride_t
+            h_o = vh + (KH // 2 - j)
+            w_o = vw + (KW // 2 - k)
+            ok = row_ok & (vt <= t_i) & (vh <= hi_h) & (vw <= hi_w)
+            ok = ok & (num >= 0) & (num - t_o * stride_t == 0) & (t_o < T_out)
+            ok = ok & (h_o >= 0) & (h_o < H) & (w_o >= 0) & (w_o < W)
+            g_row = b * sgb + t_o * sgt + h_o * sgh + w_o * sgw
+            for n0 in range(0, C_out, BLOCK_K):
+                offs_n = n0 + offs_k
+                n_ok = offs_n < C_out
+                g = tl.load(g_ptr + g_row[:, None] + offs_n[None, :] * sgc, mask=ok[:, None] & n_ok[None, :],
+                            other=0.0)
+                wt = tl.load(w_ptr + (w_row + offs_c)[None, :] * C_out + offs_n[:, None],
+                             mask=n_ok[:, None] & c_ok[None, :], other=0.0)
+                if IEEE:
+                    acc = tl.dot(g, wt, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(g, wt, acc)
+    x_off = (b * sxb + t_i * sxt + h_i * sxh + w_i * sxw)[:, None] + offs_c[None, :] * sxc
+    tl.store(dx_ptr + x_off, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _silu_bwd_kernel(dy_ptr, z_ptr, dz_ptr, N, S1, S2, S3, S4,
+                     ya0, ya1, ya2, ya3, ya4, za0, za1, za2, za3, za4, BLOCK: tl.constexpr):
+    """dz = dy * silu'(z) elementwise over a 5-D index space (sizes S0..S4, any strides for dy; z and dz share
+    strides)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    i4 = offs % S4
+    r = offs // S4
+    i3 = r % S3
+    r = r // S3
+    i2 = r % S2
+    r = r // S2
+    i1 = r % S1
+    i0 = r // S1
+    y_off = i0 * ya0 + i1 * ya1 + i2 * ya2 + i3 * ya3 + i4 * ya4
+    z_off = i0 * za0 + i1 * za1 + i2 * za2 + i3 * za3 + i4 * za4
+    dy = tl.load(dy_ptr + y_off, mask=ok, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + z_off, mask=ok, other=0.0).to(tl.float32)
+    s = tl.sigmoid(z)
+    dz = dy * s * (1.0 + z * (1.0 - s))
+    tl.store(dz_ptr + z_off, dz.to(dz_ptr.dtype.element_ty), mask=ok)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# configs
+# ----------------------------------------------------------------------------------------------------------
+
+_TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+#: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per arch and dtype class ('lp' = fp16/bf16, 'fp32').
+#: fwd / bwd-input: M = positions, N = output channels (fwd) or input channels (bwd-input), K = channels
+#: reduced per step. bwd-weight: M = positions reduced, N = C_out, K = C_in.
+_CONFIGS = {
+    ("sm_90", "lp"): [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 128, 64, 8, 3),
+                      (64, 64, 64, 4, 3)],
+    ("sm_80", "lp"): [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 3)],
+    ("sm_90", "fp32"): [(64, 64, 32, 4, 2), (128, 64, 16, 8, 2), (64, 32, 32, 4, 2)],
+    ("sm_80", "fp32"): [(64, 64, 32, 4, 2), (128, 64, 16, 8, 2), (64, 32, 32, 4, 2)],
+}
+_WGRAD_CONFIGS = {
+    ("sm_90", "lp"): [(128, 128, 64, 8, 3), (64, 64, 64, 4, 4), (128, 64, 64, 4, 3), (64, 128, 128, 8, 3)],
+    ("sm_80", "lp"): [(128, 128, 64, 8, 3), (64, 64, 64, 4, 4), (128, 64, 64, 4, 3)],
+    ("sm_90", "fp32"): [(32, 64, 64, 4, 2), (64, 64, 64, 8, 2), (32, 32, 32, 4, 2)],
+    ("sm_80", "fp32"): [(32, 64, 64, 4, 2), (64, 64, 64, 8, 2), (32, 32, 32, 4, 2)],
+}
+#: one config in the interpreter: big tiles (the interpreter costs per loop iteration, not per element)
+_INTERP = (256, 32, 32, 4, 1)
+_INTERP_WGRAD = (256, 32, 32, 4, 1)
+_SILU_BLOCK = 1024
+
+
+def _arch(device: torch.device) -> str:
+    major, _ = torch.cuda.get_device_capability(device)
+    return "sm_90" if major >= 9 else "sm_80"
+
+
+def _klass(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "lp"
+
+
+def _triton_configs(table, arch: str, klass: str) -> List[triton.Config]:
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=nw, num_stages=ns)
+            for bm, bn, bk, nw, ns in table[(arch, klass)]]
+
+
+_FWD_KEY = ["C_in", "C_out", "KT", "KH", "KW", "REPLICATE", "HAS_CACHE", "HAS_RES", "ACT"]
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(kind: str, arch: str, klass: str):
+    if kind == "fwd":
+        return triton.autotune(_triton_configs(_CONFIGS, arch, klass), key=_FWD_KEY)(_causal_conv3d_fwd_kernel)
+    if kind == "bwd_input":
+        return triton.autotune(_triton_configs(_CONFIGS, arch, klass),
+                               key=["C_in", "C_out", "KT", "KH", "KW", "ROW_LIST", "NT", "NH", "NW"]
+                               )(_causal_conv3d_bwd_input_kernel)
+    if kind == "bwd_weight":
+        return triton.autotune(_triton_configs(_WGRAD_CONFIGS, arch, klass),
+                               key=["C_in", "C_out", "KT", "KH", "KW", "REPLICATE", "HAS_CACHE"],
+                               reset_to_zero=["dw_ptr", "db_ptr"])(_causal_conv3d_bwd_weight_kernel)
+    raise ValueError(kind)
+
+
+def _launch(kind: str, kernel, grid, args: tuple, consts: dict, dtype: torch.dtype, device: torch.device):
+    """Launch ``kernel``: one fixed config in the interpreter, the per-arch autotuned configs on CUDA."""
+    if KERNELS_INTERPRETED:
+        bm, bn, bk, nw, ns = _INTERP_WGRAD if kind == "bwd_weight" else _INTERP
+        meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+        kernel[grid(meta)](*args, **consts, **meta, num_warps=nw, num_stages=ns)
+    else:
+        _tuned(kind, _arch(device), _klass(dtype))[grid](*args, **consts)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# registration for `fastsora compile`
+# ----------------------------------------------------------------------------------------------------------
+
+def _sig(names: List[str], types: Dict[str, str]) -> Dict[str, str]:
+    return {n: types.get(n, "i32") for n in names}
+
+
+def _register() -> None:
+    import inspect
+
+    def argnames(kernel):
+        fn = getattr(kernel, "fn", kernel)
+        return list(inspect.signature(fn).parameters)
+
+    for kernel, table, kind in ((_causal_conv3d_fwd_kernel, _CONFIGS, "fwd"),
+                                (_causal_conv3d_bwd_input_kernel, _CONFIGS, "bwd_input"),
+                                (_causal_conv3d_bwd_weight_kernel, _WGRAD_CONFIGS, "bwd_weight")):
+        names = argnames(kernel)
+        configs = []
+        for (arch, klass), rows in sorted(table.items()):
+            for dtype in ((torch.float16, torch.bfloat16) if klass == "lp" else (torch.float32,)):
+                t = _TL[dtype]
+                for bm, bn, bk, nw, ns in rows:
+                    consts = {"KT": 3, "KH": 3, "KW": 3, "IEEE": dtype == torch.float32,
+                              "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+                    types = {}
+                    if kind == "fwd":
+                        consts.update(REPLICATE=True, HAS_CACHE=True, HAS_BIAS=True, HAS_RES=True, ACT=1,
+                                      STORE_PRE=True)
+                        for p in ("x_ptr", "c_ptr", "w_ptr", "b_ptr", "r_ptr", "y_ptr", "z_ptr"):
+                            types[p] = f"*{t}"
+                    elif kind == "bwd_input":
+                        consts.update(ROW_LIST=True)
+                        types.update(g_ptr=f"*{t}", w_ptr=f"*{t}", dx_ptr=f"*{t}", rows_ptr="*i64")
+                    else:
+                        consts.update(REPLICATE=True, HAS_CACHE=True, HAS_BIAS=True)
+                        types.update(x_ptr=f"*{t}", c_ptr=f"*{t}", g_ptr=f"*{t}", dw_ptr="*fp32", db_ptr="*fp32")
+                    sig = _sig(names, types)
+                    for c in consts:
+                        sig[c] = "constexpr"
+                    configs.append(KernelConfig(f"{arch} {kind} {t} BM={bm} BN={bn} BK={bk} w{nw} s{ns}", sig,
+                                                consts, nw, ns))
+        register_kernel("causal_conv3d", kernel, configs)
+    names = argnames(_silu_bwd_kernel)
+    configs = []
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        t = _TL[dtype]
+        sig = _sig(names, {"dy_ptr": f"*{t}", "z_ptr": f"*{t}", "dz_ptr": f"*{t}", "N": "i64"})
+        sig["BLOCK"] = "constexpr"
+        configs.append(KernelConfig(f"silu_bwd {t} BLOCK={_SILU_BLOCK}", sig, {"BLOCK": _SILU_BLOCK}, 4, 1))
+    register_kernel("causal_conv3d", _silu_bwd_kernel, configs)
+
+
+_register()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# host launchers
+# ----------------------------------------------------------------------------------------------------------
+
+def _memory_format(x: torch.Tensor):
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(C_out, C_in, kt, kh, kw) -> (kt*kh*kw, C_in, C_out) contiguous (a copy of the weight only)."""
+    c_out, c_in = weight.shape[:2]
+    return weight.permute(2, 3, 4, 1, 0).reshape(-1, c_in, c_out).contiguous()
+
+
+def causal_conv3d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      residual: Optional[torch.Tensor], cache: Optional[torch.Tensor], stride: int, dilation: int,
+                      time_pad: int, replicate: bool, activation: Optional[str], store_pre: bool
+                      ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Forward launch. x (B, C_in, T, H, W); weight (C_out, C_in, kt, kh, kw); bias (C_out,); residual
+    (B, C_out, T_out, H, W); cache (B, C_in, Tc, H, W) = frames -Tc..-1 (time padding then comes from it).
+    Returns y (B, C_out, T_out, H, W) in x's memory format and, with ``store_pre``, conv + bias (same shape)."""
+    B, C_in, T, H, W = x.shape
+    C_out, _, KT, KH, KW = weight.shape
+    T_out = T // stride
+    fmt = _memory_format(x)
+    y = new_output((B, C_out, T_out, H, W), x.dtype, x.device, memory_format=fmt)
+    z = new_output((B, C_out, T_out, H, W), x.dtype, x.device, memory_format=fmt) if store_pre else None
+    M = B * T_out * H * W
+    if M == 0 or C_out == 0:
+        return y, z
+    wp = pack_weight(weight)
+    has_cache = cache is not None and cache.shape[2] > 0
+    c = cache if has_cache else x
+    rs = residual.stride() if residual is not None else (0,) * 5
+    args = (x, c, wp, bias if bias is not None else wp, residual if residual is not None else x, y,
+            z if z is not None else y,
+            M, C_in, H, W, C_out, T_out, c.shape[2] if has_cache else 0,
+            *x.stride(), *c.stride(), *rs, *y.stride(), stride, dilation, time_pad)
+    consts = dict(KT=KT, KH=KH, KW=KW, REPLICATE=bool(replicate), HAS_CACHE=has_cache, HAS_BIAS=bias is not None,
+                  HAS_RES=residual is not None, ACT=1 if activation == "silu" else 0, STORE_PRE=bool(store_pre),
+                  IEEE=x.dtype == torch.float32)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C_out, meta["BLOCK_N"]))
+    _launch("fwd", _causal_conv3d_fwd_kernel, grid, args, consts, x.dtype, x.device)
+    return y, z
+
+
+def silu_backward(dy: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """dz = dy * silu'(z), dz in z's layout (dy read through its strides)."""
+    dz = new_output(z.shape, z.dtype, z.device, memory_format=_memory_format(z))
+    n = z.numel()
+    if n == 0:
+        return dz
+    # walk the index space in z's physical order so z/dz accesses are coalesced
+    order = sorted(range(5), key=lambda d: -z.stride(d))
+    sizes = [z.shape[d] for d in order]
+    ys = [dy.stride(d) for d in order]
+    zs = [z.stride(d) for d in order]
+    grid = (triton.cdiv(n, _SILU_BLOCK),)
+    _silu_bwd_kernel[grid](dy, z, dz, n, sizes[1], sizes[2], sizes[3], sizes[4], *ys, *zs, BLOCK=_SILU_BLOCK)
+    return dz
+
+
+def _border_rows(B: int, T: int, H: int, W: int, skip_frame0: bool, device: torch.device) -> torch.Tensor:
+    """Flat (b, t, h, w) indices of the spatial border pixels (h or w at an edge) of every frame."""
+    h = torch.arange(H, device=device)
+    w = torch.arange(W, device=device)
+    edge = ((h == 0) | (h == H - 1))[:, None] | ((w == 0) | (w == W - 1))[None, :]
+    hw = edge.flatten().nonzero().flatten()
+    t0 = 1 if skip_frame0 else 0
+    bt = torch.arange(B, device=device)[:, None] * T + torch.arange(t0, T, device=device)[None, :]
+    return (bt.flatten()[:, None] * (H * W) + hw[None, :]).flatten().to(torch.int64)
+
+
+_BORDER_CACHE: Dict[tuple, torch.Tensor] = {}
+
+
+def causal_conv3d_bwd(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, cache: Optional[torch.Tensor],
+                      stride: int, dilation: int, time_pad: int, replicate: bool, has_bias: bool,
+                      need_input: bool = True, need_weight: bool = True
+                      ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Grad input, grad weight and grad bias for the cotangent ``g`` of conv + bias (B, C_out, T_out, H, W)
+    (after the activation's backward). The cache is a constant: no gradient flows into it."""
+    B, C_in, T, H, W = x.shape
+    C_out, _, KT, KH, KW = weight.shape
+    T_out = g.shape[2]
+    has_cache = cache is not None and cache.shape[2] > 0
+    ieee = x.dtype == torch.float32
+    dx = dw = db = None
+    if need_input:
+        dx = new_output(x.shape, x.dtype, x.device, memory_format=_memory_format(x))
+        wp = pack_weight(weight)
+        ph, pw = KH // 2, KW // 2
+        halo_t = max(time_pad, 0) if (replicate and not has_cache) else 0
+        halo_h, halo_w = (ph, pw) if replicate else (0, 0)
+
+        def run(rows, R, T_rows, ht, hh, hw):
+            nt, nh, nw = ht + 1, (hh + 1 if H > 1 else 2 * hh + 1), (hw + 1 if W > 1 else 2 * hw + 1)
+            args = (g, wp, dx, rows if rows is not None else dx, R, C_in, T_rows, H, W, C_out, T_out,
+                    *g.stride(), *dx.stride(), stride, dilation, time_pad, ht, hh, hw, nt, nh, nw)
+            consts = dict(KT=KT, KH=KH, KW=KW, ROW_LIST=rows is not None, IEEE=ieee)
+
+            def grid(meta):
+                return (triton.cdiv(R, meta["BLOCK_M"]), triton.cdiv(C_in, meta["BLOCK_N"]))
+            _launch("bwd_input", _causal_conv3d_bwd_input_kernel, grid, args, consts, x.dtype, x.device)
+
+        if dx.numel():
+            # 1) direct term for every pixel
+            run(None, B * T * H * W, T, 0, 0, 0)
+            # 2) frame 0 with the time halo (replicate in time): overwrite
+            if halo_t > 0:
+                run(None, B * H * W, 1, halo_t, 0, 0)
+            # 3) spatial border pixels with the full halo: overwrite
+            if halo_h > 0 or halo_w > 0:
+                key = (B, T, H, W, x.device)
+                rows = _BORDER_CACHE.get(key)
+                if rows is None:
+                    rows = _border_rows(B, T, H, W, False, x.device)
+                    if len(_BORDER_CACHE) > 64:
+                        _BORDER_CACHE.clear()
+                    _BORDER_CACHE[key] = rows
+                if rows.numel():
+                    # flat indices are over (B, T, H, W); the time halo applies to t == 0 rows only
+                    run(rows, rows.numel(), T, halo_t, halo_h, halo_w)
+    if need_weight:
+        taps = KT * KH * KW
+        dw32 = torch.zeros((taps, C_in, C_out), dtype=torch.float32, device=x.device)
+        db32 = torch.zeros((C_out,), dtype=torch.float32, device=x.device) if has_bias else dw32
+        M = B * T_out * H * W
+        if M > 0:
+            c = cache if has_cache else x
+            args_base = (x, c, g, dw32, db32, M, C_in, H, W, C_out, T_out, c.shape[2] if has_cache else 0)
+            strides = (*x.stride(), *c.stride(), *g.stride(), stride, dilation, time_pad)
+            consts = dict(KT=KT, KH=KH, KW=KW, REPLICATE=bool(replicate), HAS_CACHE=has_cache,
+                          HAS_BIAS=has_bias, IEEE=ieee)
+            if KERNELS_INTERPRETED:
+                splits = 1
+            else:
+                sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+                tiles = taps * triton.cdiv(C_in, 64) * triton.cdiv(C_out, 64)
+                splits = max(1, min(triton.cdiv(M, 1024), triton.cdiv(4 * sms, tiles)))
+            # a multiple of every BLOCK_M (all divide 256): the splits tile [0, M) exactly
+            rows_per_split = triton.cdiv(triton.cdiv(M, splits), 256) * 256
+            splits = triton.cdiv(M, rows_per_split)
+
+            def grid(meta):
+                return (taps * triton.cdiv(C_in, meta["BLOCK_K"]), triton.cdiv(C_out, meta["BLOCK_N"]), splits)
+            _launch("bwd_weight", _causal_conv3d_bwd_weight_kernel, grid, args_base + (rows_per_split,) + strides,
+                    consts, x.dtype, x.device)
+        dw = dw32.reshape(KT, KH, KW, C_in, C_out).permute(4, 3, 0, 1, 2).to(weight.dtype) \
+            .contiguous(memory_format=_memory_format(weight))
+        if has_bias:
+            db = db32.to(weight.dtype)
+    return dx, dw, db
+
