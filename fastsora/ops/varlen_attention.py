@@ -1,0 +1,356 @@
+"""Varlen (packed) attention: flash-attn 2 and xformers entry points over one Triton kernel family.
+
+* :func:`varlen_attention` / :func:`flash_attn_varlen_func`: flash-attn 2's ``flash_attn_varlen_func``
+  (positional order and semantics): q (total_q, Hq, D), k/v (total_k, Hkv, D), int32 ``cu_seqlens``.
+* :func:`memory_efficient_attention`: xformers' ``memory_efficient_attention`` in [B, M, H, K] layout with
+  ``BlockDiagonalMask``-style ``attn_bias`` objects (read by duck typing, xformers need not be installed).
+
+Both go through the custom ops ``fastsora::varlen_attention_fwd`` / ``fastsora::varlen_attention_bwd``
+(fake implementations and autograd registered: ``torch.compile(fullgraph=True)`` traces them).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+
+from fastsora.backend import select_backend
+from fastsora.reference import varlen_attention as _ref
+
+OP_NAME = "varlen_attention"
+CAUSAL_NONE, CAUSAL_BOTTOM_RIGHT, CAUSAL_TOP_LEFT = _ref.CAUSAL_NONE, _ref.CAUSAL_BOTTOM_RIGHT, _ref.CAUSAL_TOP_LEFT
+MAX_HEAD_DIM = 256
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+__all__ = ["varlen_attention", "flash_attn_varlen_func", "memory_efficient_attention"]
+
+
+def _unsupported(q: torch.Tensor) -> Optional[str]:
+    """Why the Triton kernels cannot take this input (None when they can)."""
+    if q.dtype not in _KERNEL_DTYPES:
+        return f"{str(q.dtype).removeprefix('torch.')} inputs (the kernels take float16, bfloat16 and float32)"
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
+    return None
+
+
+def _kernels():
+    from fastsora.kernels import varlen_attention as kern
+
+    return kern
+
+
+# ----------------------------------------------------------------------------------------------------------
+# custom ops
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastsora::varlen_attention_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+            cu_seqlens_k: torch.Tensor, softmax_scale: float, causal_mode: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    backend = select_backend(OP_NAME, q.device, _unsupported(q))
+    if backend == "triton":
+        return _kernels().forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode)
+    out, lse = _ref.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode)
+    return out.contiguous(), lse.to(torch.float32).contiguous()
+
+
+@_fwd_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), \
+        q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastsora::varlen_attention_bwd", mutates_args=())
+def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+            lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, softmax_scale: float,
+            causal_mode: int, dlse: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    backend = select_backend(OP_NAME, q.device, _unsupported(q))
+    if backend == "triton":
+        return _kernels().backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale,
+                                   causal_mode, dlse)
+    with torch.enable_grad():
+        qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
+        o, l = _ref.varlen_attention(qq, kk, vv, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode)
+        outs, cots = [o], [dout.to(o.dtype)]
+        if dlse is not None:
+            finite = torch.isfinite(l)
+            outs.append(torch.where(finite, l, torch.zeros_like(l)))
+            cots.append(torch.where(finite, dlse.to(l.dtype), torch.zeros_like(l)))
+        dq, dk, dv = torch.autograd.grad(outs, [qq, kk, vv], cots, allow_unused=True)
+    dq = torch.zeros_like(q) if dq is None else dq
+    dk = torch.zeros_like(k) if dk is None else dk
+    dv = torch.zeros_like(v) if dv is None else dv
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode, dlse):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, scale, mode = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.scale = scale
+    ctx.mode = mode
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = _bwd_op(dout, q, k, v, out, lse, cu_q, cu_k, ctx.scale, ctx.mode, dlse)
+    return dq, dk, dv, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# argument checks
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # torch < 2.3
+        return False
+
+
+def _check_offsets(name: str, cu: Any, device: torch.device) -> None:
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name} must be an int32 tensor of shape (batch + 1,); got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must have dtype torch.int32 (flash-attn's convention); got {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() < 1:
+        raise ValueError(f"{name} must be 1-D with batch + 1 >= 1 entries; got shape {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{name} must be on the same device as q ({device}); got {cu.device}")
+
+
+def _check_values(name: str, cu: List[int], total: int) -> None:
+    if cu[0] != 0:
+        raise ValueError(f"{name}[0] must be 0; got {cu[0]}")
+    for i in range(len(cu) - 1):
+        if cu[i + 1] < cu[i]:
+            raise ValueError(f"{name} must be non-decreasing; {name}[{i + 1}] = {cu[i + 1]} < {name}[{i}] = {cu[i]}")
+    if cu[-1] > total:
+        raise ValueError(f"{name}[-1] = {cu[-1]} is past the number of tokens ({total})")
+
+
+def _check_inputs(q, k, v, cu_q, cu_k, validate: bool) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor; got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be 3-D (total_tokens, heads, head_dim); got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor; got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device; got {q.device}, {k.device}, {v.device}")
+    if not (q.shape[2] == k.shape[2] == v.shape[2]):
+        raise ValueError(f"head dims differ: q {q.shape[2]}, k {k.shape[2]}, v {v.shape[2]} (they must be equal)")
+    if k.shape[:2] != v.shape[:2]:
+        raise ValueError(f"k and v must have the same (total_k, heads); got {tuple(k.shape[:2])} and "
+                         f"{tuple(v.shape[:2])}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"the number of query heads ({q.shape[1]}) must be a multiple of the number of key/value "
+                         f"heads ({k.shape[1]})")
+    _check_offsets("cu_seqlens_q", cu_q, q.device)
+    _check_offsets("cu_seqlens_k", cu_k, q.device)
+    if cu_q.numel() != cu_k.numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1); got "
+                         f"{cu_q.numel()} and {cu_k.numel()}")
+    if validate and not _compiling():
+        # one host synchronisation for both offset tensors
+        both = torch.cat([cu_q, cu_k]).tolist()
+        n = cu_q.numel()
+        _check_values("cu_seqlens_q", both[:n], q.shape[0])
+        _check_values("cu_seqlens_k", both[n:], k.shape[0])
+
+
+def _causal_mode(causal: bool, top_left: bool = False) -> int:
+    if not causal:
+        return CAUSAL_NONE
+    return CAUSAL_TOP_LEFT if top_left else CAUSAL_BOTTOM_RIGHT
+
+
+def _attention(q, k, v, cu_q, cu_k, dropout_p, softmax_scale, causal_mode, validate):
+    if dropout_p is None:
+        dropout_p = 0.0
+    if dropout_p != 0.0:
+        raise NotImplementedError(f"dropout_p={dropout_p}: fastsora's varlen attention has no dropout; pass "
+                                  "dropout_p=0.0 (apply dropout outside the attention if you need it)")
+    _check_inputs(q, k, v, cu_q, cu_k, validate)
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    return _fwd_op(q, k, v, cu_q, cu_k, float(softmax_scale), int(causal_mode))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------------------
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, max_seqlen_q: Optional[int] = None,
+                     max_seqlen_k: Optional[int] = None, dropout_p: float = 0.0,
+                     softmax_scale: Optional[float] = None, causal: bool = False, *, return_lse: bool = False,
+                     validate: bool = True):
+    """Attention within each packed sequence (flash-attn 2 ``flash_attn_varlen_func`` semantics).
+
+    Args:
+        q: (total_q, Hq, D) float16 / bfloat16 / float32 (float64 on the torch backend).
+        k, v: (total_k, Hkv, D), same dtype and device; Hq % Hkv == 0 (GQA / MQA).
+        cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,) on q's device: sequence b owns query rows
+            ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` and key rows ``cu_seqlens_k[b]:cu_seqlens_k[b+1]``.
+            Zero-length sequences are allowed; rows past ``cu_seqlens_q[-1]`` output 0 (and get zero gradient).
+        max_seqlen_q, max_seqlen_k: accepted for flash-attn compatibility and not needed (may be None).
+        dropout_p: must be 0.0 (no dropout; NotImplementedError otherwise).
+        softmax_scale: default 1 / sqrt(D).
+        causal: mask aligned to the bottom-right corner: query i sees key j iff j <= i + Lk - Lq. A query row
+            that sees no key outputs 0 (its LSE is +inf).
+        return_lse: also return the log-sum-exp, (Hq, total_q) float32 (differentiable).
+        validate: check the offsets' values (one host synchronisation). Pass False in hot loops whose offsets
+            are known good; the kernels themselves never synchronise. Skipped under torch.compile.
+
+    Returns:
+        out (total_q, Hq, D) in q's dtype, or (out, lse) with ``return_lse``.
+    """
+    if max_seqlen_q is not None and not isinstance(max_seqlen_q, (int, torch.SymInt)):
+        raise TypeError(f"max_seqlen_q must be an int or None; got {type(max_seqlen_q).__name__}")
+    if max_seqlen_k is not None and not isinstance(max_seqlen_k, (int, torch.SymInt)):
+        raise TypeError(f"max_seqlen_k must be an int or None; got {type(max_seqlen_k).__name__}")
+    out, lse = _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, softmax_scale,
+                          _causal_mode(bool(causal)), validate)
+    return (out, lse) if return_lse else out
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
+                           dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                           alibi_slopes=None, deterministic=False, return_attn_probs=False, block_table=None):
+    """Drop-in for ``flash_attn.flash_attn_varlen_func`` (flash-attn 2 keyword names).
+
+    Supported: everything :func:`varlen_attention` supports. ``deterministic`` is accepted either way (the
+    backward is always deterministic: no atomics). Refused with NotImplementedError: ``window_size`` other than
+    (-1, -1), ``softcap`` != 0, ``alibi_slopes``, ``block_table``, ``dropout_p`` > 0.
+    ``return_attn_probs=True`` returns ``(out, softmax_lse, None)``: the LSE (Hq, total_q) float32; the
+    dropout mask flash-attn would return as the third item does not exist here (no dropout).
+    """
+    if tuple(window_size) != (-1, -1):
+        raise NotImplementedError(f"window_size={tuple(window_size)}: sliding-window attention is not supported; "
+                                  "only window_size=(-1, -1)")
+    if softcap != 0.0:
+        raise NotImplementedError(f"softcap={softcap}: logit soft-capping is not supported; only softcap=0.0")
+    if alibi_slopes is not None:
+        raise NotImplementedError("alibi_slopes: ALiBi biases are not supported; pass alibi_slopes=None")
+    if block_table is not None:
+        raise NotImplementedError("block_table: paged KV caches are not supported; pass block_table=None")
+    out, lse = _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, softmax_scale,
+                          _causal_mode(bool(causal)), True)
+    return (out, lse, None) if return_attn_probs else out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# xformers entry point
+# ----------------------------------------------------------------------------------------------------------
+
+#: attn_bias class names understood, mapped to (block diagonal?, causal mode)
+_XFORMERS_BIASES = {
+    "BlockDiagonalMask": (True, CAUSAL_NONE),
+    "BlockDiagonalCausalMask": (True, CAUSAL_TOP_LEFT),
+    "BlockDiagonalCausalFromBottomRightMask": (True, CAUSAL_BOTTOM_RIGHT),
+    "LowerTriangularMask": (False, CAUSAL_TOP_LEFT),
+    "LowerTriangularFromBottomRightMask": (False, CAUSAL_BOTTOM_RIGHT),
+}
+
+
+def _seqstart(info: Any, name: str, device: torch.device, total: int) -> torch.Tensor:
+    seqstart = getattr(info, "seqstart", None)
+    if seqstart is None:
+        raise TypeError(f"attn_bias.{name} has no 'seqstart' attribute; expected an xformers _SeqLenInfo")
+    seqstart_py = getattr(info, "seqstart_py", None)
+    if seqstart_py is not None:  # the host copy xformers keeps: validate without a device synchronisation
+        _check_values(f"attn_bias.{name}.seqstart", [int(x) for x in seqstart_py], total)
+        if len(seqstart_py) != seqstart.numel():
+            raise ValueError(f"attn_bias.{name}: seqstart has {seqstart.numel()} entries but seqstart_py has "
+                             f"{len(seqstart_py)}")
+    return seqstart.to(device=device, dtype=torch.int32)
+
+
+def memory_efficient_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                               attn_bias: Any = None, p: float = 0.0, scale: Optional[float] = None,
+                               *, op: Any = None) -> torch.Tensor:
+    """Drop-in for ``xformers.ops.memory_efficient_attention`` with block-diagonal (packed) masks.
+
+    Args:
+        query: [B, Mq, H, K]; key, value: [B, Mk, Hkv, K] (Hkv dividing H: GQA, an extension).
+        attn_bias: None (full attention per batch element), or an xformers mask object, read by duck typing
+            (class name plus ``q_seqinfo.seqstart`` / ``k_seqinfo.seqstart`` / ``seqstart_py``):
+            ``BlockDiagonalMask`` (B must be 1; packed sequences, no causal mask),
+            ``BlockDiagonalCausalMask`` (causal from the top-left of each block: key j <= query i),
+            ``BlockDiagonalCausalFromBottomRightMask`` (causal from the bottom-right: j <= i + Lk - Lq),
+            ``LowerTriangularMask`` / ``LowerTriangularFromBottomRightMask`` (per batch element).
+            Tensor biases and other classes (local/windowed, padded keys, ...) raise NotImplementedError.
+        p: dropout probability, must be 0.0.
+        scale: default 1 / sqrt(K).
+        op: ignored (xformers' kernel choice).
+
+    Returns:
+        [B, Mq, H, K] in query's dtype.
+    """
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor [B, M, H, K]; got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if key.shape[:3] != value.shape[:3]:
+        raise ValueError(f"key and value must agree on [B, M, H]; got {tuple(key.shape)} and {tuple(value.shape)}")
+    if value.shape[3] != query.shape[3] or key.shape[3] != query.shape[3]:
+        raise ValueError(f"query, key and value must have the same head dim K; got {query.shape[3]}, "
+                         f"{key.shape[3]}, {value.shape[3]}")
+    if query.shape[0] != key.shape[0]:
+        raise ValueError(f"query and key must have the same batch size; got {query.shape[0]} and {key.shape[0]}")
+    b, mq, h, d = query.shape
+    mk = key.shape[1]
+    device = query.device
+    if attn_bias is None:
+        mode, block_diag = CAUSAL_NONE, False
+    elif isinstance(attn_bias, torch.Tensor):
+        raise NotImplementedError("attn_bias as a tensor is not supported; pass an xformers BlockDiagonalMask-style "
+                                  "object or None")
+    else:
+        cls = type(attn_bias).__name__
+        if cls not in _XFORMERS_BIASES:
+            raise NotImplementedError(f"attn_bias of type {cls} is not supported; supported: "
+                                      f"{', '.join(sorted(_XFORMERS_BIASES))}")
+        block_diag, mode = _XFORMERS_BIASES[cls]
+    if block_diag:
+        if b != 1:
+            raise ValueError(f"with a {type(attn_bias).__name__} the batch size must be 1 (sequences packed along "
+                             f"M); got B={b}")
+        cu_q = _seqstart(attn_bias.q_seqinfo, "q_seqinfo", device, mq)
+        cu_k = _seqstart(attn_bias.k_seqinfo, "k_seqinfo", device, mk)
+        if cu_q.numel() != cu_k.numel():
+            raise ValueError(f"attn_bias: {cu_q.numel() - 1} query blocks but {cu_k.numel() - 1} key blocks")
+        validate = getattr(attn_bias.q_seqinfo, "seqstart_py", None) is None or \
+            getattr(attn_bias.k_seqinfo, "seqstart_py", None) is None
+        q3, k3, v3 = query[0], key[0], value[0]
+    else:
+        cu_q = torch.arange(0, (b + 1) * mq, mq, dtype=torch.int32, device=device)[: b + 1]
+        cu_k = torch.arange(0, (b + 1) * mk, mk, dtype=torch.int32, device=device)[: b + 1]
+        if mq == 0:
+            cu_q = torch.zeros(b + 1, dtype=torch.int32, device=device)
+        if mk == 0:
+            cu_k = torch.zeros(b + 1, dtype=torch.int32, device=device)
+        validate = False
+        q3, k3, v3 = (t.reshape(t.shape[0] * t.shape[1], t.shape[2], t.shape[3]) for t in (query, key, value))
+    out, _ = _attention(q3, k3, v3, cu_q, cu_k, p, scale, mode, validate)
+    return out.reshape(b, mq, h, d)

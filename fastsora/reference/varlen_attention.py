@@ -1,0 +1,79 @@
+"""Plain-PyTorch varlen (packed) attention: one exact softmax attention per sequence.
+
+This is fastsora's torch backend for :func:`fastsora.ops.varlen_attention` and, run in float64, the oracle of
+the tests. It reads the offsets on the host (one synchronisation), then loops over the sequences.
+
+Shapes: q (total_q, Hq, D), k and v (total_k, Hkv, D) with Hq % Hkv == 0; ``cu_seqlens_q``/``cu_seqlens_k``
+int32 (batch + 1,) prefix sums. Sequence b owns query rows ``cu_q[b]:cu_q[b+1]`` and key rows
+``cu_k[b]:cu_k[b+1]``.
+
+``causal_mode``: 0 no mask, 1 causal aligned bottom-right (flash-attn 2: query i sees key j <= i + Lk - Lq),
+2 causal aligned top-left (xformers' ``BlockDiagonalCausalMask``: key j <= i).
+
+A query row that sees no key (an empty key sequence, or a causal row above the diagonal) outputs 0 and has
+LSE +inf (flash-attn's convention, so that exp(s - lse) is 0 in a backward pass). Rows past
+``cu_seqlens_q[-1]`` belong to no sequence: they output 0 and have LSE +inf.
+"""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+
+CAUSAL_NONE, CAUSAL_BOTTOM_RIGHT, CAUSAL_TOP_LEFT = 0, 1, 2
+
+
+def visible_mask(lq: int, lk: int, causal_mode: int, device) -> torch.Tensor:
+    """(lq, lk) bool: True where query i may attend key j."""
+    if causal_mode == CAUSAL_NONE:
+        return torch.ones(lq, lk, dtype=torch.bool, device=device)
+    diag = lk - lq if causal_mode == CAUSAL_BOTTOM_RIGHT else 0
+    i = torch.arange(lq, device=device)[:, None]
+    j = torch.arange(lk, device=device)[None, :]
+    return j <= i + diag
+
+
+def attention_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                  causal_mode: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention of one sequence. q (Lq, Hq, D), k/v (Lk, Hkv, D) -> out (Lq, Hq, D), lse (Hq, Lq)."""
+    lq, hq, _ = q.shape
+    lk, hkv, _ = k.shape
+    group = hq // hkv
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qf, kf, vf = q.to(compute), k.to(compute), v.to(compute)
+    s = torch.einsum("ihd,jhd->hij", qf, kf) * scale
+    mask = visible_mask(lq, lk, causal_mode, q.device)
+    s = s.masked_fill(~mask, float("-inf"))
+    m = s.amax(dim=-1, keepdim=True) if lk > 0 else s.new_full((hq, lq, 1), float("-inf"))
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
+    e = torch.exp(s - m_safe)
+    l = e.sum(dim=-1, keepdim=True)
+    empty = l == 0
+    p = e / torch.where(empty, torch.ones_like(l), l)
+    out = torch.einsum("hij,jhd->ihd", p, vf)
+    lse = torch.where(empty, torch.full_like(l, float("inf")), m_safe + torch.log(torch.where(empty, torch.ones_like(l), l)))
+    return out.to(q.dtype), lse.squeeze(-1).float() if q.dtype != torch.float64 else lse.squeeze(-1)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, softmax_scale: float, causal_mode: int = CAUSAL_NONE
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Packed attention, sequence by sequence. Returns out (total_q, Hq, D) in q's dtype and
+    lse (Hq, total_q) in float32 (float64 for float64 inputs). Differentiable with autograd."""
+    cq: List[int] = [int(x) for x in cu_seqlens_q.tolist()]
+    ck: List[int] = [int(x) for x in cu_seqlens_k.tolist()]
+    total_q, hq, _ = q.shape
+    outs, lses = [], []
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    for b in range(len(cq) - 1):
+        o, l = attention_one(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]], softmax_scale, causal_mode)
+        outs.append(o)
+        lses.append(l.to(lse_dtype))
+    tail = total_q - (cq[-1] if cq else 0)
+    # rows past cu_seqlens_q[-1] belong to no sequence: zero output (and zero gradient)
+    outs.append(q.new_zeros((tail,) + tuple(q.shape[1:])))
+    lses.append(torch.full((hq, tail), float("inf"), dtype=lse_dtype, device=q.device))
+    return torch.cat(outs, 0), torch.cat(lses, 1)

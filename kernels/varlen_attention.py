@@ -1,0 +1,576 @@
+"""Varlen (packed) flash attention in Triton: forward, and a deterministic backward without atomics.
+
+Layout: q (total_q, Hq, D), k/v (total_k, Hkv, D), any strides; int32 offsets ``cu_seqlens`` (batch + 1,).
+GQA/MQA when Hq % Hkv == 0. Head dims up to 256; D is padded to the next power of two (at least 16) inside
+the kernels with masks. Softmax is fp32 in exp2 form; the LSE (Hq, total_q) fp32 is saved for backward.
+
+Scheduling (no host synchronisation, no precomputed work list): the work items of a launch over row blocks of
+size BLOCK are numbered so that sequence ``s`` owns items ``[cu[s] // BLOCK + s, cu[s+1] // BLOCK + s + 1)``
+- at least ceil(L_s / BLOCK) items, at most one more. Sequence index ``batch`` is the pseudo-sequence of the
+rows past ``cu[-1]`` (they belong to no sequence; their outputs and gradients are written as zeros). The grid
+is therefore ``total // BLOCK + batch + 1`` programs along axis 0 - a function of tensor shapes only - and a
+program finds its sequence by a binary search over ``cu`` (monotone keys ``cu[s] // BLOCK + s``). Programs
+whose block starts past their sequence's end exit at once: at most one per sequence. Skewed packs (one long
+video among many small images) waste no other programs.
+
+Kernels:
+* ``_fwd_kernel``: grid (items over query blocks, Hq). Online softmax, O and LSE.
+* ``_bwd_preprocess_kernel``: Δ = rowsum(dO ∘ O) (minus dLSE when the LSE output has a gradient).
+* ``_bwd_dkdv_kernel``: grid (items over key blocks, Hkv); loops over the query heads of its GQA group and
+  the query blocks that see the key block; writes dK, dV once (no atomics).
+* ``_bwd_dq_kernel``: grid (items over query blocks, Hq); loops over visible key blocks; writes dQ once.
+
+Causal masking: ``IS_CAUSAL`` with a runtime ``bottom_right`` flag: query i sees key j iff
+j <= i + bottom_right * (Lk - Lq) (flash-attn 2: bottom-right; xformers' BlockDiagonalCausalMask: top-left).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from fastsora.kernels import KERNELS_INTERPRETED
+from fastsora.kernels.utils import new_output
+from fastsora.registry import KernelConfig, register_kernel
+
+LOG2E = 1.4426950408889634
+
+# --------------------------------------------------------------------------------------------------------------
+# device helpers
+# --------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _find_seq(CU, pid, batch, BLOCK: tl.constexpr):
+    """Largest s in [0, batch] with cu[s] // BLOCK + s <= pid (binary search over the offsets)."""
+    lo = pid * 0
+    hi = lo + batch
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        key = tl.load(CU + mid) // BLOCK + mid
+        ok = key <= pid
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+    return lo
+
+
+@triton.jit
+def _seq_range(CU, seq, batch, total):
+    """[start, end) rows of sequence ``seq``; seq == batch is the tail (rows past cu[-1] up to total)."""
+    start = tl.load(CU + seq)
+    end = tl.load(CU + tl.minimum(seq + 1, batch))
+    end = tl.where(seq < batch, end, total)
+    return start, end
+
+
+# --------------------------------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
+                stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
+                stride_vt, stride_vh, stride_vd, stride_ot, stride_oh, stride_od, stride_lh,
+                total_q, batch, group, head_dim, qk_scale, bottom_right,
+                IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    hq = tl.program_id(1)
+    seq = _find_seq(CU_Q, pid, batch, BLOCK_M)
+    q_start, q_end = _seq_range(CU_Q, seq, batch, total_q)
+    blk = pid - (q_start // BLOCK_M + seq)
+    seqlen_q = q_end - q_start
+    if blk * BLOCK_M >= seqlen_q:
+        return
+    k_start = tl.load(CU_K + seq)
+    k_end = tl.load(CU_K + tl.minimum(seq + 1, batch))
+    seqlen_k = tl.where(seq < batch, k_end - k_start, 0)
+    hk = hq // group
+
+    offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < seqlen_q
+    mask_d = offs_d < head_dim
+    rows_q = (q_start + offs_m).to(tl.int64)
+    q_ptrs = Q + rows_q[:, None] * stride_qt + hq.to(tl.int64) * stride_qh + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+
+    k_base = K + k_start.to(tl.int64) * stride_kt + hk.to(tl.int64) * stride_kh
+    v_base = V + k_start.to(tl.int64) * stride_vt + hk.to(tl.int64) * stride_vh
+    kT_off = offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd
+    v_off = offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    diag = bottom_right * (seqlen_k - seqlen_q)
+    if IS_CAUSAL:
+        # keys every row of this block sees: j <= blk*BLOCK_M + diag; any row: j < (blk+1)*BLOCK_M + diag
+        full_end = tl.minimum(blk * BLOCK_M + diag + 1, seqlen_k)
+        hi = tl.minimum((blk + 1) * BLOCK_M + diag, seqlen_k)
+    else:
+        full_end = seqlen_k
+        hi = seqlen_k
+    full_end = tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N
+    hi = tl.maximum(hi, 0)
+
+    # blocks with no masking
+    for start_n in range(0, full_end, BLOCK_N):
+        if EVEN_D:
+            kT = tl.load(k_base + kT_off)
+            v = tl.load(v_base + v_off)
+        else:
+            kT = tl.load(k_base + kT_off, mask=mask_d[:, None], other=0.0)
+            v = tl.load(v_base + v_off, mask=mask_d[None, :], other=0.0)
+        s = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+        k_base += BLOCK_N * stride_kt
+        v_base += BLOCK_N * stride_vt
+    # boundary blocks: key range end and causal diagonal
+    for start_n in range(full_end, hi, BLOCK_N):
+        cols = start_n + offs_n
+        mask_n = cols < seqlen_k
+        kT = tl.load(k_base + kT_off, mask=mask_n[None, :] & mask_d[:, None], other=0.0)
+        v = tl.load(v_base + v_off, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        s = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
+        visible = mask_n[None, :]
+        if IS_CAUSAL:
+            visible = visible & (cols[None, :] <= offs_m[:, None] + diag)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.math.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+        k_base += BLOCK_N * stride_kt
+        v_base += BLOCK_N * stride_vt
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) / 1.4426950408889634)
+    o_ptrs = O + rows_q[:, None] * stride_ot + hq.to(tl.int64) * stride_oh + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    tl.store(LSE + hq.to(tl.int64) * stride_lh + rows_q, lse, mask=mask_m)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_preprocess_kernel(O, DO, DELTA, stride_ot, stride_oh, stride_od, stride_dot, stride_doh, stride_dod,
+                           stride_delh, total_q, head_dim, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows < total_q)[:, None] & (offs_d < head_dim)[None, :]
+    r64 = rows.to(tl.int64)
+    o = tl.load(O + r64[:, None] * stride_ot + h.to(tl.int64) * stride_oh + offs_d[None, :] * stride_od,
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + r64[:, None] * stride_dot + h.to(tl.int64) * stride_doh + offs_d[None, :] * stride_dod,
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + h.to(tl.int64) * stride_delh + r64, tl.sum(o * do, 1), mask=rows < total_q)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
+                     stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
+                     stride_vt, stride_vh, stride_vd, stride_dot, stride_doh, stride_dod,
+                     stride_dkt, stride_dkh, stride_dkd, stride_dvt, stride_dvh, stride_dvd, stride_lh,
+                     total_k, batch, group, head_dim, qk_scale, sm_scale, bottom_right,
+                     IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    hk = tl.program_id(1)
+    seq = _find_seq(CU_K, pid, batch, BLOCK_N)
+    k_start, k_end = _seq_range(CU_K, seq, batch, total_k)
+    blk = pid - (k_start // BLOCK_N + seq)
+    seqlen_k = k_end - k_start
+    if blk * BLOCK_N >= seqlen_k:
+        return
+    q_start = tl.load(CU_Q + seq)
+    q_end = tl.load(CU_Q + tl.minimum(seq + 1, batch))
+    seqlen_q = tl.where(seq < batch, q_end - q_start, 0)
+
+    offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < seqlen_k
+    mask_d = offs_d < head_dim
+    rows_k = (k_start + offs_n).to(tl.int64)
+    mask_kd = mask_n[:, None] & mask_d[None, :]
+    k = tl.load(K + rows_k[:, None] * stride_kt + hk.to(tl.int64) * stride_kh + offs_d[None, :] * stride_kd,
+                mask=mask_kd, other=0.0)
+    v = tl.load(V + rows_k[:, None] * stride_vt + hk.to(tl.int64) * stride_vh + offs_d[None, :] * stride_vd,
+                mask=mask_kd, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    diag = bottom_right * (seqlen_k - seqlen_q)
+    if IS_CAUSAL:
+        # query rows that see some key of the block: i >= blk*BLOCK_N - diag; all keys: i >= (blk+1)*BLOCK_N-1-diag
+        lo = tl.maximum(blk * BLOCK_N - diag, 0) // BLOCK_M * BLOCK_M
+        full_start = tl.maximum((blk + 1) * BLOCK_N - 1 - diag, 0)
+        full_start = tl.minimum((full_start + BLOCK_M - 1) // BLOCK_M * BLOCK_M, seqlen_q)
+        full_start = tl.maximum(full_start, lo)
+    else:
+        lo = seqlen_q * 0
+        full_start = lo
+    q_base = Q + q_start.to(tl.int64) * stride_qt
+    do_base = DO + q_start.to(tl.int64) * stride_dot
+    qT_off = offs_m[None, :] * stride_qt + offs_d[:, None] * stride_qd
+    do_off = offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod
+    for g in range(0, group):
+        hq = hk * group + g
+        q_ptr = q_base + hq.to(tl.int64) * stride_qh + lo.to(tl.int64) * stride_qt
+        do_ptr = do_base + hq.to(tl.int64) * stride_doh + lo.to(tl.int64) * stride_dot
+        lse_ptrs = LSE + hq.to(tl.int64) * stride_lh + q_start.to(tl.int64) + offs_m
+        delta_ptrs = DELTA + hq.to(tl.int64) * stride_lh + q_start.to(tl.int64) + offs_m
+        # diagonal blocks (causal only): mask by position
+        for start_m in range(lo, full_start, BLOCK_M):
+            rows = start_m + offs_m
+            mask_m = rows < seqlen_q
+            qT = tl.load(q_ptr + qT_off, mask=mask_m[None, :] & mask_d[:, None], other=0.0)
+            do = tl.load(do_ptr + do_off, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+            lse = tl.load(lse_ptrs + start_m, mask=mask_m, other=float("inf")) * 1.4426950408889634
+            delta = tl.load(delta_ptrs + start_m, mask=mask_m, other=0.0)
+            sT = tl.dot(k, qT, input_precision=DOT_PREC) * qk_scale
+            pT = tl.math.exp2(sT - lse[None, :])
+            if IS_CAUSAL:
+                pT = tl.where(offs_n[:, None] <= rows[None, :] + diag, pT, 0.0)
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            dsT = pT * (dpT - delta[None, :])
+            dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PREC)
+            q_ptr += BLOCK_M * stride_qt
+            do_ptr += BLOCK_M * stride_dot
+        # blocks where every key of the block is visible (all of them when not causal)
+        for start_m in range(full_start, seqlen_q, BLOCK_M):
+            rows = start_m + offs_m
+            mask_m = rows < seqlen_q
+            if EVEN_D:
+                qT = tl.load(q_ptr + qT_off, mask=mask_m[None, :], other=0.0)
+                do = tl.load(do_ptr + do_off, mask=mask_m[:, None], other=0.0)
+            else:
+                qT = tl.load(q_ptr + qT_off, mask=mask_m[None, :] & mask_d[:, None],
+                             other=0.0)
+                do = tl.load(do_ptr + do_off, mask=mask_m[:, None] & mask_d[None, :],
+                             other=0.0)
+            lse = tl.load(lse_ptrs + start_m, mask=mask_m, other=float("inf")) * 1.4426950408889634
+            delta = tl.load(delta_ptrs + start_m, mask=mask_m, other=0.0)
+            sT = tl.dot(k, qT, input_precision=DOT_PREC) * qk_scale
+            pT = tl.math.exp2(sT - lse[None, :])
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            dsT = pT * (dpT - delta[None, :])
+            dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PREC)
+            q_ptr += BLOCK_M * stride_qt
+            do_ptr += BLOCK_M * stride_dot
+
+    dk = dk * sm_scale
+    tl.store(DK + rows_k[:, None] * stride_dkt + hk.to(tl.int64) * stride_dkh + offs_d[None, :] * stride_dkd,
+             dk.to(DK.dtype.element_ty), mask=mask_kd)
+    tl.store(DV + rows_k[:, None] * stride_dvt + hk.to(tl.int64) * stride_dvh + offs_d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=mask_kd)
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
+                   stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
+                   stride_vt, stride_vh, stride_vd, stride_dot, stride_doh, stride_dod,
+                   stride_dqt, stride_dqh, stride_dqd, stride_lh,
+                   total_q, batch, group, head_dim, qk_scale, sm_scale, bottom_right,
+                   IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    hq = tl.program_id(1)
+    seq = _find_seq(CU_Q, pid, batch, BLOCK_M)
+    q_start, q_end = _seq_range(CU_Q, seq, batch, total_q)
+    blk = pid - (q_start // BLOCK_M + seq)
+    seqlen_q = q_end - q_start
+    if blk * BLOCK_M >= seqlen_q:
+        return
+    k_start = tl.load(CU_K + seq)
+    k_end = tl.load(CU_K + tl.minimum(seq + 1, batch))
+    seqlen_k = tl.where(seq < batch, k_end - k_start, 0)
+    hk = hq // group
+
+    offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < seqlen_q
+    mask_d = offs_d < head_dim
+    mask_md = mask_m[:, None] & mask_d[None, :]
+    rows_q = (q_start + offs_m).to(tl.int64)
+    q = tl.load(Q + rows_q[:, None] * stride_qt + hq.to(tl.int64) * stride_qh + offs_d[None, :] * stride_qd,
+                mask=mask_md, other=0.0)
+    do = tl.load(DO + rows_q[:, None] * stride_dot + hq.to(tl.int64) * stride_doh + offs_d[None, :] * stride_dod,
+                 mask=mask_md, other=0.0)
+    lse = tl.load(LSE + hq.to(tl.int64) * stride_lh + rows_q, mask=mask_m, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + hq.to(tl.int64) * stride_lh + rows_q, mask=mask_m, other=0.0)
+
+    k_base = K + k_start.to(tl.int64) * stride_kt + hk.to(tl.int64) * stride_kh
+    v_base = V + k_start.to(tl.int64) * stride_vt + hk.to(tl.int64) * stride_vh
+    kT_off = offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd
+    vT_off = offs_n[None, :] * stride_vt + offs_d[:, None] * stride_vd
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    diag = bottom_right * (seqlen_k - seqlen_q)
+    if IS_CAUSAL:
+        full_end = tl.minimum(blk * BLOCK_M + diag + 1, seqlen_k)
+        hi = tl.minimum((blk + 1) * BLOCK_M + diag, seqlen_k)
+    else:
+        full_end = seqlen_k
+        hi = seqlen_k
+    full_end = tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N
+    hi = tl.maximum(hi, 0)
+
+    for start_n in range(0, full_end, BLOCK_N):
+        if EVEN_D:
+            kT = tl.load(k_base + kT_off)
+            vT = tl.load(v_base + vT_off)
+        else:
+            kT = tl.load(k_base + kT_off, mask=mask_d[:, None], other=0.0)
+            vT = tl.load(v_base + vT_off, mask=mask_d[:, None], other=0.0)
+        s = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
+        p = tl.math.exp2(s - lse[:, None])
+        dp = tl.dot(do, vT, input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PREC)
+        k_base += BLOCK_N * stride_kt
+        v_base += BLOCK_N * stride_vt
+    for start_n in range(full_end, hi, BLOCK_N):
+        cols = start_n + offs_n
+        mask_n = cols < seqlen_k
+        kT = tl.load(k_base + kT_off, mask=mask_n[None, :] & mask_d[:, None], other=0.0)
+        vT = tl.load(v_base + vT_off, mask=mask_n[None, :] & mask_d[:, None], other=0.0)
+        s = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
+        visible = mask_n[None, :]
+        if IS_CAUSAL:
+            visible = visible & (cols[None, :] <= offs_m[:, None] + diag)
+        p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, vT, input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PREC)
+        k_base += BLOCK_N * stride_kt
+        v_base += BLOCK_N * stride_vt
+
+    dq = dq * sm_scale
+    tl.store(DQ + rows_q[:, None] * stride_dqt + hq.to(tl.int64) * stride_dqh + offs_d[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=mask_md)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# configs
+# --------------------------------------------------------------------------------------------------------------
+
+_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+BLOCK_DS = (16, 32, 64, 128, 256)
+MAX_HEAD_DIM = 256
+#: Tile sizes used under Triton's interpreter (CPU): large tiles, few loop iterations.
+INTERPRETER_TILES = {"fwd": (32, 32), "dkdv": (32, 32), "dq": (32, 32)}
+
+
+def block_d_for(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _cuda_tiles(kind: str, dt: str, block_d: int) -> Tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) picked on CUDA, the same for sm_80 and sm_90."""
+    if dt == "fp32":  # exact fp32 dots ("ieee"): FMA path, small tiles
+        if block_d <= 64:
+            return (64, 32, 4, 2) if kind != "dkdv" else (32, 64, 4, 2)
+        if block_d == 128:
+            return (32, 32, 4, 2)
+        return (16, 32, 4, 1) if kind != "dkdv" else (16, 32, 4, 1)
+    if kind == "fwd":
+        if block_d <= 64:
+            return (128, 64, 4, 3)
+        if block_d == 128:
+            return (128, 64, 8, 3)
+        return (64, 32, 8, 2)
+    if kind == "dkdv":  # BLOCK_M: query rows per step, BLOCK_N: keys owned
+        if block_d <= 64:
+            return (32, 128, 4, 3)
+        if block_d == 128:
+            return (32, 128, 8, 2)
+        return (16, 64, 8, 1)
+    # dq
+    if block_d <= 64:
+        return (128, 32, 4, 3)
+    if block_d == 128:
+        return (128, 32, 8, 2)
+    return (64, 16, 8, 1)
+
+
+def tiles(kind: str, dtype: torch.dtype, block_d: int) -> Tuple[int, int, int, int]:
+    if KERNELS_INTERPRETED:
+        bm, bn = INTERPRETER_TILES[kind]
+        return bm, bn, 4, 1
+    return _cuda_tiles(kind, _DTYPES[dtype], block_d)
+
+
+def _dot_prec(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _strides(n: int, t: str = "i32"):
+    return [t] * n
+
+
+def _register() -> None:
+    fwd, dkdv, dq, pre = [], [], [], []
+    for torch_dt, dt in _DTYPES.items():
+        ptr = f"*{dt}"
+        for block_d in BLOCK_DS:
+            for causal in (False, True):
+                for even_d in (True, False):
+                    common = dict(IS_CAUSAL=causal, BLOCK_D=block_d, EVEN_D=even_d, DOT_PREC=_dot_prec(torch_dt))
+                    tag = f"{dt} D={block_d}{'' if even_d else ' padded'}{' causal' if causal else ''}"
+                    bm, bn, w, s = _cuda_tiles("fwd", dt, block_d)
+                    sig = {n: ptr for n in ("Q", "K", "V", "O")}
+                    sig.update(LSE="*fp32", CU_Q="*i32", CU_K="*i32")
+                    sig.update({n: "i32" for n in ("stride_qt", "stride_qh", "stride_qd", "stride_kt", "stride_kh",
+                                                   "stride_kd", "stride_vt", "stride_vh", "stride_vd", "stride_ot",
+                                                   "stride_oh", "stride_od", "stride_lh", "total_q", "batch",
+                                                   "group", "head_dim")})
+                    sig.update(qk_scale="fp32", bottom_right="i32")
+                    cx = dict(common, BLOCK_M=bm, BLOCK_N=bn)
+                    sig.update({n: "constexpr" for n in ("IS_CAUSAL", "BLOCK_M", "BLOCK_N", "BLOCK_D", "EVEN_D",
+                                                         "DOT_PREC")})
+                    fwd.append(KernelConfig(f"fwd {tag} BM={bm} BN={bn}", sig, cx, w, s))
+
+                    for kind, out_list in (("dkdv", dkdv), ("dq", dq)):
+                        bm, bn, w, s = _cuda_tiles(kind, dt, block_d)
+                        if kind == "dkdv":
+                            ptrs = ("Q", "K", "V", "DO", "LSE", "DELTA", "DK", "DV")
+                            strides = ("stride_qt", "stride_qh", "stride_qd", "stride_kt", "stride_kh", "stride_kd",
+                                       "stride_vt", "stride_vh", "stride_vd", "stride_dot", "stride_doh",
+                                       "stride_dod", "stride_dkt", "stride_dkh", "stride_dkd", "stride_dvt",
+                                       "stride_dvh", "stride_dvd", "stride_lh", "total_k")
+                        else:
+                            ptrs = ("Q", "K", "V", "DO", "LSE", "DELTA", "DQ")
+                            strides = ("stride_qt", "stride_qh", "stride_qd", "stride_kt", "stride_kh", "stride_kd",
+                                       "stride_vt", "stride_vh", "stride_vd", "stride_dot", "stride_doh",
+                                       "stride_dod", "stride_dqt", "stride_dqh", "stride_dqd", "stride_lh",
+                                       "total_q")
+                        sig = {n: ("*fp32" if n in ("LSE", "DELTA") else ptr) for n in ptrs}
+                        sig.update(CU_Q="*i32", CU_K="*i32")
+                        sig.update({n: "i32" for n in strides + ("batch", "group", "head_dim")})
+                        sig.update(qk_scale="fp32", sm_scale="fp32", bottom_right="i32")
+                        sig.update({n: "constexpr" for n in ("IS_CAUSAL", "BLOCK_M", "BLOCK_N", "BLOCK_D", "EVEN_D",
+                                                             "DOT_PREC")})
+                        out_list.append(KernelConfig(f"{kind} {tag} BM={bm} BN={bn}", sig,
+                                                     dict(common, BLOCK_M=bm, BLOCK_N=bn), w, s))
+            sig = {"O": ptr, "DO": ptr, "DELTA": "*fp32"}
+            sig.update({n: "i32" for n in ("stride_ot", "stride_oh", "stride_od", "stride_dot", "stride_doh",
+                                           "stride_dod", "stride_delh", "total_q", "head_dim")})
+            sig.update(BLOCK_M="constexpr", BLOCK_D="constexpr")
+            pre.append(KernelConfig(f"preprocess {dt} D={block_d}", sig,
+                                    dict(BLOCK_M=_pre_block_m(block_d), BLOCK_D=block_d), 4, 1))
+    register_kernel("varlen_attention", _fwd_kernel, fwd)
+    register_kernel("varlen_attention", _bwd_preprocess_kernel, pre)
+    register_kernel("varlen_attention", _bwd_dkdv_kernel, dkdv)
+    register_kernel("varlen_attention", _bwd_dq_kernel, dq)
+
+
+def _pre_block_m(block_d: int) -> int:
+    return 64 if KERNELS_INTERPRETED else max(16, 8192 // block_d // 2)
+
+
+_register()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _grid_items(total: int, batch: int, block: int) -> int:
+    """Programs along axis 0: every sequence s owns cu[s]//block + s .. cu[s+1]//block + s (inclusive)."""
+    return total // block + batch + 1
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+            softmax_scale: float, causal_mode: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel. q (total_q, Hq, D), k/v (total_k, Hkv, D); cu_q/cu_k int32 (batch+1,) on
+    q's device, already validated. causal_mode 0/1/2 (none / bottom-right / top-left).
+    Returns out (total_q, Hq, D) in q's dtype and lse (Hq, total_q) fp32."""
+    total_q, hq, d = q.shape
+    hkv = k.shape[1]
+    batch = cu_q.numel() - 1
+    out = new_output((total_q, hq, d), q.dtype, q.device)
+    lse = new_output((hq, total_q), torch.float32, q.device)
+    if total_q == 0 or hq == 0:
+        return out, lse
+    block_d = block_d_for(d)
+    bm, bn, w, s = tiles("fwd", q.dtype, block_d)
+    grid = (_grid_items(total_q, batch, bm), hq)
+    _fwd_kernel[grid](
+        q, k, v, out, lse, cu_q, cu_k,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0),
+        total_q, batch, hq // hkv, d, float(softmax_scale) * LOG2E, 1 if causal_mode == 1 else 0,
+        IS_CAUSAL=causal_mode != 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, EVEN_D=block_d == d,
+        DOT_PREC=_dot_prec(q.dtype), num_warps=w, num_stages=s)
+    return out, lse
+
+
+def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+             lse: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, softmax_scale: float, causal_mode: int,
+             dlse: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch preprocess, dK/dV and dQ kernels. Returns dq, dk, dv shaped and typed like q, k, v.
+    ``dlse`` (Hq, total_q), optional: the gradient reaching the LSE output."""
+    total_q, hq, d = q.shape
+    total_k, hkv, _ = k.shape
+    batch = cu_q.numel() - 1
+    dq = new_output(q.shape, q.dtype, q.device)
+    dk = new_output(k.shape, k.dtype, k.device)
+    dv = new_output(v.shape, v.dtype, v.device)
+    if do.dtype != q.dtype:
+        do = do.to(q.dtype)
+    block_d = block_d_for(d)
+    delta = torch.empty((hq, total_q), dtype=torch.float32, device=q.device)
+    lse = lse.contiguous()
+    if total_q > 0 and hq > 0:
+        pbm = _pre_block_m(block_d)
+        _bwd_preprocess_kernel[(triton.cdiv(total_q, pbm), hq)](
+            out, do, delta, *out.stride(), *do.stride(), delta.stride(0), total_q, d,
+            BLOCK_M=pbm, BLOCK_D=block_d, num_warps=4, num_stages=1)
+        if dlse is not None:
+            delta -= dlse.to(torch.float32)
+    qk_scale = float(softmax_scale) * LOG2E
+    br = 1 if causal_mode == 1 else 0
+    common = dict(IS_CAUSAL=causal_mode != 0, BLOCK_D=block_d, EVEN_D=block_d == d, DOT_PREC=_dot_prec(q.dtype))
+    if total_k > 0 and hkv > 0:
+        bm, bn, w, s = tiles("dkdv", q.dtype, block_d)
+        _bwd_dkdv_kernel[(_grid_items(total_k, batch, bn), hkv)](
+            q, k, v, do, lse, delta, dk, dv, cu_q, cu_k,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), lse.stride(0),
+            total_k, batch, hq // hkv, d, qk_scale, float(softmax_scale), br,
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, **common)
+    if total_q > 0 and hq > 0:
+        bm, bn, w, s = tiles("dq", q.dtype, block_d)
+        _bwd_dq_kernel[(_grid_items(total_q, batch, bm), hq)](
+            q, k, v, do, lse, delta, dq, cu_q, cu_k,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), lse.stride(0),
+            total_q, batch, hq // hkv, d, qk_scale, float(softmax_scale), br,
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, **common)
+    return dq, dk, dv
