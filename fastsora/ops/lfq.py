@@ -1,0 +1,347 @@
+"""Lookup-free quantization (LFQ) ops with exact entropies: torch.library custom ops over the Triton kernels
+(``fastsora.kernels.lfq``) or the torch reference (``fastsora.reference.lfq``).
+
+Shapes: ``x`` (T, C, D) — T tokens, C codebooks, D = log2(codebook size) bits; any strides; float16,
+bfloat16, float32 (float64 on the torch backend). Weights (T,) are per-token 0/1 masks (any non-negative
+weights work: the means are weighted means).
+
+* :func:`lfq_quantize` — codes, indices, straight-through output, per-bit probabilities, per-sample entropy
+  and commitment in one pass.
+* :func:`lfq_codebook_entropy` — exact entropy (C,) of each codebook's mean code distribution; the 2^D
+  distribution is reduced tile by tile and never stored.
+* :func:`lfq_code_sums` — the unnormalised code distribution S (C, 2^⌊D/2⌋, 2^⌈D/2⌉) (2^D floats per codebook,
+  once): for an all-reduce across ranks or the anchor-compatible clamped entropy.
+* :func:`lfq` — the three composed: everything vector-quantize-pytorch's ``LFQ`` computes, exactly.
+
+All are differentiable w.r.t. x (indices excepted) and work under ``torch.compile(fullgraph=True)``.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from fastsora.backend import select_backend
+from fastsora.reference import lfq as _ref
+
+__all__ = ["lfq", "lfq_quantize", "lfq_codebook_entropy", "lfq_code_sums", "LFQOutput", "lfq_entropy_of_sums"]
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _kernels():
+    from fastsora.kernels import lfq as kernels
+
+    return kernels
+
+
+def _check_x(x: Tensor, name: str = "x") -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point() or x.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be a float16/bfloat16/float32/float64 tensor, got {x.dtype}")
+    if x.dim() != 3:
+        raise ValueError(f"{name} must have shape (tokens, codebooks, codebook_dim), got {tuple(x.shape)}")
+    if x.shape[-1] < 1:
+        raise ValueError(f"{name}: codebook_dim (last dim) must be >= 1, got {x.shape[-1]}")
+
+
+def _check_weight(w: Optional[Tensor], t: int, device: torch.device, name: str) -> None:
+    if w is None:
+        return
+    if not isinstance(w, Tensor):
+        raise TypeError(f"{name} must be a tensor or None, got {type(w).__name__}")
+    if w.shape != (t,):
+        raise ValueError(f"{name} must have shape ({t},) (one weight per token), got {tuple(w.shape)}")
+    if w.device != device:
+        raise ValueError(f"{name} is on {w.device} but x is on {device}")
+
+
+def _check_probs(pos: Tensor, neg: Tensor) -> None:
+    _check_x(pos, "prob_pos")
+    if neg.shape != pos.shape or neg.dtype != pos.dtype or neg.device != pos.device:
+        raise ValueError(f"prob_neg must match prob_pos (shape {tuple(pos.shape)}, {pos.dtype}, {pos.device}); "
+                         f"got {tuple(neg.shape)}, {neg.dtype}, {neg.device}")
+    if pos.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"prob_pos/prob_neg must be float32 (or float64), got {pos.dtype}")
+
+
+def _count(w: Optional[Tensor], t: int, like: Tensor) -> Tensor:
+    if w is None:
+        return torch.full((), float(t), dtype=like.dtype, device=like.device)
+    return w.to(like.dtype).sum()
+
+
+def _x_reason(x: Tensor) -> Optional[str]:
+    """The Triton kernels' reason to refuse x (None when they take it or Triton is missing: the backend
+    selection then explains that)."""
+    try:
+        kernels = _kernels()
+    except ImportError:
+        return None
+    return kernels.unsupported_reason(x)
+
+
+def _probs_reason(pos: Tensor) -> Optional[str]:
+    if pos.dtype != torch.float32:
+        return f"{str(pos.dtype).removeprefix('torch.')} probabilities (float32 only)"
+    return _x_reason(pos)
+
+
+# ----------------------------------------------------------------------------------------------- quantize
+@torch.library.custom_op("fastsora::lfq_quantize", mutates_args=())
+def _quantize_op(x: Tensor, code_value: float, logit_scale: float, straight_through: bool, with_entropy: bool,
+                 entropy_weight: Optional[Tensor], commit_weight: Optional[Tensor]
+                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    t, c, d = x.shape
+    backend = select_backend("lfq_quantize", x.device, _x_reason(x))
+    if backend == "torch":
+        out, idx, pos, neg, ps, cm = _ref.quantize(x, code_value, logit_scale, straight_through, with_entropy,
+                                                   entropy_weight, commit_weight)
+        return out, idx, pos, neg, ps, cm
+    out, idx, pos, neg, part = _kernels().quantize_fwd(x, code_value, logit_scale, straight_through,
+                                                       with_entropy, entropy_weight, commit_weight)
+    sums = part.sum(0)
+    ps = sums[0] / (_count(entropy_weight, t, sums) * c) if with_entropy else sums.new_zeros(())
+    cm = sums[1] / (_count(commit_weight, t, sums) * c * d)
+    return out, idx, pos, neg, ps, cm
+
+
+@_quantize_op.register_fake
+def _(x, code_value, logit_scale, straight_through, with_entropy, entropy_weight, commit_weight):
+    t, c, d = x.shape
+    pdt = _ref.prob_dtype(x.dtype)
+    pshape = (t, c, d) if with_entropy else (0,)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((t, c), dtype=torch.int64),
+            x.new_empty(pshape, dtype=pdt), x.new_empty(pshape, dtype=pdt), x.new_empty((), dtype=pdt),
+            x.new_empty((), dtype=pdt))
+
+
+@torch.library.custom_op("fastsora::lfq_quantize_backward", mutates_args=())
+def _quantize_bwd_op(x: Tensor, grad_out: Optional[Tensor], grad_pos: Optional[Tensor],
+                     grad_neg: Optional[Tensor], grad_per_sample: Tensor, grad_commit: Tensor,
+                     entropy_weight: Optional[Tensor], commit_weight: Optional[Tensor], code_value: float,
+                     logit_scale: float, straight_through: bool) -> Tensor:
+    t, c, d = x.shape
+    backend = select_backend("lfq_quantize_backward", x.device, _x_reason(x))
+    if backend == "torch":
+        return _ref.quantize_backward(x, grad_out, grad_pos, grad_neg, grad_per_sample, grad_commit,
+                                      entropy_weight, commit_weight, code_value, logit_scale, straight_through)
+    f32 = torch.float32
+    coef = torch.stack([grad_per_sample.to(f32) / (_count(entropy_weight, t, grad_per_sample.to(f32)) * c),
+                        2 * grad_commit.to(f32) / (_count(commit_weight, t, grad_commit.to(f32)) * c * d)])
+    return _kernels().quantize_bwd(x, grad_out if straight_through else None, grad_pos, grad_neg, coef,
+                                   entropy_weight, commit_weight, code_value, logit_scale)
+
+
+@_quantize_bwd_op.register_fake
+def _(x, grad_out, grad_pos, grad_neg, grad_per_sample, grad_commit, entropy_weight, commit_weight, code_value,
+      logit_scale, straight_through):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _quantize_setup(ctx, inputs, output):
+    x, code_value, logit_scale, straight_through, with_entropy, ew, cw = inputs
+    ctx.save_for_backward(x, ew, cw)
+    ctx.args = (code_value, logit_scale, straight_through)
+
+
+def _quantize_backward(ctx, g_out, g_idx, g_pos, g_neg, g_ps, g_cm):
+    x, ew, cw = ctx.saved_tensors
+    code_value, logit_scale, straight_through = ctx.args
+    pdt = _ref.prob_dtype(x.dtype)
+    g_ps = g_ps if g_ps is not None else x.new_zeros((), dtype=pdt)
+    g_cm = g_cm if g_cm is not None else x.new_zeros((), dtype=pdt)
+    if g_pos is None or g_neg is None:
+        g_pos = g_neg = None
+    dx = _quantize_bwd_op(x, g_out, g_pos, g_neg, g_ps, g_cm, ew, cw, code_value, logit_scale, straight_through)
+    return dx, None, None, None, None, None, None
+
+
+_quantize_op.register_autograd(_quantize_backward, setup_context=_quantize_setup)
+
+
+def lfq_quantize(x: Tensor, code_value: float = 1.0, logit_scale: float = 400.0, straight_through: bool = True,
+                 with_entropy: bool = True, entropy_weight: Optional[Tensor] = None,
+                 commit_weight: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Quantize ``x`` (T, C, D) to ±code_value per bit, in one pass.
+
+    Returns ``(out, indices, prob_pos, prob_neg, per_sample_entropy, commitment)``:
+    out (T, C, D) x.dtype = x + (q - x) (straight-through: gradient 1) or q when ``straight_through`` is
+    False (no gradient); indices (T, C) int64, MSB first; prob_pos/prob_neg (T, C, D) float32 (float64 for
+    float64 x) = σ(±logit_scale·x), the per-bit probabilities of the code softmax (empty (0,) when
+    ``with_entropy`` is False); per_sample_entropy (0-d) = entropy_weight-weighted mean over tokens and
+    codebooks of the code distribution's entropy Σ_i h(prob_pos_i) (0 without entropy); commitment (0-d) =
+    commit_weight-weighted mean over tokens of mean (x - q)². vector-quantize-pytorch's softmax over codes
+    with logits 2·τ·<x, c> has logit_scale = 4·τ·code_value.
+    """
+    _check_x(x)
+    t = x.shape[0]
+    _check_weight(entropy_weight, t, x.device, "entropy_weight")
+    _check_weight(commit_weight, t, x.device, "commit_weight")
+    return _quantize_op(x, float(code_value), float(logit_scale), bool(straight_through), bool(with_entropy),
+                        entropy_weight, commit_weight)
+
+
+# --------------------------------------------------------------------------------------- codebook entropy
+@torch.library.custom_op("fastsora::lfq_codebook_entropy", mutates_args=())
+def _entropy_op(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor]) -> Tensor:
+    t, c, d = prob_pos.shape
+    backend = select_backend("lfq_codebook_entropy", prob_pos.device, _probs_reason(prob_pos))
+    if backend == "torch":
+        return _ref.codebook_entropy(prob_pos, prob_neg, entropy_weight)
+    n = _count(entropy_weight, t, prob_pos)
+    return _kernels().code_pair(prob_pos.contiguous(), prob_neg.contiguous(), entropy_weight, n, 0).sum((1, 2))
+
+
+@_entropy_op.register_fake
+def _(prob_pos, prob_neg, entropy_weight):
+    return prob_pos.new_empty((prob_pos.shape[1],))
+
+
+@torch.library.custom_op("fastsora::lfq_codebook_entropy_backward", mutates_args=())
+def _entropy_bwd_op(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor], grad: Tensor
+                    ) -> Tuple[Tensor, Tensor]:
+    t, c, d = prob_pos.shape
+    backend = select_backend("lfq_codebook_entropy_backward", prob_pos.device, _probs_reason(prob_pos))
+    if backend == "torch":
+        return _ref.codebook_entropy_backward(prob_pos, prob_neg, entropy_weight, grad)
+    k = _kernels()
+    pos, neg = prob_pos.contiguous(), prob_neg.contiguous()
+    g_sums = k.code_pair(pos, neg, entropy_weight, _count(entropy_weight, t, pos), 1, grad)
+    return k.code_pair_bwd(pos, neg, entropy_weight, g_sums)
+
+
+@_entropy_bwd_op.register_fake
+def _(prob_pos, prob_neg, entropy_weight, grad):
+    return torch.empty_like(prob_pos), torch.empty_like(prob_neg)
+
+
+def _entropy_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _entropy_backward(ctx, grad):
+    pos, neg, w = ctx.saved_tensors
+    dpos, dneg = _entropy_bwd_op(pos, neg, w, grad)
+    return dpos, dneg, None
+
+
+_entropy_op.register_autograd(_entropy_backward, setup_context=_entropy_setup)
+
+
+def lfq_codebook_entropy(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor] = None) -> Tensor:
+    """Exact entropy (C,) of each codebook's weighted-mean code distribution, from the per-bit
+    probabilities (T, C, D) of :func:`lfq_quantize`. One GEMM per codebook (hi bits × lo bits) with the
+    entropy reduced in its epilogue: O(T·2^(D/2)) work memory, the 2^D distribution is never stored."""
+    _check_probs(prob_pos, prob_neg)
+    _check_weight(entropy_weight, prob_pos.shape[0], prob_pos.device, "entropy_weight")
+    return _entropy_op(prob_pos, prob_neg, entropy_weight)
+
+
+# --------------------------------------------------------------------------------------------- code sums
+@torch.library.custom_op("fastsora::lfq_code_sums", mutates_args=())
+def _sums_op(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor]) -> Tensor:
+    t, c, d = prob_pos.shape
+    backend = select_backend("lfq_code_sums", prob_pos.device, _probs_reason(prob_pos))
+    if backend == "torch":
+        return _ref.code_sums(prob_pos, prob_neg, entropy_weight)
+    n = _count(entropy_weight, t, prob_pos)
+    return _kernels().code_pair(prob_pos.contiguous(), prob_neg.contiguous(), entropy_weight, n, 2)
+
+
+@_sums_op.register_fake
+def _(prob_pos, prob_neg, entropy_weight):
+    t, c, d = prob_pos.shape
+    return prob_pos.new_empty((c, 2 ** (d // 2), 2 ** (d - d // 2)))
+
+
+@torch.library.custom_op("fastsora::lfq_code_sums_backward", mutates_args=())
+def _sums_bwd_op(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor], grad: Tensor
+                 ) -> Tuple[Tensor, Tensor]:
+    backend = select_backend("lfq_code_sums_backward", prob_pos.device, _probs_reason(prob_pos))
+    if backend == "torch":
+        return _ref.code_sums_backward(prob_pos, prob_neg, entropy_weight, grad)
+    return _kernels().code_pair_bwd(prob_pos.contiguous(), prob_neg.contiguous(), entropy_weight, grad)
+
+
+@_sums_bwd_op.register_fake
+def _(prob_pos, prob_neg, entropy_weight, grad):
+    return torch.empty_like(prob_pos), torch.empty_like(prob_neg)
+
+
+def _sums_backward(ctx, grad):
+    pos, neg, w = ctx.saved_tensors
+    dpos, dneg = _sums_bwd_op(pos, neg, w, grad)
+    return dpos, dneg, None
+
+
+_sums_op.register_autograd(_sums_backward, setup_context=_entropy_setup)
+
+
+def lfq_code_sums(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor] = None) -> Tensor:
+    """S (C, 2^⌊D/2⌋, 2^⌈D/2⌉) = Σ_t w_t P_hi[t]ᵀ P_lo[t]: the unnormalised code distribution
+    (code index = row·2^⌈D/2⌉ + column, MSB first). Materialises 2^D floats per codebook (once)."""
+    _check_probs(prob_pos, prob_neg)
+    _check_weight(entropy_weight, prob_pos.shape[0], prob_pos.device, "entropy_weight")
+    return _sums_op(prob_pos, prob_neg, entropy_weight)
+
+
+def lfq_entropy_of_sums(sums: Tensor, count: Tensor, clamp: Optional[float] = None) -> Tensor:
+    """Entropy (C,) of sums/count (see :func:`lfq_code_sums`): exact for ``clamp=None``; ``clamp=1e-5``
+    reproduces vector-quantize-pytorch's -Σ a·log(max(a, 1e-5))."""
+    return _ref.entropy_of_sums(sums, count, clamp)
+
+
+# ---------------------------------------------------------------------------------------------- composed
+class LFQOutput(NamedTuple):
+    out: Tensor                 # (T, C, D) straight-through output (or q)
+    indices: Tensor             # (T, C) int64
+    per_sample_entropy: Tensor  # 0-d
+    codebook_entropy: Tensor    # (C,)
+    commitment: Tensor          # 0-d
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def lfq(x: Tensor, code_value: float = 1.0, inv_temperature: float = 100.0, *, entropy_weight: Optional[Tensor] = None,
+        commit_weight: Optional[Tensor] = None, straight_through: bool = True, with_entropy: bool = True,
+        clamp_compat: bool = False, distributed: Optional[bool] = None,
+        logit_scale: Optional[float] = None) -> LFQOutput:
+    """Quantize x (T, C, D) and compute LFQ's losses exactly.
+
+    The code softmax has logits 2·inv_temperature·<x, c> over c ∈ {±code_value}^D. ``clamp_compat=True``
+    computes the codebook entropy as vector-quantize-pytorch does (log clamped at 1e-5; the 2^D distribution
+    is then materialised once). ``distributed`` (default: a process group with >1 rank is initialised): the
+    code distribution is all-reduced (sums and token counts) so the codebook entropy is the exact global
+    one; gradients follow ``torch.distributed.nn.functional.all_reduce`` (summed across ranks), so DDP's
+    gradient averaging yields the gradient of the global entropy. ``logit_scale`` overrides
+    4·inv_temperature·code_value (the per-bit logit is logit_scale·x).
+
+    Returns ``LFQOutput(out, indices, per_sample_entropy (0-d), codebook_entropy (C,), commitment (0-d))``.
+    """
+    if logit_scale is None:
+        logit_scale = 4.0 * float(inv_temperature) * float(code_value)
+    out, idx, pos, neg, ps, cm = lfq_quantize(x, code_value, logit_scale,
+                                              straight_through, with_entropy, entropy_weight, commit_weight)
+    if not with_entropy:
+        return LFQOutput(out, idx, ps, ps.new_zeros((x.shape[1],)), cm)
+    if distributed is None:
+        distributed = _distributed()
+    if distributed or clamp_compat:
+        sums = lfq_code_sums(pos, neg, entropy_weight)
+        count = _count(entropy_weight, x.shape[0], sums)
+        if distributed:
+            from torch.distributed.nn.functional import all_reduce
+
+            sums = all_reduce(sums)
+            count = all_reduce(count)
+        cb = lfq_entropy_of_sums(sums, count, 1e-5 if clamp_compat else None)
+    else:
+        cb = lfq_codebook_entropy(pos, neg, entropy_weight)
+    return LFQOutput(out, idx, ps, cb, cm)

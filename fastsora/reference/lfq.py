@@ -1,0 +1,211 @@
+"""Plain-PyTorch lookup-free quantization (LFQ) with exact entropies: the CPU path and the float64 oracle.
+
+Shapes: ``x`` is (T, C, D): T tokens, C codebooks, D = log2(codebook size) bits per codebook. Codes are
+``±code_value`` per bit, indices are MSB first (bit 0 of the feature vector is the most significant bit).
+
+The codebook is the full product set {-v, +v}^D, so the softmax over all 2^D codes (logits
+2·τ·<x, c>) factorises per bit: p(bit_i = 1) = σ(z_i) with z = logit_scale·x, logit_scale = 4·τ·v.
+
+* per-sample entropy = Σ_i h(σ(z_i)), h the binary entropy: O(T·D);
+* codebook entropy: split the bits into hi (the first ⌊D/2⌋) and lo (the rest). With P_hi[t, j] the
+  probability of the hi bits spelling j (MSB first), likewise P_lo, the weighted code distribution is
+  S / N with S = (w·P_hi)ᵀ P_lo (one GEMM) and N = Σ w. Memory O(T·2^(D/2)); S (2^D numbers per codebook)
+  is formed once, never per token.
+
+The functions ending in ``_backward`` are the explicit vector-Jacobian products the custom ops register.
+``brute_force_entropies`` enumerates all 2^D codes (small D only): the test oracle.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+def split_bits(d: int) -> Tuple[int, int]:
+    """(hi, lo) bit counts of the code split: hi = the first ⌊d/2⌋ (most significant) bits."""
+    return d // 2, d - d // 2
+
+
+def prob_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Probabilities and losses are float32 (float64 for float64 inputs)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _weights(weight: Optional[Tensor], t: int, like: Tensor) -> Tensor:
+    if weight is None:
+        return torch.ones(t, dtype=like.dtype, device=like.device)
+    return weight.to(like.dtype)
+
+
+def _stable_bits(z: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """σ(z), σ(-z) and the binary entropy h(σ(z)), each accurate to relative rounding for any z."""
+    a = z.abs()
+    e = torch.exp(-a)
+    big = 1.0 / (1.0 + e)          # probability of the likely bit
+    small = e * big                # probability of the unlikely bit
+    pos = torch.where(z >= 0, big, small)
+    neg = torch.where(z >= 0, small, big)
+    h = torch.log1p(e) + a * small
+    return pos, neg, h
+
+
+def quantize(x: Tensor, code_value: float, logit_scale: float, straight_through: bool, with_entropy: bool,
+             entropy_weight: Optional[Tensor], commit_weight: Optional[Tensor]
+             ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Sign quantization of ``x`` (T, C, D) plus the per-bit statistics.
+
+    Returns ``out`` (T, C, D, x.dtype): x + (q - x) when ``straight_through`` else q, q = ±code_value;
+    ``indices`` (T, C) int64, MSB first; ``prob_pos``/``prob_neg`` (T, C, D) float32 (float64 for float64
+    x): σ(±logit_scale·x), empty (0,) when ``with_entropy`` is False; ``per_sample_entropy`` (0-d): the
+    entropy_weight-weighted mean over tokens and codebooks of Σ_i h(prob_pos_i) (0 without entropy);
+    ``commitment`` (0-d): the commit_weight-weighted mean over tokens of mean_{c,d} (x - q)².
+    """
+    t, c, d = x.shape
+    pdt = prob_dtype(x.dtype)
+    q = torch.where(x > 0, code_value, -code_value).to(x.dtype)
+    bit_weights = 2 ** torch.arange(d - 1, -1, -1, device=x.device, dtype=torch.int64)
+    indices = ((q > 0).to(torch.int64) * bit_weights).sum(-1)
+    out = x + (q - x) if straight_through else q
+    xf = x.to(pdt)
+    qf = q.to(pdt)
+    cw = _weights(commit_weight, t, xf)
+    commitment = (cw[:, None, None] * (xf - qf) ** 2).sum() / (cw.sum() * c * d)
+    if not with_entropy:
+        empty = x.new_empty((0,), dtype=pdt)
+        return out, indices, empty, empty.clone(), xf.new_zeros(()), commitment
+    pos, neg, h = _stable_bits(xf * logit_scale)
+    ew = _weights(entropy_weight, t, xf)
+    per_sample = (ew[:, None, None] * h).sum() / (ew.sum() * c)
+    return out, indices, pos, neg, per_sample, commitment
+
+
+def quantize_backward(x: Tensor, grad_out: Optional[Tensor], grad_pos: Optional[Tensor],
+                      grad_neg: Optional[Tensor], grad_per_sample: Tensor, grad_commit: Tensor,
+                      entropy_weight: Optional[Tensor], commit_weight: Optional[Tensor], code_value: float,
+                      logit_scale: float, straight_through: bool) -> Tensor:
+    """d(loss)/dx for :func:`quantize` (out passes its gradient straight through; q carries none)."""
+    t, c, d = x.shape
+    pdt = prob_dtype(x.dtype)
+    xf = x.to(pdt)
+    z = xf * logit_scale
+    pos, neg, _ = _stable_bits(z)
+    dz = torch.zeros_like(xf)
+    if grad_pos is not None and grad_pos.numel():
+        dz = dz + (grad_pos.to(pdt) - grad_neg.to(pdt)) * pos * neg
+    ew = _weights(entropy_weight, t, xf)
+    coef = grad_per_sample.to(pdt) / (ew.sum() * c)
+    dz = dz + coef * ew[:, None, None] * (-z * pos * neg)
+    dx = dz * logit_scale
+    q = torch.where(x > 0, code_value, -code_value).to(x.dtype).to(pdt)
+    cw = _weights(commit_weight, t, xf)
+    dx = dx + grad_commit.to(pdt) * 2 * cw[:, None, None] * (xf - q) / (cw.sum() * c * d)
+    if straight_through and grad_out is not None:
+        dx = dx + grad_out.to(pdt)
+    return dx.to(x.dtype)
+
+
+def _products(pos: Tensor, neg: Tensor, first: int, count: int) -> List[Tensor]:
+    """[P_0, ..., P_count]: P_k (C, T, 2^k) = probabilities of bits first..first+k-1 spelling j (MSB first)."""
+    c, t, _ = pos.shape
+    ps = [pos.new_ones((c, t, 1))]
+    for i in range(first, first + count):
+        prev = ps[-1]
+        ps.append(torch.stack((prev * neg[:, :, i, None], prev * pos[:, :, i, None]), dim=-1).flatten(-2))
+    return ps
+
+
+def _products_backward(pos: Tensor, neg: Tensor, first: int, ps: List[Tensor], grad: Tensor
+                       ) -> Tuple[Tensor, Tensor]:
+    """Gradients w.r.t. pos/neg (C, T, D) of the last P in ``ps`` given ``grad`` (C, T, 2^count)."""
+    dpos = torch.zeros_like(pos)
+    dneg = torch.zeros_like(neg)
+    for k in range(len(ps) - 1, 0, -1):
+        i = first + k - 1
+        g = grad.unflatten(-1, (-1, 2))
+        prev = ps[k - 1]
+        dneg[:, :, i] = (g[..., 0] * prev).sum(-1)
+        dpos[:, :, i] = (g[..., 1] * prev).sum(-1)
+        grad = g[..., 0] * neg[:, :, i, None] + g[..., 1] * pos[:, :, i, None]
+    return dpos, dneg
+
+
+def code_sums(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor]) -> Tensor:
+    """S (C, 2^hi, 2^lo) = Σ_t w_t P_hi[t]ᵀ P_lo[t]: the weighted sum of the code distributions."""
+    t, c, d = prob_pos.shape
+    hi, lo = split_bits(d)
+    pos, neg = prob_pos.transpose(0, 1), prob_neg.transpose(0, 1)
+    w = _weights(entropy_weight, t, prob_pos)
+    p_hi = _products(pos, neg, 0, hi)[-1] * w[None, :, None]
+    p_lo = _products(pos, neg, hi, lo)[-1]
+    return p_hi.transpose(1, 2) @ p_lo
+
+
+def code_sums_backward(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor], grad: Tensor
+                       ) -> Tuple[Tensor, Tensor]:
+    """Gradients w.r.t. prob_pos/prob_neg of <code_sums(...), grad>."""
+    t, c, d = prob_pos.shape
+    hi, lo = split_bits(d)
+    pos, neg = prob_pos.transpose(0, 1), prob_neg.transpose(0, 1)
+    w = _weights(entropy_weight, t, prob_pos)
+    ps_hi = _products(pos, neg, 0, hi)
+    ps_lo = _products(pos, neg, hi, lo)
+    grad = grad.to(prob_pos.dtype)
+    d_hi = (ps_lo[-1] @ grad.transpose(1, 2)) * w[None, :, None]   # (C, T, 2^hi)
+    d_lo = (ps_hi[-1] @ grad) * w[None, :, None]                   # (C, T, 2^lo)
+    dp1, dn1 = _products_backward(pos, neg, 0, ps_hi, d_hi)
+    dp2, dn2 = _products_backward(pos, neg, hi, ps_lo, d_lo)
+    return (dp1 + dp2).transpose(0, 1).contiguous(), (dn1 + dn2).transpose(0, 1).contiguous()
+
+
+def entropy_of_sums(sums: Tensor, count: Tensor, clamp: Optional[float] = None) -> Tensor:
+    """Entropy (per leading index) of the distribution sums / count over the last dims.
+
+    ``clamp=None``: exact, -Σ a·log a. ``clamp=1e-5``: vector-quantize-pytorch's -Σ a·log(max(a, 1e-5)).
+    """
+    a = (sums / count).flatten(1)
+    floor = torch.finfo(a.dtype).tiny if clamp is None else clamp
+    return -(a * a.clamp_min(floor).log()).sum(-1)
+
+
+def codebook_entropy(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor]) -> Tensor:
+    """Exact entropy (C,) of each codebook's weighted-mean code distribution."""
+    t = prob_pos.shape[0]
+    w = _weights(entropy_weight, t, prob_pos)
+    return entropy_of_sums(code_sums(prob_pos, prob_neg, entropy_weight), w.sum())
+
+
+def codebook_entropy_backward(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor],
+                              grad: Tensor) -> Tuple[Tensor, Tensor]:
+    """Gradients w.r.t. prob_pos/prob_neg of <codebook_entropy(...), grad> (grad: (C,))."""
+    t = prob_pos.shape[0]
+    w = _weights(entropy_weight, t, prob_pos)
+    n = w.sum()
+    a = code_sums(prob_pos, prob_neg, entropy_weight) / n
+    g = -grad.to(a.dtype)[:, None, None] * (a.clamp_min(torch.finfo(a.dtype).tiny).log() + 1) / n
+    return code_sums_backward(prob_pos, prob_neg, entropy_weight, g)
+
+
+def brute_force_entropies(x: Tensor, code_value: float, inv_temperature: float,
+                          entropy_weight: Optional[Tensor] = None, clamp: Optional[float] = None
+                          ) -> Tuple[Tensor, Tensor]:
+    """Oracle: softmax over all 2^D codes (T×2^D memory; small D only). Returns (per-sample entropy (0-d),
+    codebook entropies (C,)), differentiable w.r.t. x. ``clamp=1e-5`` reproduces the anchor's clamped logs."""
+    t, c, d = x.shape
+    if d > 16:
+        raise ValueError(f"brute_force_entropies enumerates 2^D codes; D={d} is too large (max 16)")
+    codes = torch.arange(2 ** d, device=x.device)
+    bits = (codes[:, None] >> torch.arange(d - 1, -1, -1, device=x.device)) & 1
+    book = (bits.to(x.dtype) * 2 - 1) * code_value
+    prob = (2 * inv_temperature * torch.einsum("tcd,jd->tcj", x, book)).softmax(-1)
+
+    def ent(p):
+        if clamp is None:
+            return -torch.special.xlogy(p, p).sum(-1)
+        return -(p * p.clamp_min(clamp).log()).sum(-1)
+
+    w = _weights(entropy_weight, t, x)
+    per_sample = (w[:, None] * ent(prob)).sum() / (w.sum() * c)
+    avg = (w[:, None, None] * prob).sum(0) / w.sum()
+    return per_sample, ent(avg)
