@@ -73,8 +73,8 @@ def _seq_range(CU, seq, batch, total):
 
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
-                stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
-                stride_vt, stride_vh, stride_vd, stride_ot, stride_oh, stride_od, stride_lh,
+                stride_qt, stride_qh, stride_kt, stride_kh,
+                stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
                 total_q, batch, group, head_dim, qk_scale, bottom_right,
                 IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -97,13 +97,13 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
     mask_m = offs_m < seqlen_q
     mask_d = offs_d < head_dim
     rows_q = (q_start + offs_m).to(tl.int64)
-    q_ptrs = Q + rows_q[:, None] * stride_qt + hq.to(tl.int64) * stride_qh + offs_d[None, :] * stride_qd
+    q_ptrs = Q + rows_q[:, None] * stride_qt + hq.to(tl.int64) * stride_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
 
     k_base = K + k_start.to(tl.int64) * stride_kt + hk.to(tl.int64) * stride_kh
     v_base = V + k_start.to(tl.int64) * stride_vt + hk.to(tl.int64) * stride_vh
-    kT_off = offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd
-    v_off = offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
+    kT_off = offs_n[None, :] * stride_kt + offs_d[:, None]
+    v_off = offs_n[:, None] * stride_vt + offs_d[None, :]
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -164,7 +164,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) / 1.4426950408889634)
-    o_ptrs = O + rows_q[:, None] * stride_ot + hq.to(tl.int64) * stride_oh + offs_d[None, :] * stride_od
+    o_ptrs = O + rows_q[:, None] * stride_ot + hq.to(tl.int64) * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
     tl.store(LSE + hq.to(tl.int64) * stride_lh + rows_q, lse, mask=mask_m)
 
@@ -175,7 +175,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
 
 
 @triton.jit
-def _bwd_preprocess_kernel(O, DO, DELTA, stride_ot, stride_oh, stride_od, stride_dot, stride_doh, stride_dod,
+def _bwd_preprocess_kernel(O, DO, DELTA, stride_ot, stride_oh, stride_dot, stride_doh,
                            stride_delh, total_q, head_dim, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -183,18 +183,18 @@ def _bwd_preprocess_kernel(O, DO, DELTA, stride_ot, stride_oh, stride_od, stride
     offs_d = tl.arange(0, BLOCK_D)
     mask = (rows < total_q)[:, None] & (offs_d < head_dim)[None, :]
     r64 = rows.to(tl.int64)
-    o = tl.load(O + r64[:, None] * stride_ot + h.to(tl.int64) * stride_oh + offs_d[None, :] * stride_od,
+    o = tl.load(O + r64[:, None] * stride_ot + h.to(tl.int64) * stride_oh + offs_d[None, :],
                 mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + r64[:, None] * stride_dot + h.to(tl.int64) * stride_doh + offs_d[None, :] * stride_dod,
+    do = tl.load(DO + r64[:, None] * stride_dot + h.to(tl.int64) * stride_doh + offs_d[None, :],
                  mask=mask, other=0.0).to(tl.float32)
     tl.store(DELTA + h.to(tl.int64) * stride_delh + r64, tl.sum(o * do, 1), mask=rows < total_q)
 
 
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
-                     stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
-                     stride_vt, stride_vh, stride_vd, stride_dot, stride_doh, stride_dod,
-                     stride_dkt, stride_dkh, stride_dkd, stride_dvt, stride_dvh, stride_dvd, stride_lh,
+                     stride_qt, stride_qh, stride_kt, stride_kh,
+                     stride_vt, stride_vh, stride_dot, stride_doh,
+                     stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
                      total_k, batch, group, head_dim, qk_scale, sm_scale, bottom_right,
                      IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -217,9 +217,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
     mask_d = offs_d < head_dim
     rows_k = (k_start + offs_n).to(tl.int64)
     mask_kd = mask_n[:, None] & mask_d[None, :]
-    k = tl.load(K + rows_k[:, None] * stride_kt + hk.to(tl.int64) * stride_kh + offs_d[None, :] * stride_kd,
+    k = tl.load(K + rows_k[:, None] * stride_kt + hk.to(tl.int64) * stride_kh + offs_d[None, :],
                 mask=mask_kd, other=0.0)
-    v = tl.load(V + rows_k[:, None] * stride_vt + hk.to(tl.int64) * stride_vh + offs_d[None, :] * stride_vd,
+    v = tl.load(V + rows_k[:, None] * stride_vt + hk.to(tl.int64) * stride_vh + offs_d[None, :],
                 mask=mask_kd, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -236,8 +236,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
         full_start = lo
     q_base = Q + q_start.to(tl.int64) * stride_qt
     do_base = DO + q_start.to(tl.int64) * stride_dot
-    qT_off = offs_m[None, :] * stride_qt + offs_d[:, None] * stride_qd
-    do_off = offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod
+    qT_off = offs_m[None, :] * stride_qt + offs_d[:, None]
+    do_off = offs_m[:, None] * stride_dot + offs_d[None, :]
     for g in range(0, group):
         hq = hk * group + g
         q_ptr = q_base + hq.to(tl.int64) * stride_qh + lo.to(tl.int64) * stride_qt
@@ -286,17 +286,17 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
             do_ptr += BLOCK_M * stride_dot
 
     dk = dk * sm_scale
-    tl.store(DK + rows_k[:, None] * stride_dkt + hk.to(tl.int64) * stride_dkh + offs_d[None, :] * stride_dkd,
+    tl.store(DK + rows_k[:, None] * stride_dkt + hk.to(tl.int64) * stride_dkh + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=mask_kd)
-    tl.store(DV + rows_k[:, None] * stride_dvt + hk.to(tl.int64) * stride_dvh + offs_d[None, :] * stride_dvd,
+    tl.store(DV + rows_k[:, None] * stride_dvt + hk.to(tl.int64) * stride_dvh + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=mask_kd)
 
 
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
-                   stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
-                   stride_vt, stride_vh, stride_vd, stride_dot, stride_doh, stride_dod,
-                   stride_dqt, stride_dqh, stride_dqd, stride_lh,
+                   stride_qt, stride_qh, stride_kt, stride_kh,
+                   stride_vt, stride_vh, stride_dot, stride_doh,
+                   stride_dqt, stride_dqh, stride_lh,
                    total_q, batch, group, head_dim, qk_scale, sm_scale, bottom_right,
                    IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -320,17 +320,17 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
     mask_d = offs_d < head_dim
     mask_md = mask_m[:, None] & mask_d[None, :]
     rows_q = (q_start + offs_m).to(tl.int64)
-    q = tl.load(Q + rows_q[:, None] * stride_qt + hq.to(tl.int64) * stride_qh + offs_d[None, :] * stride_qd,
+    q = tl.load(Q + rows_q[:, None] * stride_qt + hq.to(tl.int64) * stride_qh + offs_d[None, :],
                 mask=mask_md, other=0.0)
-    do = tl.load(DO + rows_q[:, None] * stride_dot + hq.to(tl.int64) * stride_doh + offs_d[None, :] * stride_dod,
+    do = tl.load(DO + rows_q[:, None] * stride_dot + hq.to(tl.int64) * stride_doh + offs_d[None, :],
                  mask=mask_md, other=0.0)
     lse = tl.load(LSE + hq.to(tl.int64) * stride_lh + rows_q, mask=mask_m, other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + hq.to(tl.int64) * stride_lh + rows_q, mask=mask_m, other=0.0)
 
     k_base = K + k_start.to(tl.int64) * stride_kt + hk.to(tl.int64) * stride_kh
     v_base = V + k_start.to(tl.int64) * stride_vt + hk.to(tl.int64) * stride_vh
-    kT_off = offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd
-    vT_off = offs_n[None, :] * stride_vt + offs_d[:, None] * stride_vd
+    kT_off = offs_n[None, :] * stride_kt + offs_d[:, None]
+    vT_off = offs_n[None, :] * stride_vt + offs_d[:, None]
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     diag = bottom_right * (seqlen_k - seqlen_q)
@@ -374,7 +374,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
         v_base += BLOCK_N * stride_vt
 
     dq = dq * sm_scale
-    tl.store(DQ + rows_q[:, None] * stride_dqt + hq.to(tl.int64) * stride_dqh + offs_d[None, :] * stride_dqd,
+    tl.store(DQ + rows_q[:, None] * stride_dqt + hq.to(tl.int64) * stride_dqh + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=mask_md)
 
 
@@ -448,9 +448,9 @@ def _register() -> None:
                     bm, bn, w, s = _cuda_tiles("fwd", dt, block_d)
                     sig = {n: ptr for n in ("Q", "K", "V", "O")}
                     sig.update(LSE="*fp32", CU_Q="*i32", CU_K="*i32")
-                    sig.update({n: "i32" for n in ("stride_qt", "stride_qh", "stride_qd", "stride_kt", "stride_kh",
-                                                   "stride_kd", "stride_vt", "stride_vh", "stride_vd", "stride_ot",
-                                                   "stride_oh", "stride_od", "stride_lh", "total_q", "batch",
+                    sig.update({n: "i32" for n in ("stride_qt", "stride_qh", "stride_kt", "stride_kh",
+                                                   "stride_vt", "stride_vh", "stride_ot",
+                                                   "stride_oh", "stride_lh", "total_q", "batch",
                                                    "group", "head_dim")})
                     sig.update(qk_scale="fp32", bottom_right="i32")
                     cx = dict(common, BLOCK_M=bm, BLOCK_N=bn)
@@ -462,15 +462,15 @@ def _register() -> None:
                         bm, bn, w, s = _cuda_tiles(kind, dt, block_d)
                         if kind == "dkdv":
                             ptrs = ("Q", "K", "V", "DO", "LSE", "DELTA", "DK", "DV")
-                            strides = ("stride_qt", "stride_qh", "stride_qd", "stride_kt", "stride_kh", "stride_kd",
-                                       "stride_vt", "stride_vh", "stride_vd", "stride_dot", "stride_doh",
-                                       "stride_dod", "stride_dkt", "stride_dkh", "stride_dkd", "stride_dvt",
-                                       "stride_dvh", "stride_dvd", "stride_lh", "total_k")
+                            strides = ("stride_qt", "stride_qh", "stride_kt", "stride_kh",
+                                       "stride_vt", "stride_vh", "stride_dot", "stride_doh",
+                                       "stride_dkt", "stride_dkh", "stride_dvt",
+                                       "stride_dvh", "stride_lh", "total_k")
                         else:
                             ptrs = ("Q", "K", "V", "DO", "LSE", "DELTA", "DQ")
-                            strides = ("stride_qt", "stride_qh", "stride_qd", "stride_kt", "stride_kh", "stride_kd",
-                                       "stride_vt", "stride_vh", "stride_vd", "stride_dot", "stride_doh",
-                                       "stride_dod", "stride_dqt", "stride_dqh", "stride_dqd", "stride_lh",
+                            strides = ("stride_qt", "stride_qh", "stride_kt", "stride_kh",
+                                       "stride_vt", "stride_vh", "stride_dot", "stride_doh",
+                                       "stride_dqt", "stride_dqh", "stride_lh",
                                        "total_q")
                         sig = {n: ("*fp32" if n in ("LSE", "DELTA") else ptr) for n in ptrs}
                         sig.update(CU_Q="*i32", CU_K="*i32")
@@ -481,8 +481,8 @@ def _register() -> None:
                         out_list.append(KernelConfig(f"{kind} {tag} BM={bm} BN={bn}", sig,
                                                      dict(common, BLOCK_M=bm, BLOCK_N=bn), w, s))
             sig = {"O": ptr, "DO": ptr, "DELTA": "*fp32"}
-            sig.update({n: "i32" for n in ("stride_ot", "stride_oh", "stride_od", "stride_dot", "stride_doh",
-                                           "stride_dod", "stride_delh", "total_q", "head_dim")})
+            sig.update({n: "i32" for n in ("stride_ot", "stride_oh", "stride_dot", "stride_doh",
+                                           "stride_delh", "total_q", "head_dim")})
             sig.update(BLOCK_M="constexpr", BLOCK_D="constexpr")
             pre.append(KernelConfig(f"preprocess {dt} D={block_d}", sig,
                                     dict(BLOCK_M=_pre_block_m(block_d), BLOCK_D=block_d), 4, 1))
@@ -504,6 +504,16 @@ _register()
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    """The kernels address the head dim with unit stride: copy only when it is not."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def _st(t: torch.Tensor) -> Tuple[int, int]:
+    """(token stride, head stride) of a (tokens, heads, D) tensor."""
+    return t.stride(0), t.stride(1)
+
+
 def _grid_items(total: int, batch: int, block: int) -> int:
     """Programs along axis 0: every sequence s owns cu[s]//block + s .. cu[s+1]//block + s (inclusive)."""
     return total // block + batch + 1
@@ -521,12 +531,13 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tenso
     lse = new_output((hq, total_q), torch.float32, q.device)
     if total_q == 0 or hq == 0:
         return out, lse
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     block_d = block_d_for(d)
     bm, bn, w, s = tiles("fwd", q.dtype, block_d)
     grid = (_grid_items(total_q, batch, bm), hq)
     _fwd_kernel[grid](
         q, k, v, out, lse, cu_q, cu_k,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0),
+        *_st(q), *_st(k), *_st(v), *_st(out), lse.stride(0),
         total_q, batch, hq // hkv, d, float(softmax_scale) * LOG2E, 1 if causal_mode == 1 else 0,
         IS_CAUSAL=causal_mode != 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, EVEN_D=block_d == d,
         DOT_PREC=_dot_prec(q.dtype), num_warps=w, num_stages=s)
@@ -546,13 +557,14 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     dv = new_output(v.shape, v.dtype, v.device)
     if do.dtype != q.dtype:
         do = do.to(q.dtype)
+    q, k, v, out, do = (_unit_last(t) for t in (q, k, v, out, do))
     block_d = block_d_for(d)
     delta = torch.empty((hq, total_q), dtype=torch.float32, device=q.device)
     lse = lse.contiguous()
     if total_q > 0 and hq > 0:
         pbm = _pre_block_m(block_d)
         _bwd_preprocess_kernel[(triton.cdiv(total_q, pbm), hq)](
-            out, do, delta, *out.stride(), *do.stride(), delta.stride(0), total_q, d,
+            out, do, delta, *_st(out), *_st(do), delta.stride(0), total_q, d,
             BLOCK_M=pbm, BLOCK_D=block_d, num_warps=4, num_stages=1)
         if dlse is not None:
             delta -= dlse.to(torch.float32)
@@ -563,14 +575,14 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         bm, bn, w, s = tiles("dkdv", q.dtype, block_d)
         _bwd_dkdv_kernel[(_grid_items(total_k, batch, bn), hkv)](
             q, k, v, do, lse, delta, dk, dv, cu_q, cu_k,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), lse.stride(0),
+            *_st(q), *_st(k), *_st(v), *_st(do), *_st(dk), *_st(dv), lse.stride(0),
             total_k, batch, hq // hkv, d, qk_scale, float(softmax_scale), br,
             BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, **common)
     if total_q > 0 and hq > 0:
         bm, bn, w, s = tiles("dq", q.dtype, block_d)
         _bwd_dq_kernel[(_grid_items(total_q, batch, bm), hq)](
             q, k, v, do, lse, delta, dq, cu_q, cu_k,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), lse.stride(0),
+            *_st(q), *_st(k), *_st(v), *_st(do), *_st(dq), lse.stride(0),
             total_q, batch, hq // hkv, d, qk_scale, float(softmax_scale), br,
             BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, **common)
     return dq, dk, dv

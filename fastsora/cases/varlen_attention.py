@@ -1,0 +1,317 @@
+"""Check and benchmark cases of fastsora.ops.varlen_attention (registered as op 'varlen_attention').
+
+Case arguments: (q, k, v, cu_seqlens_q, cu_seqlens_k, causal_mode, softmax_scale) with q (total_q, Hq, D),
+k/v (total_k, Hkv, D) grad leaves, int32 offsets, causal_mode 0 / 1 (bottom-right) / 2 (top-left).
+``run`` and ``reference`` return (out, dq, dk, dv) for a fixed random cotangent.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+from fastsora.registry import Case, OpSpec, register_op
+from fastsora.testing import grads
+
+OP = "varlen_attention"
+
+
+def offsets(lengths: Sequence[int], device) -> torch.Tensor:
+    out = [0]
+    for n in lengths:
+        out.append(out[-1] + int(n))
+    return torch.tensor(out, dtype=torch.int32, device=device)
+
+
+def visible_pairs(lq: Sequence[int], lk: Sequence[int], causal_mode: int) -> int:
+    """Number of (query, key) pairs attended (the FLOP count is 4 * pairs * H * D)."""
+    total = 0
+    for a, b in zip(lq, lk):
+        if causal_mode == 0:
+            total += a * b
+        else:
+            diag = b - a if causal_mode == 1 else 0
+            total += sum(max(0, min(b, i + diag + 1)) for i in range(a))
+    return total
+
+
+def make_case(label: str, lq: Sequence[int], lk: Optional[Sequence[int]] = None, hq: int = 2, hkv: Optional[int] = None,
+              d: int = 32, causal_mode: int = 0, scale: Optional[float] = None, extra_q: int = 0, extra_k: int = 0,
+              **meta: Any) -> Case:
+    lk = list(lq) if lk is None else list(lk)
+    hkv = hq if hkv is None else hkv
+
+    def make(device, dtype):
+        tq, tk = sum(lq) + extra_q, sum(lk) + extra_k
+        mk = lambda n, h: torch.randn(n, h, d, device=device, dtype=torch.float32).to(dtype).requires_grad_(True)
+        return (mk(tq, hq), mk(tk, hkv), mk(tk, hkv), offsets(lq, device), offsets(lk, device), causal_mode, scale)
+
+    pairs = visible_pairs(lq, lk, causal_mode)
+    return Case(label, make, flops=4.0 * pairs * hq * d,
+                meta=dict(bwd_flops_factor=2.5, lq=list(lq), lk=list(lk), hq=hq, hkv=hkv, d=d, **meta))
+
+
+def _op(q, k, v, cu_q, cu_k, causal_mode, scale, validate=False):
+    from fastsora.ops.varlen_attention import _attention
+
+    return _attention(q, k, v, cu_q, cu_k, 0.0, scale, causal_mode, validate)[0]
+
+
+def run(q, k, v, cu_q, cu_k, causal_mode, scale):
+    out = _op(q, k, v, cu_q, cu_k, causal_mode, scale, validate=True)
+    return (out,) + tuple(grads(out, [q, k, v]))
+
+
+def reference(q, k, v, cu_q, cu_k, causal_mode, scale):
+    from fastsora.reference.varlen_attention import varlen_attention as ref
+
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    out, _ = ref(q, k, v, cu_q, cu_k, scale, causal_mode)
+    return (out,) + tuple(grads(out, [q, k, v]))
+
+
+def check_cases(device) -> List[Case]:
+    if device.type == "cuda":
+        return [
+            make_case("navit d64 gqa", [256, 1024, 64, 576, 1, 0, 333], hq=8, hkv=2, d=64),
+            make_case("video->text cross d72", [2048, 1500], [120, 77], hq=16, d=72),
+            make_case("causal bottom-right d128 Lq!=Lk", [300, 1000, 7], [500, 900, 64], hq=4, d=128, causal_mode=1,
+                      extra_q=5, extra_k=3),
+            make_case("causal top-left d96", [200, 513], [300, 100], hq=4, hkv=1, d=96, causal_mode=2),
+            make_case("self d256 scale", [129, 64, 700], hq=2, d=256, scale=0.3),
+        ]
+    return [
+        make_case("tiny [1,0,5,17] d16", [1, 0, 5, 17], hq=2, d=16),
+        make_case("cross causal gqa d72 tail", [3, 0, 40, 17], [7, 2, 33, 1], hq=4, hkv=2, d=72, causal_mode=1,
+                  extra_q=3, extra_k=2),
+        make_case("top-left causal mqa d32 scale", [9, 34], [40, 5], hq=3, hkv=1, d=32, causal_mode=2, scale=0.37),
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# benchmarks
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _fwd_bwd(fn: Callable[[], torch.Tensor], inputs: Sequence[torch.Tensor], mode: str):
+    """Thunk of one 'fwd' / 'bwd' / 'fwd+bwd' iteration of fn (which returns the attention output)."""
+    if mode == "fwd":
+        def thunk():
+            with torch.no_grad():
+                return fn()
+        return thunk
+    if mode == "fwd+bwd":
+        def thunk():
+            out = fn()
+            out.backward(torch.ones_like(out))
+        return thunk
+    out = fn()
+    cot = torch.randn_like(out)
+
+    def thunk():
+        torch.autograd.grad(out, inputs, cot, retain_graph=True)
+    return thunk
+
+
+def _fastsora(args, mode):
+    q, k, v, cu_q, cu_k, causal_mode, scale = args
+    return _fwd_bwd(lambda: _op(q, k, v, cu_q, cu_k, causal_mode, scale), (q, k, v), mode)
+
+
+def _reference(args, mode):
+    from fastsora.reference.varlen_attention import varlen_attention as ref
+
+    q, k, v, cu_q, cu_k, causal_mode, scale = args
+    longest = int(torch.diff(cu_q).max()) * int(torch.diff(cu_k).max()) if cu_q.numel() > 1 else 0
+    if longest * q.shape[1] > (2**30 if q.device.type == "cuda" else 2**24):
+        return None  # the per-sequence score matrix would not fit
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return _fwd_bwd(lambda: ref(q, k, v, cu_q, cu_k, scale, causal_mode)[0], (q, k, v), mode)
+
+
+def _dense_mask(cu_q: torch.Tensor, cu_k: torch.Tensor, tq: int, tk: int, causal_mode: int) -> torch.Tensor:
+    """(tq, tk) bool block-diagonal mask built on device without host synchronisation."""
+    dev = cu_q.device
+    iq = torch.arange(tq, device=dev)
+    ik = torch.arange(tk, device=dev)
+    sq = torch.searchsorted(cu_q[1:], iq, right=True)
+    sk = torch.searchsorted(cu_k[1:], ik, right=True)
+    mask = sq[:, None] == sk[None, :]
+    if causal_mode:
+        pos_q = iq - cu_q[sq.clamp_max(cu_q.numel() - 1)]
+        pos_k = ik - cu_k[sk.clamp_max(cu_k.numel() - 1)]
+        if causal_mode == 1:
+            lq = (cu_q[1:] - cu_q[:-1])
+            lk = (cu_k[1:] - cu_k[:-1])
+            diag = (lk - lq)[sq.clamp_max(lq.numel() - 1)]
+        else:
+            diag = torch.zeros_like(pos_q)
+        mask &= pos_k[None, :] <= (pos_q + diag)[:, None]
+    return mask
+
+
+def _sdpa_dense(args, mode):
+    import torch.nn.functional as F
+
+    q, k, v, cu_q, cu_k, causal_mode, scale = args
+    tq, hq, d = q.shape
+    tk, hkv, _ = k.shape
+    if tq * tk > 2**31 or (q.device.type == "cpu" and tq * tk * hq > 2**26):
+        return None
+
+    def fn():
+        mask = _dense_mask(cu_q, cu_k, tq, tk, causal_mode)
+        kk, vv = k, v
+        if hkv != hq:
+            kk, vv = k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kk.transpose(0, 1)[None],
+                                             vv.transpose(0, 1)[None], attn_mask=mask, scale=scale)
+        return out[0].transpose(0, 1)
+    return _fwd_bwd(fn, (q, k, v), mode)
+
+
+_FLEX = {}
+
+
+def _flex(args, mode):
+    q, k, v, cu_q, cu_k, causal_mode, scale = args
+    if q.device.type != "cuda":
+        return None
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    if "fn" not in _FLEX:
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    flex = _FLEX["fn"]
+    tq, hq, d = q.shape
+    tk, hkv, _ = k.shape
+
+    def fn():
+        dev = q.device
+        sq = torch.searchsorted(cu_q[1:], torch.arange(tq, device=dev), right=True)
+        sk = torch.searchsorted(cu_k[1:], torch.arange(tk, device=dev), right=True)
+        start_q, start_k = cu_q[sq.clamp_max(cu_q.numel() - 1)], cu_k[sk.clamp_max(cu_k.numel() - 1)]
+        lq, lk = cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]
+
+        def mask_mod(b, h, qi, ki):
+            same = sq[qi] == sk[ki]
+            if causal_mode == 0:
+                return same
+            diag = (lk - lq)[sq[qi].clamp_max(lq.numel() - 1)] if causal_mode == 1 else 0
+            return same & (ki - start_k[ki] <= qi - start_q[qi] + diag)
+        block_mask = create_block_mask(mask_mod, None, None, tq, tk, device=dev)
+        out = flex(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], block_mask=block_mask,
+                   scale=scale, enable_gqa=hq != hkv)
+        return out[0].transpose(0, 1)
+    return _fwd_bwd(fn, (q, k, v), mode)
+
+
+def _torch_varlen(args, mode):
+    q, k, v, cu_q, cu_k, causal_mode, scale = args
+    if q.device.type != "cuda" or q.dtype == torch.float32 or causal_mode == 2 or q.shape[1] != k.shape[1]:
+        return None
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    lq, lk = torch.diff(cu_q).max(), torch.diff(cu_k).max()
+    mq, mk = int(lq), int(lk)  # setup only, outside the timed thunk
+
+    def fn():
+        kwargs = dict(scale=scale) if scale is not None else {}
+        if causal_mode == 1:
+            kwargs["is_causal"] = True
+        try:
+            return varlen_attn(q, k, v, cu_q, cu_k, mq, mk, **kwargs)
+        except TypeError:
+            kwargs.pop("is_causal", None)
+            return varlen_attn(q, k, v, cu_q, cu_k, mq, mk, window_size=(-1, 0), **kwargs)
+    return _fwd_bwd(fn, (q, k, v), mode)
+
+
+def _flash_attn(args, mode):
+    q, k, v, cu_q, cu_k, causal_mode, scale = args
+    if q.device.type != "cuda" or q.dtype == torch.float32 or causal_mode == 2:
+        return None
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    mq, mk = int(torch.diff(cu_q).max()), int(torch.diff(cu_k).max())
+    return _fwd_bwd(lambda: flash_attn_varlen_func(q, k, v, cu_q, cu_k, mq, mk, softmax_scale=scale,
+                                                   causal=causal_mode == 1), (q, k, v), mode)
+
+
+def _xformers(args, mode):
+    q, k, v, cu_q, cu_k, causal_mode, scale = args
+    if q.device.type != "cuda" or q.shape[1] != k.shape[1]:
+        return None
+    try:
+        from xformers.ops import fmha
+    except ImportError:
+        return None
+    lq, lk = torch.diff(cu_q).tolist(), torch.diff(cu_k).tolist()
+    cls = {0: fmha.attn_bias.BlockDiagonalMask, 1: fmha.attn_bias.BlockDiagonalCausalFromBottomRightMask,
+           2: fmha.attn_bias.BlockDiagonalCausalMask}[causal_mode]
+    bias = cls.from_seqlens(lq, lk)
+    return _fwd_bwd(lambda: fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias,
+                                                            scale=scale)[0], (q, k, v), mode)
+
+
+def _navit_image_lengths(total: int, patch: int = 16, seed: int = 0) -> List[int]:
+    """Token counts of NaViT-style images of mixed sizes (aspect ratios and resolutions) filling ``total``."""
+    import random
+
+    rng = random.Random(seed)
+    sides = [128, 192, 256, 320, 384, 448, 512]
+    out: List[int] = []
+    while sum(out) < total:
+        n = (rng.choice(sides) // patch) * (rng.choice(sides) // patch)
+        out.append(min(n, total - sum(out)))
+    return out
+
+
+def bench_cases(device) -> List[Case]:
+    if device.type != "cuda":
+        return [
+            make_case("cpu pack [64,200,17,300] h4 d64", [64, 200, 17, 300], hq=4, d=64),
+            make_case("cpu causal cross [128,256]->[77,300] h4 d64", [128, 256], [77, 300], hq=4, d=64,
+                      causal_mode=1),
+        ]
+    cases: List[Case] = []
+    total = 16384
+    for d in (64, 128):
+        h = 2048 // d
+        for causal in (0, 1):
+            for seqlen in (512, 1024, 2048, 4096, 8192, 16384):
+                lens = [seqlen] * (total // seqlen)
+                cases.append(make_case(f"flash protocol L={seqlen} d{d} h{h}{' causal' if causal else ''}", lens,
+                                       hq=h, d=d, causal_mode=causal, protocol="flash-attn"))
+    images = _navit_image_lengths(16384)
+    cases.append(make_case(f"navit images x{len(images)} d72 h16", images, hq=16, d=72, protocol="navit"))
+    cases.append(make_case(f"navit images x{len(images)} d64 h16 gqa4", images, hq=16, hkv=4, d=64, protocol="navit"))
+    video = [12288] + _navit_image_lengths(4096, seed=1)
+    cases.append(make_case(f"navit video 12288 + {len(video) - 1} images d72 h16", video, hq=16, d=72,
+                           protocol="navit"))
+    cases.append(make_case(f"navit video 12288 + {len(video) - 1} images d128 h16", video, hq=16, d=128,
+                           protocol="navit"))
+    cases.append(make_case("cross video 8x2048 -> text 8x120 d72 h16", [2048] * 8, [120] * 8, hq=16, d=72,
+                           protocol="cross"))
+    return cases
+
+
+register_op(OpSpec(
+    name=OP,
+    family="varlen_attention",
+    run=run,
+    reference=reference,
+    check_cases=check_cases,
+    tolerance={torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2},
+    bench_cases=bench_cases,
+    bench_impls={"fastsora": _fastsora, "reference": _reference, "sdpa_dense": _sdpa_dense,
+                 "flex_attention": _flex, "torch_varlen_attn": _torch_varlen, "flash_attn": _flash_attn,
+                 "xformers": _xformers},
+    bench_modes=("fwd", "fwd+bwd"),
+))

@@ -1,0 +1,76 @@
+"""Packed (varlen) multi-head attention module for NaViT-style packs and DiT blocks."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from fastsora.ops.varlen_attention import varlen_attention
+
+__all__ = ["VarlenAttention"]
+
+
+class VarlenAttention(nn.Module):
+    """Multi-head attention over packed tokens: qkv projection, optional per-head QK RMSNorm, fastsora's varlen
+    attention kernel, output projection.
+
+    Self-attention: ``forward(x, cu_seqlens)`` with x (total, dim) and int32 cu_seqlens (batch + 1,).
+    Cross-attention (``cross_attention_dim`` set, e.g. video tokens -> caption tokens):
+    ``forward(x, cu_seqlens, context, cu_seqlens_k)`` with context (total_k, cross_attention_dim).
+
+    Args:
+        dim: model width; num_heads query heads of head_dim = dim // num_heads.
+        num_kv_heads: key/value heads (GQA/MQA), must divide num_heads; default num_heads.
+        qk_norm: RMSNorm over head_dim on q and k (SD3 / Open-Sora / Wan style).
+        cross_attention_dim: width of the context for cross-attention (None: self-attention).
+        causal: bottom-right aligned causal mask within each sequence.
+        bias: biases of the projections.
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: Optional[int] = None, qk_norm: bool = False,
+                 cross_attention_dim: Optional[int] = None, causal: bool = False, bias: bool = True,
+                 norm_eps: float = 1e-6, softmax_scale: Optional[float] = None):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.dim, self.num_heads, self.num_kv_heads = dim, num_heads, num_kv_heads
+        self.head_dim = dim // num_heads
+        self.causal, self.softmax_scale = causal, softmax_scale
+        self.is_cross = cross_attention_dim is not None
+        kv_dim = 2 * num_kv_heads * self.head_dim
+        if self.is_cross:
+            self.q = nn.Linear(dim, dim, bias=bias)
+            self.kv = nn.Linear(cross_attention_dim, kv_dim, bias=bias)
+        else:
+            self.qkv = nn.Linear(dim, dim + kv_dim, bias=bias)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=norm_eps) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=norm_eps) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, context: Optional[torch.Tensor] = None,
+                cu_seqlens_k: Optional[torch.Tensor] = None, validate: bool = True) -> torch.Tensor:
+        """x (total_q, dim), cu_seqlens int32 (batch + 1,); for cross-attention context (total_k, ctx_dim) and
+        cu_seqlens_k int32 (batch + 1,). Returns (total_q, dim)."""
+        if x.dim() != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"x must be (total_tokens, {self.dim}); got {tuple(x.shape)}")
+        h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.is_cross:
+            if context is None or cu_seqlens_k is None:
+                raise ValueError("cross-attention needs context and cu_seqlens_k")
+            q = self.q(x).view(-1, h, d)
+            k, v = self.kv(context).view(-1, 2, hkv, d).unbind(1)
+        else:
+            if context is not None:
+                raise ValueError("context given to a self-attention module; build it with cross_attention_dim")
+            cu_seqlens_k = cu_seqlens
+            qkv = self.qkv(x)
+            q = qkv[:, : h * d].view(-1, h, d)
+            k, v = qkv[:, h * d:].view(-1, 2, hkv, d).unbind(1)
+        q, k = self.q_norm(q), self.k_norm(k)
+        out = varlen_attention(q, k, v, cu_seqlens, cu_seqlens_k, softmax_scale=self.softmax_scale,
+                               causal=self.causal, validate=validate)
+        return self.proj(out.reshape(-1, h * d))
