@@ -72,6 +72,11 @@ def _load_x_tile(x_ptr, c_ptr, b, tv, hv, wv, row_ok, offs_c, C_in, H, W, Tc,
 
 
 @triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
 def _causal_conv3d_fwd_kernel(
     x_ptr, c_ptr, w_ptr, b_ptr, r_ptr, y_ptr, z_ptr,
     M, C_in, H, W, C_out, T_out, Tc,
@@ -125,7 +130,7 @@ def _causal_conv3d_fwd_kernel(
     if STORE_PRE:
         tl.store(z_ptr + y_off, acc.to(z_ptr.dtype.element_ty), mask=mask)
     if ACT == 1:
-        acc = acc * tl.sigmoid(acc)
+        acc = acc / (1.0 + tl.exp(-acc))
     if HAS_RES:
         r_off = (b * srb + t_o * srt + h_o * srh + w_o * srw)[:, None] + offs_n[None, :] * src
         acc += tl.load(r_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
@@ -151,7 +156,7 @@ def _causal_conv3d_bwd_weight_kernel(
     pid0 = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
-    n_cb = tl.cdiv(C_in, BLOCK_K)
+    n_cb = (C_in + BLOCK_K - 1) // BLOCK_K
     tap = pid0 // n_cb
     cb = pid0 % n_cb
     i = tap // (KH * KW)
@@ -185,7 +190,7 @@ def _causal_conv3d_bwd_weight_kernel(
         else:
             acc = tl.dot(tl.trans(a), g, acc)
         if HAS_BIAS:
-            dbacc += tl.sum(g.to(tl.float32), axis=0)
+            dbacc += tl.reduce(g.to(tl.float32), 0, _add)
     dw_off = (tap.to(tl.int64) * C_in + offs_c)[:, None] * C_out + offs_n[None, :]
     tl.atomic_add(dw_ptr + dw_off, acc, mask=(offs_c < C_in)[:, None] & n_ok[None, :])
     if HAS_BIAS:
@@ -285,7 +290,7 @@ def _silu_bwd_kernel(dy_ptr, z_ptr, dz_ptr, N, S1, S2, S3, S4,
     z_off = i0 * za0 + i1 * za1 + i2 * za2 + i3 * za3 + i4 * za4
     dy = tl.load(dy_ptr + y_off, mask=ok, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + z_off, mask=ok, other=0.0).to(tl.float32)
-    s = tl.sigmoid(z)
+    s = 1.0 / (1.0 + tl.exp(-z))
     dz = dy * s * (1.0 + z * (1.0 - s))
     tl.store(dz_ptr + z_off, dz.to(dz_ptr.dtype.element_ty), mask=ok)
 

@@ -1,2 +1,3 @@
 """Drop-in nn.Modules backed by fastsora's ops."""
+from .causal_conv3d import CausalConv3d  # noqa: F401
 from .lfq import LFQ  # noqa: F401,E402

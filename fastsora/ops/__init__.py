@@ -3,4 +3,5 @@
 Each family's op module dispatches through :func:`fastsora.backend.select_backend` to its Triton launcher
 (``fastsora.kernels.<family>``) or to its torch reference (``fastsora.reference.<family>``).
 """
+from .causal_conv3d import causal_conv3d  # noqa: F401
 from .lfq import lfq, lfq_code_sums, lfq_codebook_entropy, lfq_entropy_of_sums, lfq_quantize  # noqa: F401,E402
