@@ -70,18 +70,8 @@ def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     if backend == "triton":
         return _kernels().backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale,
                                    causal_mode, dlse)
-    with torch.enable_grad():
-        qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
-        o, l = _ref.varlen_attention(qq, kk, vv, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode)
-        outs, cots = [o], [dout.to(o.dtype)]
-        if dlse is not None:
-            finite = torch.isfinite(l)
-            outs.append(torch.where(finite, l, torch.zeros_like(l)))
-            cots.append(torch.where(finite, dlse.to(l.dtype), torch.zeros_like(l)))
-        dq, dk, dv = torch.autograd.grad(outs, [qq, kk, vv], cots, allow_unused=True)
-    dq = torch.zeros_like(q) if dq is None else dq
-    dk = torch.zeros_like(k) if dk is None else dk
-    dv = torch.zeros_like(v) if dv is None else dv
+    dq, dk, dv = _ref.varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                                softmax_scale, causal_mode, dlse)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 

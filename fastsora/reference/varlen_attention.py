@@ -77,3 +77,41 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     outs.append(q.new_zeros((tail,) + tuple(q.shape[1:])))
     lses.append(torch.full((hq, tail), float("inf"), dtype=lse_dtype, device=q.device))
     return torch.cat(outs, 0), torch.cat(lses, 1)
+
+
+def varlen_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                              cu_seqlens_k: torch.Tensor, softmax_scale: float, causal_mode: int = CAUSAL_NONE,
+                              dlse: "torch.Tensor | None" = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`varlen_attention` from its saved output and LSE (the flash-attention backward
+    written sequence by sequence): P = exp(S - lse), dV = Pᵀ dO, dP = dO Vᵀ, dS = P ∘ (dP − Δ) with
+    Δ = rowsum(dO ∘ O) − dLSE, dQ = scale · dS K, dK = scale · dSᵀ Q (summed over each GQA group)."""
+    cq = [int(x) for x in cu_seqlens_q.tolist()]
+    ck = [int(x) for x in cu_seqlens_k.tolist()]
+    hq, hkv = q.shape[1], k.shape[1]
+    group = hq // hkv
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dq = torch.zeros(q.shape, dtype=compute, device=q.device)
+    dk = torch.zeros(k.shape, dtype=compute, device=q.device)
+    dv = torch.zeros(v.shape, dtype=compute, device=q.device)
+    delta = (dout.to(compute) * out.to(compute)).sum(-1).transpose(0, 1)  # (Hq, total_q)
+    if dlse is not None:
+        delta = delta - torch.where(torch.isfinite(lse), dlse.to(compute), torch.zeros_like(delta))
+    for b in range(len(cq) - 1):
+        a0, a1, b0, b1 = cq[b], cq[b + 1], ck[b], ck[b + 1]
+        if a1 == a0 or b1 == b0:
+            continue
+        qb, dob = q[a0:a1].to(compute), dout[a0:a1].to(compute)
+        kb = k[b0:b1].to(compute).repeat_interleave(group, dim=1)
+        vb = v[b0:b1].to(compute).repeat_interleave(group, dim=1)
+        s = torch.einsum("ihd,jhd->hij", qb, kb) * softmax_scale
+        mask = visible_mask(a1 - a0, b1 - b0, causal_mode, q.device)
+        p = torch.where(mask, torch.exp(s - lse[:, a0:a1, None].to(compute)), torch.zeros_like(s))
+        dvb = torch.einsum("hij,ihd->jhd", p, dob)
+        dp = torch.einsum("ihd,jhd->hij", dob, vb)
+        ds = p * (dp - delta[:, a0:a1, None])
+        dq[a0:a1] = torch.einsum("hij,jhd->ihd", ds, kb) * softmax_scale
+        dkb = torch.einsum("hij,ihd->jhd", ds, qb) * softmax_scale
+        dk[b0:b1] = dkb.view(b1 - b0, hkv, group, -1).sum(2)
+        dv[b0:b1] = dvb.view(b1 - b0, hkv, group, -1).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -1,0 +1,246 @@
+"""Varlen attention: Triton kernels (interpreter on CPU) and the torch path against a float64 per-sequence
+reference - outputs, LSE and gradients of q, k, v; ragged packs, zero-length and one-token sequences, tail rows
+past cu_seqlens[-1], GQA/MQA, causal alignments, head dims, custom scales, layouts, determinism."""
+import math
+
+import pytest
+import torch
+
+import fastsora.kernels.varlen_attention as kern
+from fastsora import use_backend
+from fastsora.ops import varlen_attention as ops_mod
+from fastsora.ops.varlen_attention import _attention, varlen_attention
+from fastsora.reference.varlen_attention import varlen_attention as ref_attention
+from fastsora.testing import TOLERANCE, assert_close, grads, relative_error, to_float64
+
+GRAD_TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def offsets(lengths, device="cpu"):
+    out = [0]
+    for n in lengths:
+        out.append(out[-1] + n)
+    return torch.tensor(out, dtype=torch.int32, device=device)
+
+
+def make(lq, lk, hq, hkv, d, dtype, device, extra_q=0, extra_k=0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    tq, tk = sum(lq) + extra_q, sum(lk) + extra_k
+    mk = lambda n, h: torch.randn(n, h, d, generator=gen).to(device, dtype).requires_grad_(True)
+    return mk(tq, hq), mk(tk, hkv), mk(tk, hkv), offsets(lq, device), offsets(lk, device)
+
+
+def reference(q, k, v, cu_q, cu_k, scale, mode):
+    q64, k64, v64 = to_float64([q, k, v])
+    out, lse = ref_attention(q64, k64, v64, cu_q.cpu(), cu_k.cpu(), scale, mode)
+    return out, lse, grads(out, [q64, k64, v64])
+
+
+def check_against_reference(q, k, v, cu_q, cu_k, mode, scale=None, backend="triton"):
+    scale_v = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    with use_backend(backend):
+        out, lse = _attention(q, k, v, cu_q, cu_k, 0.0, scale, mode, True)
+        g = grads(out, [q, k, v])
+    ref_out, ref_lse, ref_g = reference(q, k, v, cu_q, cu_k, scale_v, mode)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert lse.shape == (q.shape[1], q.shape[0]) and lse.dtype == torch.float32
+    assert_close(out, ref_out, q.dtype, "out", tol=TOLERANCE[q.dtype] * 2)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse.cpu()), finite), "rows without visible keys must have LSE +inf"
+    assert (lse.cpu()[~finite] == float("inf")).all()
+    assert relative_error(lse.cpu()[finite], ref_lse[finite]) < 1e-5
+    for name, a, b in zip("qkv", g, ref_g):
+        assert torch.isfinite(a).all(), f"d{name} has non-finite values"
+        assert_close(a, b, q.dtype, f"d{name}", tol=GRAD_TOL[q.dtype])
+    return out, lse, g
+
+
+# (lengths q, lengths k, Hq, Hkv, D, causal mode, extra q rows, extra k rows, scale)
+CASES = {
+    "self tiny [1,0,5,17] d16": ([1, 0, 5, 17], None, 2, 2, 16, 0, 0, 0, None),
+    "self causal d32 multi-block": ([70, 1, 0, 33], None, 2, 1, 32, 1, 0, 0, None),
+    "cross causal-br gqa d72 tail": ([3, 0, 40, 17], [7, 2, 33, 1], 4, 2, 72, 1, 3, 2, None),
+    "cross Lq>Lk causal-br (empty rows) d40": ([37, 6], [5, 0], 2, 2, 40, 1, 0, 0, None),
+    "cross top-left mqa d24 scale": ([9, 34], [40, 5], 3, 1, 24, 2, 0, 0, 0.37),
+    "noncausal cross d96": ([20, 3], [45, 1], 2, 2, 96, 0, 0, 4, 1.3),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=str)
+def test_triton_matches_float64_reference(case, dtype, device, poison):
+    lq, lk, hq, hkv, d, mode, eq, ek, scale = CASES[case]
+    lk = lq if lk is None else lk
+    q, k, v, cu_q, cu_k = make(lq, lk, hq, hkv, d, dtype, device, eq, ek)
+    check_against_reference(q, k, v, cu_q, cu_k, mode, scale)
+
+
+@pytest.mark.parametrize("case", ["self causal d32 multi-block", "cross causal-br gqa d72 tail"])
+def test_torch_backend_matches_float64_reference(case, dtype):
+    lq, lk, hq, hkv, d, mode, eq, ek, scale = CASES[case]
+    lk = lq if lk is None else lk
+    q, k, v, cu_q, cu_k = make(lq, lk, hq, hkv, d, dtype, "cpu", eq, ek)
+    check_against_reference(q, k, v, cu_q, cu_k, mode, scale, backend="torch")
+
+
+def test_kernels_are_interpreted_on_cpu():
+    from fastsora.kernels import KERNELS_INTERPRETED
+
+    assert KERNELS_INTERPRETED == (not torch.cuda.is_available())
+
+
+def test_triton_backend_really_runs_the_kernels(monkeypatch, device):
+    calls = []
+    fwd, bwd = kern.forward, kern.backward
+    monkeypatch.setattr(kern, "forward", lambda *a, **kw: calls.append("fwd") or fwd(*a, **kw))
+    monkeypatch.setattr(kern, "backward", lambda *a, **kw: calls.append("bwd") or bwd(*a, **kw))
+    q, k, v, cu_q, cu_k = make([5, 9], [5, 9], 2, 2, 16, torch.float32, device)
+    with use_backend("triton"):
+        out = varlen_attention(q, k, v, cu_q, cu_k)
+        out.sum().backward()
+    assert calls == ["fwd", "bwd"]
+    calls.clear()
+    with use_backend("torch"):
+        varlen_attention(q, k, v, cu_q, cu_k).sum().backward()
+    assert calls == []
+
+
+def test_tail_rows_zero_output_zero_grad_no_nan(device, poison):
+    """Rows past cu_seqlens[-1] (padding, even NaN-filled) get output 0 and zero gradient (torch #176793)."""
+    q, k, v, cu_q, cu_k = make([4, 0, 11], [6, 3, 2], 2, 1, 16, torch.float32, device, extra_q=40, extra_k=37)
+    with torch.no_grad():
+        q[15:] = float("nan")
+        k[11:] = float("nan")
+        v[11:] = float("inf")
+    for backend in ("triton", "torch"):
+        for t in (q, k, v):
+            t.grad = None
+        with use_backend(backend):
+            out, lse = varlen_attention(q, k, v, cu_q, cu_k, return_lse=True)
+            (out.float() * torch.randn_like(out)).sum().backward()
+        assert torch.isfinite(out).all(), backend
+        assert (out[15:] == 0).all() and (lse[:, 15:] == float("inf")).all(), backend
+        for name, t, n in (("q", q, 15), ("k", k, 11), ("v", v, 11)):
+            assert torch.isfinite(t.grad).all(), f"{backend}: d{name} not finite"
+            assert (t.grad[n:] == 0).all(), f"{backend}: d{name} past cu_seqlens[-1] not zero"
+            assert t.grad[:n].abs().sum() > 0
+
+
+def test_zero_length_and_empty_pack(device):
+    # every sequence empty: output is all zeros (no token belongs to a sequence)
+    q, k, v, cu_q, cu_k = make([0, 0], [0, 0], 2, 2, 16, torch.float32, device, extra_q=3, extra_k=1)
+    with use_backend("triton"):
+        out = varlen_attention(q, k, v, cu_q, cu_k)
+    assert (out == 0).all()
+    # batch of zero sequences, zero tokens
+    q, k, v, cu_q, cu_k = make([], [], 2, 2, 16, torch.float32, device)
+    with use_backend("triton"):
+        out = varlen_attention(q, k, v, cu_q, cu_k)
+        out.sum().backward()
+    assert out.shape == (0, 2, 16) and q.grad.shape == q.shape
+
+
+def test_one_token_sequences_equal_v(device):
+    """A sequence of one query and one key outputs that key's value row exactly (softmax of one logit)."""
+    q, k, v, cu_q, cu_k = make([1, 1, 1], [1, 1, 1], 2, 2, 32, torch.float32, device)
+    with use_backend("triton"):
+        out = varlen_attention(q, k, v, cu_q, cu_k, causal=True)
+    torch.testing.assert_close(out, v.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_gqa_equals_repeated_kv(device):
+    q, k, v, cu_q, cu_k = make([19, 40], [33, 8], 4, 1, 32, torch.float32, device)
+    with use_backend("triton"):
+        out = varlen_attention(q, k, v, cu_q, cu_k, causal=True)
+        gk, gv = torch.autograd.grad(out, [k, v], torch.ones_like(out))
+        k4, v4 = (t.detach().repeat_interleave(4, 1).requires_grad_(True) for t in (k, v))
+        out4 = varlen_attention(q, k4, v4, cu_q, cu_k, causal=True)
+        gk4, gv4 = torch.autograd.grad(out4, [k4, v4], torch.ones_like(out4))
+    torch.testing.assert_close(out, out4, rtol=1e-6, atol=1e-6)
+    # dK/dV of a shared head is the sum over its query heads
+    torch.testing.assert_close(gk, gk4.sum(1, keepdim=True), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gv, gv4.sum(1, keepdim=True), rtol=1e-5, atol=1e-5)
+
+
+def test_backward_is_deterministic(device):
+    q, k, v, cu_q, cu_k = make([50, 7], [50, 7], 4, 2, 32, torch.float16, device)
+    runs = []
+    for _ in range(2):
+        with use_backend("triton"):
+            out = varlen_attention(q, k, v, cu_q, cu_k, causal=True)
+            runs.append(grads(out, [q, k, v]))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_noncontiguous_and_packed_qkv_views(device):
+    """q/k/v as views of a packed qkv projection (token stride 3*H*D) and a head-dim-strided copy."""
+    lens = [13, 0, 21]
+    gen = torch.Generator().manual_seed(3)
+    qkv = torch.randn(sum(lens), 3, 2, 32, generator=gen).to(device).requires_grad_(True)
+    q, k, v = qkv.unbind(1)
+    assert not q.is_contiguous()
+    cu = offsets(lens, device)
+    with use_backend("triton"):
+        out = varlen_attention(q, k, v, cu, cu)
+        g = grads(out, [qkv])[0]
+    ref_out, _, _ = reference(q, k, v, cu, cu, 32 ** -0.5, 0)
+    assert_close(out, ref_out, torch.float32, "out", tol=4e-5)
+    qkv64 = qkv.detach().double().requires_grad_(True)
+    o64, _ = ref_attention(*qkv64.unbind(1), cu, cu, 32 ** -0.5, 0)
+    assert_close(g, grads(o64, [qkv64])[0], torch.float32, "dqkv", tol=4e-5)
+    # a head dim with stride 2 (copied to unit stride inside the launcher)
+    q2 = torch.randn(sum(lens), 2, 64, generator=gen)[..., ::2].to(device)
+    with use_backend("triton"):
+        out2 = varlen_attention(q2, k.detach(), v.detach(), cu, cu)
+    ref2, _ = ref_attention(*to_float64([q2, k, v]), cu, cu, 32 ** -0.5, 0)
+    assert_close(out2, ref2, torch.float32, "out strided-d", tol=4e-5)
+
+
+def test_lse_is_differentiable(device):
+    q, k, v, cu_q, cu_k = make([6, 30], [12, 30], 2, 2, 16, torch.float32, device)
+    gen = torch.Generator().manual_seed(1)
+    w_o = torch.randn(q.shape, generator=gen).to(device)
+    w_l = torch.randn(q.shape[1], q.shape[0], generator=gen).to(device)
+    with use_backend("triton"):
+        out, lse = varlen_attention(q, k, v, cu_q, cu_k, causal=True, return_lse=True)
+        g = torch.autograd.grad((out * w_o).sum() + (lse * w_l).sum(), [q, k, v])
+    q64, k64, v64 = to_float64([q, k, v])
+    o64, l64 = ref_attention(q64, k64, v64, cu_q, cu_k, 0.25, 1)
+    g64 = torch.autograd.grad((o64 * w_o.double()).sum() + (l64 * w_l.double()).sum(), [q64, k64, v64])
+    for a, b in zip(g, g64):
+        assert relative_error(a, b) < 2e-5
+
+
+def test_skewed_pack_grid_is_bounded_by_tokens(monkeypatch, device):
+    """The launch grid is total // BLOCK + batch + 1 programs (a shape function: no host sync, no
+    max_seqlen x batch grid); a long sequence among many tiny ones still computes every block."""
+    grids = []
+    real = kern._grid_items
+    monkeypatch.setattr(kern, "_grid_items", lambda *a: grids.append(a) or real(*a))
+    lens = [100] + [1] * 12 + [0, 2]
+    q, k, v, cu_q, cu_k = make(lens, lens, 2, 2, 16, torch.float32, device)
+    with use_backend("triton"):
+        out = varlen_attention(q, k, v, cu_q, cu_k)
+    total, batch, block = grids[0]
+    assert (total, batch) == (sum(lens), len(lens))
+    assert real(total, batch, block) == sum(lens) // block + len(lens) + 1
+    assert real(total, batch, block) < math.ceil(max(lens) / block) * len(lens)
+    ref_out, _, _ = reference(q, k, v, cu_q, cu_k, 0.25, 0)
+    assert_close(out, ref_out, torch.float32, "out", tol=4e-5)
+
+
+def test_block_d_padding_rule():
+    assert [kern.block_d_for(d) for d in (8, 16, 32, 40, 64, 72, 96, 128, 160, 256)] == \
+        [16, 16, 32, 64, 64, 128, 128, 128, 256, 256]
+
+
+def test_validate_false_skips_host_checks(device, monkeypatch):
+    q, k, v, cu_q, cu_k = make([3, 4], [3, 4], 2, 2, 16, torch.float32, device)
+    called = []
+    monkeypatch.setattr(ops_mod, "_check_values", lambda *a: called.append(a))
+    with use_backend("torch"):
+        varlen_attention(q, k, v, cu_q, cu_k, validate=False)
+    assert called == []
+    with use_backend("torch"):
+        varlen_attention(q, k, v, cu_q, cu_k)
+    assert len(called) == 2
