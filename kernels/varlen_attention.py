@@ -255,7 +255,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
             sT = tl.dot(k, qT, input_precision=DOT_PREC) * qk_scale
             pT = tl.math.exp2(sT - lse[None, :])
             if IS_CAUSAL:
-                pT = tl.where(offs_n[:, None] <= rows[None, :] + diag, pT, 0.0)
+                pT = tl.where((offs_n[:, None] <= rows[None, :] + diag) & mask_n[:, None], pT, 0.0)
             dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
             dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             dsT = pT * (dpT - delta[None, :])
@@ -278,6 +278,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
             delta = tl.load(delta_ptrs + start_m, mask=mask_m, other=0.0)
             sT = tl.dot(k, qT, input_precision=DOT_PREC) * qk_scale
             pT = tl.math.exp2(sT - lse[None, :])
+            pT = tl.where(mask_n[:, None], pT, 0.0)  # keys past the sequence end (their rows are not stored)
             dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
             dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             dsT = pT * (dpT - delta[None, :])

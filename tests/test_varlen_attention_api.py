@@ -1,0 +1,387 @@
+"""Varlen attention entry points: argument errors, flash-attn and xformers drop-ins (duck-typed mask objects),
+torch.compile(fullgraph=True), the packed attention nn.Module, and CUDA checks (flash-attn's error rule)."""
+import math
+from dataclasses import dataclass
+from typing import List
+
+import pytest
+import torch
+
+import fastsora.ops
+from fastsora import BackendError, use_backend
+from fastsora.ops.varlen_attention import flash_attn_varlen_func, memory_efficient_attention, varlen_attention
+from fastsora.reference.varlen_attention import varlen_attention as ref_attention
+from fastsora.testing import assert_close, assert_flash_rule, grads, relative_error, to_float64
+
+
+def offsets(lengths, device="cpu"):
+    out = [0]
+    for n in lengths:
+        out.append(out[-1] + n)
+    return torch.tensor(out, dtype=torch.int32, device=device)
+
+
+def rand(*shape, dtype=torch.float32, device="cpu", seed=0, grad=False):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen).to(device, dtype).requires_grad_(grad)
+
+
+def ref_out(q, k, v, cu_q, cu_k, mode, scale=None):
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return ref_attention(*to_float64([q, k, v]), cu_q.cpu(), cu_k.cpu(), scale, mode)[0]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# errors
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _inputs():
+    q, k, v = rand(10, 4, 16), rand(12, 2, 16, seed=1), rand(12, 2, 16, seed=2)
+    return q, k, v, offsets([4, 6]), offsets([5, 7])
+
+
+@pytest.mark.parametrize("cu_q, err, match", [
+    ([0, 6, 4], ValueError, r"cu_seqlens_q must be non-decreasing; cu_seqlens_q\[2\] = 4 < cu_seqlens_q\[1\] = 6"),
+    ([0, 4, 11], ValueError, r"cu_seqlens_q\[-1\] = 11 is past the number of tokens \(10\)"),
+    ([1, 4, 10], ValueError, r"cu_seqlens_q\[0\] must be 0"),
+])
+def test_bad_offset_values(cu_q, err, match):
+    q, k, v, _, cu_k = _inputs()
+    with pytest.raises(err, match=match):
+        varlen_attention(q, k, v, torch.tensor(cu_q, dtype=torch.int32), cu_k)
+
+
+def test_bad_offsets_type_device_shape():
+    q, k, v, cu_q, cu_k = _inputs()
+    with pytest.raises(TypeError, match="cu_seqlens_q must have dtype torch.int32.*got torch.int64"):
+        varlen_attention(q, k, v, cu_q.long(), cu_k)
+    with pytest.raises(ValueError, match="cu_seqlens_k must be on the same device as q"):
+        varlen_attention(q, k, v, cu_q, cu_k.to("meta"))
+    with pytest.raises(ValueError, match="same length"):
+        varlen_attention(q, k, v, cu_q, offsets([5, 7, 0]))
+    with pytest.raises(ValueError, match="cu_seqlens_q must be 1-D"):
+        varlen_attention(q, k, v, cu_q[None], cu_k)
+    with pytest.raises(TypeError, match="cu_seqlens_q must be an int32 tensor"):
+        varlen_attention(q, k, v, [0, 4, 10], cu_k)
+    with pytest.raises(ValueError, match=r"cu_seqlens_k\[-1\] = 12 is past the number of tokens \(11\)"):
+        varlen_attention(q, k[:11], v[:11], cu_q, cu_k)
+
+
+def test_bad_tensors():
+    q, k, v, cu_q, cu_k = _inputs()
+    with pytest.raises(ValueError, match="head dims differ: q 16, k 8, v 16"):
+        varlen_attention(q, k[..., :8], v, cu_q, cu_k)
+    with pytest.raises(ValueError, match=r"number of query heads \(4\) must be a multiple of the number of key/value "
+                                         r"heads \(3\)"):
+        varlen_attention(q, rand(12, 3, 16), rand(12, 3, 16), cu_q, cu_k)
+    with pytest.raises(TypeError, match="share one dtype"):
+        varlen_attention(q, k.half(), v, cu_q, cu_k)
+    with pytest.raises(ValueError, match=r"q must be 3-D \(total_tokens, heads, head_dim\)"):
+        varlen_attention(q[None], k, v, cu_q, cu_k)
+    with pytest.raises(ValueError, match="k and v must have the same"):
+        varlen_attention(q, k, v[:11], cu_q, cu_k)
+    with pytest.raises(NotImplementedError, match="dropout_p=0.1.*no dropout"):
+        varlen_attention(q, k, v, cu_q, cu_k, dropout_p=0.1)
+
+
+def test_triton_refusals_say_why():
+    q, k, v, cu_q, cu_k = _inputs()
+    with use_backend("triton"), pytest.raises(BackendError, match="float64 inputs"):
+        varlen_attention(q.double(), k.double(), v.double(), cu_q, cu_k)
+    big = rand(4, 1, 300)
+    with use_backend("triton"), pytest.raises(BackendError, match="head dim 300 > 256"):
+        varlen_attention(big, big, big, offsets([4]), offsets([4]))
+    # the torch backend takes both
+    with use_backend("torch"):
+        out = varlen_attention(big, big, big, offsets([4]), offsets([4]))
+    assert_close(out, ref_out(big, big, big, offsets([4]), offsets([4]), 0), torch.float32)
+
+
+def test_flash_attn_varlen_func_refuses_unsupported_options():
+    q, k, v, cu_q, cu_k = _inputs()
+    with pytest.raises(NotImplementedError, match="window_size"):
+        flash_attn_varlen_func(q, k, v, cu_q, cu_k, 6, 7, window_size=(4, 0))
+    with pytest.raises(NotImplementedError, match="softcap"):
+        flash_attn_varlen_func(q, k, v, cu_q, cu_k, 6, 7, softcap=30.0)
+    with pytest.raises(NotImplementedError, match="alibi"):
+        flash_attn_varlen_func(q, k, v, cu_q, cu_k, 6, 7, alibi_slopes=torch.ones(4))
+    with pytest.raises(NotImplementedError, match="dropout"):
+        flash_attn_varlen_func(q, k, v, cu_q, cu_k, 6, 7, 0.5)
+
+
+def test_flash_attn_varlen_func_positional_order_and_outputs(device):
+    q, k, v = rand(10, 4, 16, device=device), rand(12, 2, 16, seed=1, device=device), rand(12, 2, 16, seed=2,
+                                                                                           device=device)
+    cu_q, cu_k = offsets([4, 6], device), offsets([5, 7], device)
+    with use_backend("triton"):
+        # (q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal)
+        out = flash_attn_varlen_func(q, k, v, cu_q, cu_k, 6, 7, 0.0, 0.5, True, deterministic=True)
+        out2, lse, probs = flash_attn_varlen_func(q, k, v, cu_q, cu_k, 6, 7, 0.0, 0.5, True, return_attn_probs=True)
+    assert probs is None and lse.shape == (4, 10)
+    torch.testing.assert_close(out, out2)
+    assert_close(out, ref_out(q, k, v, cu_q, cu_k, 1, 0.5), torch.float32, tol=4e-5)
+    assert fastsora.ops.flash_attn_varlen_func is flash_attn_varlen_func
+    assert fastsora.ops.varlen_attention is varlen_attention
+
+
+# --------------------------------------------------------------------------------------------------------------
+# xformers drop-in with duck-typed mask objects (same class names and attributes as xformers')
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _SeqLenInfo:
+    seqstart: torch.Tensor
+    max_seqlen: int
+    min_seqlen: int
+    seqstart_py: List[int]
+
+    @classmethod
+    def from_seqlens(cls, seqlens):
+        starts = [0]
+        for n in seqlens:
+            starts.append(starts[-1] + n)
+        return cls(torch.tensor(starts, dtype=torch.int32), max(seqlens), min(seqlens), starts)
+
+
+def _mask_class(name):
+    def from_seqlens(cls, q_seqlen, kv_seqlen=None):
+        return cls(_SeqLenInfo.from_seqlens(q_seqlen), _SeqLenInfo.from_seqlens(kv_seqlen or q_seqlen))
+    return type(name, (), {"__init__": lambda self, q, k: (setattr(self, "q_seqinfo", q),
+                                                           setattr(self, "k_seqinfo", k), None)[-1],
+                           "from_seqlens": classmethod(from_seqlens)})
+
+
+BlockDiagonalMask = _mask_class("BlockDiagonalMask")
+BlockDiagonalCausalMask = _mask_class("BlockDiagonalCausalMask")
+BlockDiagonalCausalFromBottomRightMask = _mask_class("BlockDiagonalCausalFromBottomRightMask")
+LowerTriangularMask = type("LowerTriangularMask", (), {})
+BlockDiagonalCausalLocalAttentionMask = _mask_class("BlockDiagonalCausalLocalAttentionMask")
+
+
+@pytest.mark.parametrize("cls, mode", [(BlockDiagonalMask, 0), (BlockDiagonalCausalMask, 2),
+                                       (BlockDiagonalCausalFromBottomRightMask, 1)], ids=lambda x: getattr(x, "__name__", x))
+def test_memory_efficient_attention_block_diagonal(cls, mode, device, dtype):
+    lq, lk = [7, 1, 0, 30], [12, 4, 3, 21]
+    q = rand(1, sum(lq), 2, 32, dtype=dtype, device=device, grad=True)
+    k = rand(1, sum(lk), 2, 32, dtype=dtype, device=device, seed=1, grad=True)
+    v = rand(1, sum(lk), 2, 32, dtype=dtype, device=device, seed=2, grad=True)
+    bias = cls.from_seqlens(lq, lk)
+    with use_backend("triton"):
+        out = memory_efficient_attention(q, k, v, attn_bias=bias)
+        g = grads(out, [q, k, v])
+    assert out.shape == q.shape
+    cu_q, cu_k = offsets(lq), offsets(lk)
+    q64, k64, v64 = to_float64([q, k, v])
+    ref = ref_attention(q64[0], k64[0], v64[0], cu_q, cu_k, 32 ** -0.5, mode)[0][None]
+    assert_close(out, ref, dtype, tol={torch.float32: 4e-5, torch.float16: 4e-3}[dtype])
+    for a, b in zip(g, grads(ref, [q64, k64, v64])):
+        assert_close(a, b, dtype, tol={torch.float32: 4e-5, torch.float16: 4e-3}[dtype])
+
+
+def test_xformers_causal_alignments_differ():
+    """BlockDiagonalCausalMask is causal from the top-left: with Lq < Lk the last query does not see the last
+    keys; the FromBottomRight form does (flash-attn's causal)."""
+    lq, lk = [3], [8]
+    q, k, v = rand(1, 3, 1, 16), rand(1, 8, 1, 16, seed=1), rand(1, 8, 1, 16, seed=2)
+    with use_backend("torch"):
+        top = memory_efficient_attention(q, k, v, BlockDiagonalCausalMask.from_seqlens(lq, lk))
+        bottom = memory_efficient_attention(q, k, v, BlockDiagonalCausalFromBottomRightMask.from_seqlens(lq, lk))
+        flash = varlen_attention(q[0], k[0], v[0], offsets(lq), offsets(lk), causal=True)
+    # top-left: query 0 sees key 0 only -> its output is v[0]
+    torch.testing.assert_close(top[0, 0], v[0, 0])
+    torch.testing.assert_close(bottom[0], flash)
+    assert not torch.allclose(top, bottom)
+
+
+def test_memory_efficient_attention_dense_and_lower_triangular(device):
+    q, k, v = rand(2, 9, 2, 16, device=device), rand(2, 13, 2, 16, seed=1, device=device), \
+        rand(2, 13, 2, 16, seed=2, device=device)
+    with use_backend("triton"):
+        dense = memory_efficient_attention(q, k, v, scale=0.3)
+        causal = memory_efficient_attention(q, k, v, LowerTriangularMask())
+    ref_dense = torch.softmax(torch.einsum("bihd,bjhd->bhij", q, k) * 0.3, -1)
+    ref_dense = torch.einsum("bhij,bjhd->bihd", ref_dense, v)
+    torch.testing.assert_close(dense, ref_dense, rtol=1e-5, atol=1e-5)
+    s = torch.einsum("bihd,bjhd->bhij", q, k) / 4.0
+    s = s.masked_fill(torch.ones(9, 13, dtype=torch.bool, device=device).triu(1), float("-inf"))
+    torch.testing.assert_close(causal, torch.einsum("bhij,bjhd->bihd", torch.softmax(s, -1), v), rtol=1e-5, atol=1e-5)
+
+
+def test_memory_efficient_attention_errors():
+    q = rand(2, 6, 2, 16)
+    bias = BlockDiagonalMask.from_seqlens([2, 4])
+    with pytest.raises(ValueError, match="batch size must be 1"):
+        memory_efficient_attention(q, q, q, bias)
+    with pytest.raises(NotImplementedError, match="BlockDiagonalCausalLocalAttentionMask is not supported"):
+        memory_efficient_attention(q[:1], q[:1], q[:1], BlockDiagonalCausalLocalAttentionMask.from_seqlens([2, 4]))
+    with pytest.raises(NotImplementedError, match="attn_bias as a tensor"):
+        memory_efficient_attention(q, q, q, torch.zeros(6, 6))
+    with pytest.raises(ValueError, match=r"seqstart\[-1\] = 7 is past the number of tokens \(6\)"):
+        memory_efficient_attention(q[:1], q[:1], q[:1], BlockDiagonalMask.from_seqlens([3, 4]))
+    with pytest.raises(NotImplementedError, match="dropout"):
+        memory_efficient_attention(q[:1], q[:1], q[:1], bias, p=0.1)
+    with pytest.raises(ValueError, match="4-D"):
+        memory_efficient_attention(q[0], q[0], q[0])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# torch.compile
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_torch_compile_fullgraph_with_backward(backend, device):
+    torch._dynamo.reset()
+    lens = [5, 0, 11]
+    cu = offsets(lens, device)
+    q, k, v = (rand(16, 2, 16, device=device, seed=s, grad=True) for s in range(3))
+
+    def f(q, k, v, cu):
+        out = varlen_attention(q, k, v, cu, cu, causal=True)
+        return (out.float() ** 2).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if device.type == "cpu" else "inductor")
+    with use_backend(backend):
+        loss = compiled(q, k, v, cu)
+        g = torch.autograd.grad(loss, [q, k, v])
+        loss_e = f(q, k, v, cu)
+        g_e = torch.autograd.grad(loss_e, [q, k, v])
+    torch.testing.assert_close(loss, loss_e)
+    for a, b in zip(g, g_e):
+        torch.testing.assert_close(a, b)
+
+
+def test_torch_compile_inductor_cpu_torch_backend():
+    torch._dynamo.reset()
+    cu = offsets([3, 6])
+    q, k, v = (rand(9, 2, 16, seed=s) for s in range(3))
+    f = torch.compile(lambda q, k, v: varlen_attention(q, k, v, cu, cu) * 2, fullgraph=True)
+    with use_backend("torch"):
+        torch.testing.assert_close(f(q, k, v), varlen_attention(q, k, v, cu, cu) * 2)
+
+
+def test_fake_tensor_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q, k, v = torch.empty(10, 4, 72), torch.empty(7, 2, 72), torch.empty(7, 2, 72)
+        cu = torch.zeros(3, dtype=torch.int32)
+        out, lse = torch.ops.fastsora.varlen_attention_fwd(q, k, v, cu, cu, 0.1, 1)
+        assert out.shape == (10, 4, 72) and lse.shape == (4, 10) and lse.dtype == torch.float32
+
+
+# --------------------------------------------------------------------------------------------------------------
+# nn module
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _manual_attention(q, k, v, lens_q, lens_k, causal):
+    outs, a, b = [], 0, 0
+    for lq, lk in zip(lens_q, lens_k):
+        qq, kk, vv = q[a:a + lq], k[b:b + lk], v[b:b + lk]
+        g = qq.shape[1] // kk.shape[1]
+        kk, vv = kk.repeat_interleave(g, 1), vv.repeat_interleave(g, 1)
+        mask = None
+        if causal:
+            mask = torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq)
+        o = torch.nn.functional.scaled_dot_product_attention(qq.transpose(0, 1), kk.transpose(0, 1),
+                                                             vv.transpose(0, 1), attn_mask=mask)
+        outs.append(o.transpose(0, 1))
+        a, b = a + lq, b + lk
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nn_self_attention_qk_norm_gqa(backend):
+    from fastsora.nn.varlen_attention import VarlenAttention
+
+    torch.manual_seed(0)
+    m = VarlenAttention(64, 4, num_kv_heads=2, qk_norm=True, causal=True)
+    lens = [5, 12, 1]
+    x = torch.randn(sum(lens), 64, requires_grad=True)
+    with use_backend(backend):
+        y = m(x, offsets(lens))
+        y.sum().backward()
+    qkv = m.qkv(x.detach())
+    q = m.q_norm(qkv[:, :64].view(-1, 4, 16))
+    k, v = qkv[:, 64:].view(-1, 2, 2, 16).unbind(1)
+    ref = m.proj(_manual_attention(q, m.k_norm(k), v, lens, lens, True).reshape(-1, 64))
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
+    assert m.qkv.weight.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_nn_cross_attention():
+    from fastsora.nn.varlen_attention import VarlenAttention
+
+    torch.manual_seed(0)
+    m = VarlenAttention(32, 2, cross_attention_dim=24)
+    lq, lk = [6, 9], [4, 7]
+    x, ctx = torch.randn(15, 32), torch.randn(11, 24)
+    with use_backend("triton"):
+        y = m(x, offsets(lq), ctx, offsets(lk))
+    q = m.q(x).view(-1, 2, 16)
+    k, v = m.kv(ctx).view(-1, 2, 2, 16).unbind(1)
+    torch.testing.assert_close(y, m.proj(_manual_attention(q, k, v, lq, lk, False).reshape(-1, 32)),
+                               rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="cross-attention needs context"):
+        m(x, offsets(lq))
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        VarlenAttention(32, 4, num_kv_heads=3)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CUDA: flash-attn's rule in bf16 at realistic shapes
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _same_precision_torch(q, k, v, lens_q, lens_k, mode, scale):
+    """Attention computed by torch in the inputs' precision (bf16 matmuls, softmax rounded to bf16)."""
+    outs, a, b = [], 0, 0
+    for lq, lk in zip(lens_q, lens_k):
+        qq, kk, vv = q[a:a + lq], k[b:b + lk], v[b:b + lk]
+        g = qq.shape[1] // kk.shape[1]
+        kk, vv = kk.repeat_interleave(g, 1), vv.repeat_interleave(g, 1)
+        s = torch.einsum("ihd,jhd->hij", qq, kk) * scale
+        if mode:
+            i = torch.arange(lq, device=q.device)[:, None]
+            j = torch.arange(lk, device=q.device)[None, :]
+            s = s.masked_fill(j > i + (lk - lq if mode == 1 else 0), float("-inf"))
+        p = torch.softmax(s.float(), -1).nan_to_num(0.0).to(q.dtype)
+        outs.append(torch.einsum("hij,jhd->ihd", p, vv))
+        a, b = a + lq, b + lk
+    return torch.cat(outs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lens_q, lens_k, hq, hkv, d, mode", [
+    ([1024, 256, 1, 0, 777], None, 8, 8, 64, 0),
+    ([2048, 1500], [120, 77], 16, 16, 72, 0),
+    ([300, 1000, 7], [500, 900, 64], 8, 2, 128, 1),
+    ([513, 200], [300, 100], 4, 4, 96, 2),
+    ([1000, 129], None, 4, 1, 256, 1),
+])
+def test_cuda_flash_attn_rule_bf16(lens_q, lens_k, hq, hkv, d, mode):
+    dev = torch.device("cuda")
+    lens_k = lens_q if lens_k is None else lens_k
+    q = rand(sum(lens_q), hq, d, device=dev, dtype=torch.bfloat16, grad=True)
+    k = rand(sum(lens_k), hkv, d, device=dev, dtype=torch.bfloat16, seed=1, grad=True)
+    v = rand(sum(lens_k), hkv, d, device=dev, dtype=torch.bfloat16, seed=2, grad=True)
+    cu_q, cu_k = offsets(lens_q, dev), offsets(lens_k, dev)
+    scale = d ** -0.5
+    with use_backend("triton"):
+        out, _ = fastsora.ops.varlen_attention(q, k, v, cu_q, cu_k, causal=mode == 1, return_lse=True) if mode != 2 \
+            else (memory_efficient_attention(q[None], k[None], v[None], BlockDiagonalCausalMask.from_seqlens(
+                lens_q, lens_k))[0], None)
+    do = torch.randn_like(out)
+    g = torch.autograd.grad(out, [q, k, v], do)
+    qf, kf, vf = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+    ref = _same_precision_torch(qf, kf, vf, lens_q, lens_k, mode, scale)
+    g_ref = torch.autograd.grad(ref, [qf, kf, vf], do.float())
+    qb, kb, vb = (t.detach().requires_grad_(True) for t in (q, k, v))
+    same = _same_precision_torch(qb, kb, vb, lens_q, lens_k, mode, scale)
+    g_same = torch.autograd.grad(same, [qb, kb, vb], do)
+    assert_flash_rule(out, ref, same, 2.0, "out")
+    for name, a, b, c in zip("qkv", g, g_ref, g_same):
+        assert_flash_rule(a, b, c, 3.0, f"d{name}")
