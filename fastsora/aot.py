@@ -11,7 +11,7 @@ import re
 import subprocess
 import tempfile
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from fastsora.registry import KernelConfig, KernelEntry
 
@@ -48,34 +48,49 @@ class CompileResult:
         return found
 
 
-def _jit_function(kernel, _memo=None):
-    """The JITFunction behind ``kernel``.
-
-    Under TRITON_INTERPRET=1 the decorator returned an InterpretedFunction, and so did the decorator of
-    every ``@triton.jit`` helper it calls; AOT compilation needs real JITFunctions, so the Python function
-    is rebuilt over a copy of its globals in which each interpreted helper is replaced the same way.
-    """
-    import types
-
-    import triton
-
-    if isinstance(kernel, triton.runtime.jit.JITFunction):
-        return kernel
+def _kernel_address(kernel) -> tuple:
+    """(module, name) of the Python function behind a @triton.jit kernel, to find it in another process."""
     fn = getattr(kernel, "fn", None)
     if fn is None:
         raise TypeError(f"{kernel!r} is not a Triton kernel")
-    memo = {} if _memo is None else _memo
-    if id(kernel) in memo:
-        return memo[id(kernel)]
-    interpreted = triton.runtime.interpreter.InterpretedFunction
-    scope = dict(fn.__globals__)
-    clone = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
-    clone.__qualname__, clone.__module__ = fn.__qualname__, fn.__module__
-    jit = memo[id(kernel)] = triton.runtime.jit.JITFunction(clone)
-    for name, value in fn.__globals__.items():
-        if isinstance(value, interpreted):
-            scope[name] = _jit_function(value, memo)
-    return jit
+    return fn.__module__, fn.__name__
+
+
+def _is_interpreted(kernel) -> bool:
+    import triton
+
+    return not isinstance(kernel, triton.runtime.jit.JITFunction)
+
+
+def _child_init() -> None:
+    # The compiler must not see the interpreter: under TRITON_INTERPRET=1 triton.language lowers through
+    # the interpreter's builder, so kernels are imported afresh in a process without it.
+    os.environ.pop("TRITON_INTERPRET", None)
+
+
+def _compile_by_address(family: str, module: str, name: str, config: KernelConfig, arch: str) -> "CompileResult":
+    import importlib
+
+    kernel = getattr(importlib.import_module(module), name)
+    return _compile(family, kernel, config, arch)
+
+
+_pool = None
+
+
+def _executor(workers: int = 1):
+    """A process pool whose workers import kernels without the interpreter (spawned, TRITON_INTERPRET unset)."""
+    import concurrent.futures
+    import multiprocessing
+
+    global _pool
+    if workers == 1 and _pool is not None:
+        return _pool
+    pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers, initializer=_child_init,
+                                                  mp_context=multiprocessing.get_context("spawn"))
+    if workers == 1:
+        _pool = pool
+    return pool
 
 
 def _cuobjdump() -> str:
@@ -95,13 +110,36 @@ def _resource_usage(cubin: bytes) -> dict:
 
 
 def compile_config(entry: KernelEntry, config: KernelConfig, arch: str) -> CompileResult:
-    """Compile one config of one kernel for ``arch`` ('sm_80' or 'sm_90') and read its resources."""
+    """Compile one config of one kernel for ``arch`` ('sm_80' or 'sm_90') and read its resources.
+
+    Interpreted kernels (TRITON_INTERPRET=1) are compiled in a helper process that imports them compiled.
+    """
+    if _is_interpreted(entry.kernel):
+        return _executor().submit(_compile_by_address, entry.family, *_kernel_address(entry.kernel),
+                                  config, arch).result()
+    return _compile(entry.family, entry.kernel, config, arch)
+
+
+def compile_many(jobs: Sequence[Tuple[KernelEntry, KernelConfig, str]], workers: Optional[int] = None,
+                 on_result: Callable[[CompileResult], None] = lambda r: None) -> List[CompileResult]:
+    """Compile (entry, config, arch) jobs on ``workers`` processes (default: all cores); results in order."""
+    workers = workers or os.cpu_count() or 1
+    with _executor(workers) as pool:
+        futures = [pool.submit(_compile_by_address, e.family, *_kernel_address(e.kernel), c, a) for e, c, a in jobs]
+        results = []
+        for f in futures:
+            results.append(f.result())
+            on_result(results[-1])
+    return results
+
+
+def _compile(family: str, kernel, config: KernelConfig, arch: str) -> CompileResult:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    result = CompileResult(kernel=f"{entry.family}.{entry.name}", config=config.label, arch=arch, ok=False)
+    result = CompileResult(kernel=f"{family}.{kernel.fn.__name__}", config=config.label, arch=arch, ok=False)
     try:
-        src = triton.compiler.ASTSource(fn=_jit_function(entry.kernel), signature=dict(config.signature),
+        src = triton.compiler.ASTSource(fn=kernel, signature=dict(config.signature),
                                         constexprs=dict(config.constexprs))
         compiled = triton.compile(src, target=GPUTarget("cuda", ARCHS[arch]["cc"], 32),
                                   options={"num_warps": config.num_warps, "num_stages": config.num_stages})

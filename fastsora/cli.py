@@ -76,24 +76,25 @@ def cmd_check(args) -> int:
 
 
 def cmd_compile(args) -> int:
-    from fastsora.aot import ARCHS, compile_config
+    from fastsora.aot import ARCHS, compile_many
     from fastsora.registry import KERNELS, load_all
 
     load_all()
+    unknown = [a for a in args.arch if a not in ARCHS]
+    if unknown:
+        print(f"unknown arch {unknown}; choose from {', '.join(ARCHS)}", file=sys.stderr)
+        return 2
     families = set(args.families or [])
-    results = []
-    for key in sorted(KERNELS):
-        entry = KERNELS[key]
-        if families and entry.family not in families:
-            continue
-        for config in entry.configs:
-            for arch in args.arch:
-                if arch not in ARCHS:
-                    print(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}", file=sys.stderr)
-                    return 2
-                results.append(compile_config(entry, config, arch))
-                if args.verbose:
-                    print(f"compiled {key} [{config.label}] {arch}", file=sys.stderr)
+    jobs = [(entry, config, arch) for key, entry in sorted(KERNELS.items())
+            if not families or entry.family in families for config in entry.configs for arch in args.arch]
+    done = []
+
+    def report(result):
+        done.append(result)
+        if args.verbose:
+            _progress_bar(len(done), len(jobs), f"{result.kernel} [{result.config}] {result.arch}")
+
+    results = compile_many(jobs, args.jobs, on_result=report)
     rows = [(r.kernel, r.config, r.arch, r.registers, r.spill_bytes, r.shared_bytes,
              "wgmma" if r.wgmma else ("mma" if r.mma else "-"), "; ".join(r.problems) or "ok") for r in results]
     print(_table(("kernel", "config", "arch", "regs", "spill B", "smem B", "tensor cores", "result"), rows)
@@ -147,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="compile every kernel config for NVIDIA archs without a GPU")
     p.add_argument("--arch", nargs="+", default=["sm_80", "sm_90"])
     p.add_argument("--families", nargs="*", help="kernel families (default: all)")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-j", "--jobs", type=int, help="compile processes (default: all cores)")
+    p.add_argument("-v", "--verbose", action="store_true", help="progress bar")
     p.set_defaults(func=cmd_compile)
     p = sub.add_parser("bench", help="time reference vs fastsora vs baselines; JSON + PNG in --out")
     p.add_argument("--ops", nargs="*", help="op names (default: all)")
