@@ -89,7 +89,10 @@ def _executor(workers: int = 1):
     pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers, initializer=_child_init,
                                                   mp_context=multiprocessing.get_context("spawn"))
     if workers == 1:
+        import atexit
+
         _pool = pool
+        atexit.register(pool.shutdown)
     return pool
 
 
