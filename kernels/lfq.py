@@ -29,6 +29,11 @@ from fastsora.registry import KernelConfig, register_kernel
 _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
+# tl.sum is a @jit library function: under TRITON_INTERPRET=1 it is an interpreter object that AOT
+# compilation cannot call through ``tl.``; as a module global, fastsora.aot swaps it for its JITFunction.
+_sum = tl.sum
+
+
 @triton.jit
 def _bit_stats(z):
     """σ(z), σ(-z), h(σ(z)) and σ(z)σ(-z), accurate for any z (log1p via Goldberg's u=1+e trick)."""
@@ -47,8 +52,7 @@ def _bit_stats(z):
 @triton.jit
 def _lfq_quantize_fwd_kernel(x_ptr, out_ptr, idx_ptr, pos_ptr, neg_ptr, ew_ptr, cw_ptr, part_ptr,
                              T, C, D, stride_xt, stride_xc, stride_xd, code_value, logit_scale,
-                             STRAIGHT_THROUGH: tl.constexpr,
-                             WITH_ENTROPY: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+                             straight_through, with_entropy, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
@@ -59,8 +63,8 @@ def _lfq_quantize_fwd_kernel(x_ptr, out_ptr, idx_ptr, pos_ptr, neg_ptr, ew_ptr, 
     bit_value = tl.full([BLOCK_D], 1, tl.int64) << shift
     ew = tl.load(ew_ptr + offs_t, mask=mask_t, other=0.0).to(tl.float32)
     cw = tl.load(cw_ptr + offs_t, mask=mask_t, other=0.0).to(tl.float32)
-    ent_acc = tl.zeros([BLOCK_T], dtype=tl.float32)
-    com_acc = tl.zeros([BLOCK_T], dtype=tl.float32)
+    ent_acc = tl.full([BLOCK_T], 0.0, tl.float32)
+    com_acc = tl.full([BLOCK_T], 0.0, tl.float32)
     x_row = x_ptr + offs_t[:, None] * stride_xt + offs_d[None, :].to(tl.int64) * stride_xd
     o_row = offs_t[:, None] * C * D + offs_d[None, :]
     for c in range(0, C):
@@ -68,31 +72,28 @@ def _lfq_quantize_fwd_kernel(x_ptr, out_ptr, idx_ptr, pos_ptr, neg_ptr, ew_ptr, 
         xf = x.to(tl.float32)
         qf = tl.where(xf > 0, code_value, -code_value)
         q = qf.to(x.dtype)
-        if STRAIGHT_THROUGH:
-            out = x + (q - x)
-        else:
-            out = q
+        st_out = x + (q - x)
+        out = tl.where(straight_through != 0, st_out, q)
         o_offs = o_row + c * D
         tl.store(out_ptr + o_offs, out, mask=m2)
         bits = (q.to(tl.float32) > 0) & m2
-        idx = tl.sum(tl.where(bits, bit_value[None, :], 0), axis=1)
+        idx = _sum(tl.where(bits, bit_value[None, :], 0), axis=1)
         tl.store(idx_ptr + offs_t * C + c, idx, mask=mask_t)
         diff = tl.where(m2, xf - q.to(tl.float32), 0.0)
-        com_acc += cw * tl.sum(diff * diff, axis=1)
-        if WITH_ENTROPY:
+        com_acc += cw * _sum(diff * diff, axis=1)
+        if with_entropy != 0:
             pos, neg, h, _ = _bit_stats(xf * logit_scale)
             tl.store(pos_ptr + o_offs, pos, mask=m2)
             tl.store(neg_ptr + o_offs, neg, mask=m2)
-            ent_acc += ew * tl.sum(tl.where(m2, h, 0.0), axis=1)
-    tl.store(part_ptr + pid * 2, tl.sum(ent_acc, axis=0))
-    tl.store(part_ptr + pid * 2 + 1, tl.sum(com_acc, axis=0))
+            ent_acc += ew * _sum(tl.where(m2, h, 0.0), axis=1)
+    tl.store(part_ptr + pid * 2, _sum(ent_acc, axis=0))
+    tl.store(part_ptr + pid * 2 + 1, _sum(com_acc, axis=0))
 
 
 @triton.jit
 def _lfq_quantize_bwd_kernel(x_ptr, gout_ptr, gpos_ptr, gneg_ptr, ew_ptr, cw_ptr, coef_ptr, dx_ptr,
                              T, C, D, stride_xt, stride_xc, stride_xd, stride_gt, stride_gc, stride_gd,
-                             code_value, logit_scale,
-                             HAS_GOUT: tl.constexpr, HAS_GP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+                             code_value, logit_scale, has_gout, has_gp, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
@@ -114,13 +115,13 @@ def _lfq_quantize_bwd_kernel(x_ptr, gout_ptr, gpos_ptr, gneg_ptr, ew_ptr, cw_ptr
         pos, neg, h, pn = _bit_stats(z)
         dz = ew[:, None] * coef_ent * (-z * pn)
         o_offs = o_row + c * D
-        if HAS_GP:
+        if has_gp != 0:
             gp = tl.load(gpos_ptr + o_offs, mask=m2, other=0.0)
             gn = tl.load(gneg_ptr + o_offs, mask=m2, other=0.0)
             dz += (gp - gn) * pn
         qf = tl.where(xf > 0, code_value, -code_value).to(x.dtype).to(tl.float32)
         dx = dz * logit_scale + cw[:, None] * coef_com * (xf - qf)
-        if HAS_GOUT:
+        if has_gout != 0:
             dx += tl.load(g_row + c * stride_gc, mask=m2, other=0.0).to(tl.float32)
         tl.store(dx_ptr + o_offs, dx.to(x.dtype), mask=m2)
 
@@ -148,7 +149,7 @@ def _lfq_code_pair_kernel(pos_ptr, neg_ptr, w_ptr, n_ptr, g_ptr, out_ptr, T, C, 
     jl = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     valid_h = jh < (1 << NH)
     valid_l = jl < (1 << NL)
-    acc = tl.zeros([BLOCK_H, BLOCK_L], dtype=tl.float32)
+    acc = tl.full([BLOCK_H, BLOCK_L], 0.0, tl.float32)
     for t0 in range(0, T, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
         mask_t = offs_t < T
@@ -169,7 +170,7 @@ def _lfq_code_pair_kernel(pos_ptr, neg_ptr, w_ptr, n_ptr, g_ptr, out_ptr, T, C, 
         log_a = tl.log(tl.maximum(a, 1.1754943508222875e-38))
         if MODE == 0:
             ent = tl.where(valid & (a > 0), -a * log_a, 0.0)
-            part = tl.sum(tl.sum(ent, axis=1), axis=0)
+            part = _sum(_sum(ent, axis=1), axis=0)
             n_tiles_h = tl.num_programs(1)
             n_tiles_l = tl.num_programs(2)
             tl.store(out_ptr + (c * n_tiles_h + pid_h) * n_tiles_l + pid_l, part)
@@ -190,13 +191,13 @@ def _lfq_code_pair_bwd_kernel(pos_ptr, neg_ptr, w_ptr, g_ptr, dpos_ptr, dneg_ptr
     base = (offs_t * C + c) * D
     w = tl.load(w_ptr + offs_t, mask=mask_t, other=0.0).to(tl.float32)
     cols = tl.arange(0, BLOCK_BITS)
-    acc_pos = tl.zeros([BLOCK_T, BLOCK_BITS], dtype=tl.float32)
-    acc_neg = tl.zeros([BLOCK_T, BLOCK_BITS], dtype=tl.float32)
+    acc_pos = tl.full([BLOCK_T, BLOCK_BITS], 0.0, tl.float32)
+    acc_neg = tl.full([BLOCK_T, BLOCK_BITS], 0.0, tl.float32)
     g_base = g_ptr + c.to(tl.int64) * stride_gc
     for a0 in range(0, 1 << NA, BLOCK_A):
         ja = a0 + tl.arange(0, BLOCK_A)
         valid_a = ja < (1 << NA)
-        d_pa = tl.zeros([BLOCK_T, BLOCK_A], dtype=tl.float32)
+        d_pa = tl.full([BLOCK_T, BLOCK_A], 0.0, tl.float32)
         for b0 in range(0, 1 << NB, BLOCK_B):
             jb = b0 + tl.arange(0, BLOCK_B)
             valid_b = jb < (1 << NB)
@@ -216,8 +217,8 @@ def _lfq_code_pair_bwd_kernel(pos_ptr, neg_ptr, w_ptr, g_ptr, dpos_ptr, dneg_ptr
                 f = tl.where(bit_k[None, :] == 1, p1[:, None], p0[:, None])
                 excl = excl * tl.where(k == i, 1.0, f)
             bit_i = ((ja >> (NA - 1 - i)) & 1)[None, :]
-            s_pos = tl.sum(tl.where(bit_i == 1, excl, 0.0), axis=1)
-            s_neg = tl.sum(tl.where(bit_i == 0, excl, 0.0), axis=1)
+            s_pos = _sum(tl.where(bit_i == 1, excl, 0.0), axis=1)
+            s_neg = _sum(tl.where(bit_i == 0, excl, 0.0), axis=1)
             acc_pos += tl.where(cols[None, :] == i, s_pos[:, None], 0.0)
             acc_neg += tl.where(cols[None, :] == i, s_neg[:, None], 0.0)
     offs = base[:, None] + OFF_A + cols[None, :]
@@ -237,7 +238,12 @@ _CUDA_PAIR_BWD = dict(BLOCK_T=64, num_warps=8, num_stages=2)
 
 
 def _block_d(d: int) -> int:
-    return max(2, triton.next_power_of_2(d))
+    """Bit-tile width of the elementwise kernels: 8, 32 or 64 (few compiled variants; lanes masked)."""
+    return 8 if d <= 8 else (32 if d <= 32 else 64)
+
+
+def _block_bits(n: int) -> int:
+    return max(2, triton.next_power_of_2(n))
 
 
 def _code_block(bits: int) -> int:
@@ -257,39 +263,33 @@ def _sig(names, types):
 
 def _quantize_fwd_configs():
     names = ["x_ptr", "out_ptr", "idx_ptr", "pos_ptr", "neg_ptr", "ew_ptr", "cw_ptr", "part_ptr", "T", "C", "D",
-             "stride_xt", "stride_xc", "stride_xd", "code_value", "logit_scale", "STRAIGHT_THROUGH",
-             "WITH_ENTROPY", "BLOCK_T", "BLOCK_D"]
+             "stride_xt", "stride_xc", "stride_xd", "code_value", "logit_scale", "straight_through",
+             "with_entropy", "BLOCK_T", "BLOCK_D"]
     configs = []
     for ty in _TL_DTYPE.values():
         types = [f"*{ty}", f"*{ty}", "*i64", "*fp32", "*fp32", "*fp32", "*fp32", "*fp32", "i32", "i32", "i32",
-                 "i64", "i64", "i64", "fp32", "fp32"] + ["constexpr"] * 4
+                 "i64", "i64", "i64", "fp32", "fp32", "i32", "i32"] + ["constexpr"] * 2
         for bd in sorted({_block_d(d) for d in range(1, MAX_BITS + 1)}):
-            for st in (True, False):
-                for ent in (True, False):
-                    configs.append(KernelConfig(
-                        f"quantize fwd {ty} BLOCK_D={bd} straight_through={int(st)} entropy={int(ent)}",
-                        _sig(names, types), dict(STRAIGHT_THROUGH=st, WITH_ENTROPY=ent,
-                                                 BLOCK_T=_CUDA_QUANT["BLOCK_T"], BLOCK_D=bd),
-                        num_warps=_CUDA_QUANT["num_warps"], num_stages=_CUDA_QUANT["num_stages"]))
+            configs.append(KernelConfig(
+                f"quantize fwd {ty} BLOCK_D={bd}", _sig(names, types),
+                dict(BLOCK_T=_CUDA_QUANT["BLOCK_T"], BLOCK_D=bd),
+                num_warps=_CUDA_QUANT["num_warps"], num_stages=_CUDA_QUANT["num_stages"]))
     return configs
 
 
 def _quantize_bwd_configs():
     names = ["x_ptr", "gout_ptr", "gpos_ptr", "gneg_ptr", "ew_ptr", "cw_ptr", "coef_ptr", "dx_ptr", "T", "C", "D",
              "stride_xt", "stride_xc", "stride_xd", "stride_gt", "stride_gc", "stride_gd", "code_value",
-             "logit_scale", "HAS_GOUT", "HAS_GP", "BLOCK_T", "BLOCK_D"]
+             "logit_scale", "has_gout", "has_gp", "BLOCK_T", "BLOCK_D"]
     configs = []
     for ty in _TL_DTYPE.values():
         types = [f"*{ty}", f"*{ty}", "*fp32", "*fp32", "*fp32", "*fp32", "*fp32", f"*{ty}", "i32", "i32", "i32",
-                 "i64", "i64", "i64", "i64", "i64", "i64", "fp32", "fp32"] + ["constexpr"] * 4
+                 "i64", "i64", "i64", "i64", "i64", "i64", "fp32", "fp32", "i32", "i32"] + ["constexpr"] * 2
         for bd in sorted({_block_d(d) for d in range(1, MAX_BITS + 1)}):
-            for gout in (True, False):
-                for gp in (True, False):
-                    configs.append(KernelConfig(
-                        f"quantize bwd {ty} BLOCK_D={bd} grad_out={int(gout)} grad_probs={int(gp)}",
-                        _sig(names, types), dict(HAS_GOUT=gout, HAS_GP=gp, BLOCK_T=_CUDA_QUANT["BLOCK_T"],
-                                                 BLOCK_D=bd),
-                        num_warps=_CUDA_QUANT["num_warps"], num_stages=_CUDA_QUANT["num_stages"]))
+            configs.append(KernelConfig(
+                f"quantize bwd {ty} BLOCK_D={bd}", _sig(names, types),
+                dict(BLOCK_T=_CUDA_QUANT["BLOCK_T"], BLOCK_D=bd),
+                num_warps=_CUDA_QUANT["num_warps"], num_stages=_CUDA_QUANT["num_stages"]))
     return configs
 
 
@@ -305,7 +305,7 @@ def _pair_bwd_blocks():
         nh, nl = d // 2, d - d // 2
         for na, nb in ((nh, nl), (nl, nh)):
             if na:
-                found.add((_code_block(na), _code_block(nb), _block_d(na)))
+                found.add((_code_block(na), _code_block(nb), _block_bits(na)))
     return sorted(found)
 
 
@@ -376,8 +376,7 @@ def quantize_fwd(x: torch.Tensor, code_value: float, logit_scale: float, straigh
         x, out, idx, pos if with_entropy else part, neg if with_entropy else part,
         _weights(entropy_weight, t, dev), _weights(commit_weight, t, dev), part, t, c, d,
         x.stride(0), x.stride(1), x.stride(2), float(code_value), float(logit_scale),
-        STRAIGHT_THROUGH=bool(straight_through), WITH_ENTROPY=bool(with_entropy),
-        BLOCK_T=block_t, BLOCK_D=_block_d(d), num_warps=_CUDA_QUANT["num_warps"],
+        int(bool(straight_through)), int(bool(with_entropy)), BLOCK_T=block_t, BLOCK_D=_block_d(d), num_warps=_CUDA_QUANT["num_warps"],
         num_stages=_CUDA_QUANT["num_stages"])
     return out, idx, pos, neg, part
 
@@ -401,8 +400,7 @@ def quantize_bwd(x: torch.Tensor, grad_out: Optional[torch.Tensor], grad_pos: Op
     _lfq_quantize_bwd_kernel[(triton.cdiv(t, block_t),)](
         x, g, gp, gn, _weights(entropy_weight, t, dev), _weights(commit_weight, t, dev), coef, dx, t, c, d,
         x.stride(0), x.stride(1), x.stride(2), g.stride(0), g.stride(1), g.stride(2),
-        float(code_value), float(logit_scale), HAS_GOUT=grad_out is not None, HAS_GP=has_gp,
-        BLOCK_T=block_t, BLOCK_D=_block_d(d), num_warps=_CUDA_QUANT["num_warps"],
+        float(code_value), float(logit_scale), int(grad_out is not None), int(has_gp), BLOCK_T=block_t, BLOCK_D=_block_d(d), num_warps=_CUDA_QUANT["num_warps"],
         num_stages=_CUDA_QUANT["num_stages"])
     return dx
 
@@ -452,6 +450,6 @@ def code_pair_bwd(pos: torch.Tensor, neg: torch.Tensor, weight: Optional[torch.T
             continue
         _lfq_code_pair_bwd_kernel[grid](
             pos, neg, w, g, dpos, dneg, t, c, d, off_a, na, off_b, nb, g.stride(0), sa, sb,
-            BLOCK_T=block_t, BLOCK_A=_code_block(na), BLOCK_B=_code_block(nb), BLOCK_BITS=_block_d(na),
+            BLOCK_T=block_t, BLOCK_A=_code_block(na), BLOCK_B=_code_block(nb), BLOCK_BITS=_block_bits(na),
             PRECISION=PRECISION, num_warps=_CUDA_PAIR_BWD["num_warps"], num_stages=_CUDA_PAIR_BWD["num_stages"])
     return dpos, dneg

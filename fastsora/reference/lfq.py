@@ -67,7 +67,7 @@ def quantize(x: Tensor, code_value: float, logit_scale: float, straight_through:
     q = torch.where(x > 0, code_value, -code_value).to(x.dtype)
     bit_weights = 2 ** torch.arange(d - 1, -1, -1, device=x.device, dtype=torch.int64)
     indices = ((q > 0).to(torch.int64) * bit_weights).sum(-1)
-    out = x + (q - x) if straight_through else q
+    out = x + (q - x).detach() if straight_through else q
     xf = x.to(pdt)
     qf = q.to(pdt)
     cw = _weights(commit_weight, t, xf)
@@ -106,13 +106,28 @@ def quantize_backward(x: Tensor, grad_out: Optional[Tensor], grad_pos: Optional[
     return dx.to(x.dtype)
 
 
+#: Probabilities (and their products) below this are flushed to zero in the code tables: every product of
+#: two kept values stays a normal float, so CPU arithmetic never hits the (100x slower) subnormal path.
+#: What is dropped changes an entropy by < 2^D·1e-19·45 and a gradient (scaled by σ'(z) <= the flushed
+#: probability) by as little.
+_FLUSH = {torch.float32: 1e-19, torch.float64: 1e-150}
+
+
+def _flush(t: Tensor, signed: bool = False) -> Tensor:
+    """Zero the entries of the (freshly computed, owned) tensor t below the flush floor, in place."""
+    floor = _FLUSH.get(t.dtype)
+    if floor is None:
+        return t
+    return t.masked_fill_((t.abs() if signed else t) < floor, 0)
+
+
 def _products(pos: Tensor, neg: Tensor, first: int, count: int) -> List[Tensor]:
     """[P_0, ..., P_count]: P_k (C, T, 2^k) = probabilities of bits first..first+k-1 spelling j (MSB first)."""
     c, t, _ = pos.shape
     ps = [pos.new_ones((c, t, 1))]
+    pairs = _flush(torch.stack((neg, pos), dim=-1))       # (C, T, D, 2): [bit 0, bit 1]
     for i in range(first, first + count):
-        prev = ps[-1]
-        ps.append(torch.stack((prev * neg[:, :, i, None], prev * pos[:, :, i, None]), dim=-1).flatten(-2))
+        ps.append(_flush((ps[-1][..., :, None] * pairs[:, :, i, None, :]).flatten(-2)))
     return ps
 
 
@@ -121,13 +136,14 @@ def _products_backward(pos: Tensor, neg: Tensor, first: int, ps: List[Tensor], g
     """Gradients w.r.t. pos/neg (C, T, D) of the last P in ``ps`` given ``grad`` (C, T, 2^count)."""
     dpos = torch.zeros_like(pos)
     dneg = torch.zeros_like(neg)
+    pairs = _flush(torch.stack((neg, pos), dim=-1))
     for k in range(len(ps) - 1, 0, -1):
         i = first + k - 1
-        g = grad.unflatten(-1, (-1, 2))
-        prev = ps[k - 1]
-        dneg[:, :, i] = (g[..., 0] * prev).sum(-1)
-        dpos[:, :, i] = (g[..., 1] * prev).sum(-1)
-        grad = g[..., 0] * neg[:, :, i, None] + g[..., 1] * pos[:, :, i, None]
+        g = _flush(grad, signed=True).unflatten(-1, (-1, 2))  # (C, T, 2^(k-1), 2)
+        d_pair = (g * ps[k - 1][..., None]).sum(-2)            # (C, T, 2)
+        dneg[:, :, i] = d_pair[..., 0]
+        dpos[:, :, i] = d_pair[..., 1]
+        grad = (g * pairs[:, :, i, None, :]).sum(-1)
     return dpos, dneg
 
 
@@ -142,21 +158,28 @@ def code_sums(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tenso
     return p_hi.transpose(1, 2) @ p_lo
 
 
-def code_sums_backward(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor], grad: Tensor
-                       ) -> Tuple[Tensor, Tensor]:
-    """Gradients w.r.t. prob_pos/prob_neg of <code_sums(...), grad>."""
+def _tables(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor]):
     t, c, d = prob_pos.shape
     hi, lo = split_bits(d)
     pos, neg = prob_pos.transpose(0, 1), prob_neg.transpose(0, 1)
     w = _weights(entropy_weight, t, prob_pos)
-    ps_hi = _products(pos, neg, 0, hi)
-    ps_lo = _products(pos, neg, hi, lo)
-    grad = grad.to(prob_pos.dtype)
+    return hi, pos, neg, w, _products(pos, neg, 0, hi), _products(pos, neg, hi, lo)
+
+
+def _sums_backward(hi: int, pos: Tensor, neg: Tensor, w: Tensor, ps_hi, ps_lo, grad: Tensor):
+    grad = grad.to(pos.dtype)
     d_hi = (ps_lo[-1] @ grad.transpose(1, 2)) * w[None, :, None]   # (C, T, 2^hi)
     d_lo = (ps_hi[-1] @ grad) * w[None, :, None]                   # (C, T, 2^lo)
     dp1, dn1 = _products_backward(pos, neg, 0, ps_hi, d_hi)
     dp2, dn2 = _products_backward(pos, neg, hi, ps_lo, d_lo)
     return (dp1 + dp2).transpose(0, 1).contiguous(), (dn1 + dn2).transpose(0, 1).contiguous()
+
+
+def code_sums_backward(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor], grad: Tensor
+                       ) -> Tuple[Tensor, Tensor]:
+    """Gradients w.r.t. prob_pos/prob_neg of <code_sums(...), grad>."""
+    hi, pos, neg, w, ps_hi, ps_lo = _tables(prob_pos, prob_neg, entropy_weight)
+    return _sums_backward(hi, pos, neg, w, ps_hi, ps_lo, grad)
 
 
 def entropy_of_sums(sums: Tensor, count: Tensor, clamp: Optional[float] = None) -> Tensor:
@@ -179,12 +202,11 @@ def codebook_entropy(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optiona
 def codebook_entropy_backward(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor],
                               grad: Tensor) -> Tuple[Tensor, Tensor]:
     """Gradients w.r.t. prob_pos/prob_neg of <codebook_entropy(...), grad> (grad: (C,))."""
-    t = prob_pos.shape[0]
-    w = _weights(entropy_weight, t, prob_pos)
+    hi, pos, neg, w, ps_hi, ps_lo = _tables(prob_pos, prob_neg, entropy_weight)
     n = w.sum()
-    a = code_sums(prob_pos, prob_neg, entropy_weight) / n
-    g = -grad.to(a.dtype)[:, None, None] * (a.clamp_min(torch.finfo(a.dtype).tiny).log() + 1) / n
-    return code_sums_backward(prob_pos, prob_neg, entropy_weight, g)
+    a = ((ps_hi[-1] * w[None, :, None]).transpose(1, 2) @ ps_lo[-1]) / n
+    g = a.clamp_min_(torch.finfo(a.dtype).tiny).log_().add_(1).mul_(-grad.to(a.dtype)[:, None, None] / n)
+    return _sums_backward(hi, pos, neg, w, ps_hi, ps_lo, g)
 
 
 def brute_force_entropies(x: Tensor, code_value: float, inv_temperature: float,

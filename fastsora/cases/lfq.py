@@ -1,0 +1,166 @@
+"""Check and benchmark cases of ``lfq`` (lookup-free quantization with exact entropies).
+
+Check: the composed op (quantize + per-sample entropy + codebook entropy + commitment, and the gradient of a
+random projection of all of them w.r.t. x) against the float64 oracle: brute force over all 2^D codes for
+D <= 12, the exact hi/lo reference in float64 beyond.
+
+Bench: ``fastsora.nn.LFQ`` vs vector-quantize-pytorch's ``LFQ`` (the anchor), training-mode forward and
+forward+backward, at D = 10, 14, 18 and 1k-64k tokens on CUDA; on CPU a modest subset. The anchor builds
+tokens × 2^D tensors: points it cannot fit raise MemoryError (recorded as out of memory by the runner).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+import torch
+
+from fastsora.registry import Case, OpSpec, register_op
+from fastsora.testing import grads
+
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+INV_TEMPERATURE = 100.0
+#: bytes the anchor keeps per token and code (measured: 3.6 GB for 512 tokens at 2^18 ≈ 27 B)
+ANCHOR_BYTES_PER_TOKEN_CODE = 28
+
+
+def _check_case(label: str, t: int, c: int, d: int, masked: bool = False, layout: str = "contiguous",
+                scale: float = 0.02) -> Case:
+    def make(device, dtype):
+        if layout == "noncontiguous":
+            x = (torch.randn(t, c, 2 * d, device=device) * scale).to(dtype)[..., ::2]
+        else:
+            x = (torch.randn(t, c, d, device=device) * scale).to(dtype)
+        x.requires_grad_(True)
+        w = (torch.rand(t, device=device) > 0.35).float() if masked else None
+        cw = (torch.rand(t, device=device) > 0.5).float() if masked else None
+        return (x, w, cw)
+
+    return Case(label, make, meta={"tokens": t, "codebooks": c, "dim": d})
+
+
+def _outputs(res, x):
+    outs = (res.out, res.per_sample_entropy, res.codebook_entropy, res.commitment)
+    return (res.out, res.indices.double(), res.per_sample_entropy.reshape(1), res.codebook_entropy,
+            res.commitment.reshape(1), *grads(outs, [x]))
+
+
+def _run(x, w, cw) -> Tuple[torch.Tensor, ...]:
+    from fastsora.ops.lfq import lfq
+
+    return _outputs(lfq(x, 1.0, INV_TEMPERATURE, entropy_weight=w, commit_weight=cw), x)
+
+
+def _reference(x, w, cw) -> Tuple[torch.Tensor, ...]:
+    """float64 oracle: brute force over all 2^D codes for D <= 12, else the exact hi/lo reference."""
+    from fastsora.ops.lfq import LFQOutput
+    from fastsora.reference import lfq as ref
+
+    d = x.shape[-1]
+    out, idx, pos, neg, ps, cm = ref.quantize(x, 1.0, 4 * INV_TEMPERATURE, True, True, w, cw)
+    if d <= 12:
+        ps, cb = ref.brute_force_entropies(x, 1.0, INV_TEMPERATURE, w)
+    else:
+        from fastsora.backend import use_backend
+        from fastsora.ops.lfq import lfq
+
+        with use_backend("torch"):
+            res = lfq(x, 1.0, INV_TEMPERATURE, entropy_weight=w, commit_weight=cw)
+        return _outputs(res, x)
+    return _outputs(LFQOutput(out, idx, ps, cb, cm), x)
+
+
+def _check_cases(device) -> Sequence[Case]:
+    if device.type == "cuda":
+        return [
+            _check_case("T=4096 C=1 D=18 masked", 4096, 1, 18, masked=True),
+            _check_case("T=16384 C=1 D=14", 16384, 1, 14),
+            _check_case("T=2048 C=2 D=10 noncontig", 2048, 2, 10, layout="noncontiguous"),
+            _check_case("T=1000 C=4 D=3 masked", 1000, 4, 3, masked=True),
+        ]
+    return [
+        _check_case("T=48 C=1 D=10 masked", 48, 1, 10, masked=True),
+        _check_case("T=33 C=2 D=5 noncontig", 33, 2, 5, layout="noncontiguous"),
+        _check_case("T=20 C=3 D=1", 20, 3, 1),
+        _check_case("T=40 C=1 D=12", 40, 1, 12, scale=0.005),
+    ]
+
+
+# --------------------------------------------------------------------------------------------- benchmarks
+def _bench_case(d: int, tokens: int, batch: int = 1) -> Case:
+    n = tokens // batch
+
+    def make(device, dtype):
+        x = torch.randn(batch, n, d, device=device, dtype=torch.float32).mul_(0.1).to(dtype).requires_grad_(True)
+        return (x, d)
+
+    return Case(f"D={d} tokens={tokens}", make, meta={"dim": d, "tokens": tokens, "bwd_flops_factor": 2.0},
+                flops=2.0 * tokens * 2 ** d)
+
+
+def _bench_cases(device) -> Sequence[Case]:
+    if device.type == "cuda":
+        return [_bench_case(d, t) for d in (10, 14, 18) for t in (1024, 4096, 16384, 65536)]
+    return [_bench_case(10, 4096), _bench_case(18, 512), _bench_case(18, 16384)]
+
+
+def _memory_budget(device: torch.device) -> float:
+    if device.type == "cuda":
+        return 0.8 * torch.cuda.get_device_properties(device).total_memory
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        avail = 8 * 2 ** 30
+    return 0.6 * avail
+
+
+def _thunk(module: torch.nn.Module, x: torch.Tensor, mode: str) -> Callable[[], Any]:
+    module.train()
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                return module(x)
+        return run
+
+    def run():
+        ret = module(x)
+        loss = ret.quantized.float().square().mean() + ret.entropy_aux_loss
+        return torch.autograd.grad(loss, [x])
+    return run
+
+
+def _impl_fastsora(args, mode) -> Optional[Callable[[], Any]]:
+    from fastsora.nn.lfq import LFQ
+
+    x, d = args
+    return _thunk(LFQ(codebook_size=2 ** d, dim=d).to(x.device), x, mode)
+
+
+def _impl_anchor(args, mode) -> Optional[Callable[[], Any]]:
+    try:
+        from vector_quantize_pytorch import LFQ
+    except ImportError:
+        return None
+    x, d = args
+    tokens = x.shape[0] * x.shape[1]
+    need = ANCHOR_BYTES_PER_TOKEN_CODE * tokens * 2 ** d + 20 * 2 ** d * d
+    budget = _memory_budget(x.device)
+    if need > budget:
+        raise MemoryError(f"vector-quantize-pytorch LFQ needs ~{need / 2**30:.1f} GiB for {tokens} tokens x 2^{d} "
+                          f"codes (tokens x codebook tensors); {budget / 2**30:.1f} GiB available")
+    return _thunk(LFQ(codebook_size=2 ** d, dim=d).to(x.device), x, mode)
+
+
+register_op(OpSpec(
+    name="lfq",
+    family="lfq",
+    run=_run,
+    reference=_reference,
+    check_cases=_check_cases,
+    tolerance=TOL,
+    bench_cases=_bench_cases,
+    bench_impls={"fastsora": _impl_fastsora, "vector-quantize-pytorch": _impl_anchor},
+    bench_modes=("fwd", "fwd+bwd"),
+    dtypes_cpu=(torch.float32, torch.float16),
+    dtypes_cuda=(torch.float32, torch.float16, torch.bfloat16),
+))
