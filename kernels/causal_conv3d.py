@@ -72,11 +72,6 @@ def _load_x_tile(x_ptr, c_ptr, b, tv, hv, wv, row_ok, offs_c, C_in, H, W, Tc,
 
 
 @triton.jit
-def _add(a, b):
-    return a + b
-
-
-@triton.jit
 def _causal_conv3d_fwd_kernel(
     x_ptr, c_ptr, w_ptr, b_ptr, r_ptr, y_ptr, z_ptr,
     M, C_in, H, W, C_out, T_out, Tc,
@@ -104,7 +99,7 @@ def _causal_conv3d_fwd_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < C_out
     offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for tap in range(KT * KH * KW):
         i = tap // (KH * KW)
         j = (tap // KW) % KH
@@ -165,8 +160,11 @@ def _causal_conv3d_bwd_weight_kernel(
     offs_c = cb * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < C_out
-    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    dbacc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc = tl.full((BLOCK_K, BLOCK_N), 0.0, tl.float32)
+    # bias gradient by a dot with a ones matrix (16 identical rows; row 0 is stored): no reduction builtin
+    # (tl.sum is a @jit library function that breaks AOT compilation under the interpreter)
+    do_db = HAS_BIAS & (tap == 0) & (cb == 0)
+    dbacc = tl.full((16, BLOCK_N), 0.0, tl.float32)
     m_begin = pid_s.to(tl.int64) * rows_per_split
     m_end = tl.minimum(m_begin + rows_per_split, M)
     for m0 in range(0, rows_per_split, BLOCK_M):
@@ -189,13 +187,18 @@ def _causal_conv3d_bwd_weight_kernel(
             acc = tl.dot(tl.trans(a), g, acc, input_precision="ieee")
         else:
             acc = tl.dot(tl.trans(a), g, acc)
-        if HAS_BIAS:
-            dbacc += tl.reduce(g.to(tl.float32), 0, _add)
+        if do_db:
+            ones = tl.full((16, BLOCK_M), 1.0, g.dtype)
+            if IEEE:
+                dbacc = tl.dot(ones, g, dbacc, input_precision="ieee")
+            else:
+                dbacc = tl.dot(ones, g, dbacc)
     dw_off = (tap.to(tl.int64) * C_in + offs_c)[:, None] * C_out + offs_n[None, :]
     tl.atomic_add(dw_ptr + dw_off, acc, mask=(offs_c < C_in)[:, None] & n_ok[None, :])
-    if HAS_BIAS:
-        if (tap == 0) & (cb == 0):
-            tl.atomic_add(db_ptr + offs_n, dbacc, mask=n_ok)
+    if do_db:
+        first = tl.arange(0, 16) == 0
+        tl.atomic_add(db_ptr + offs_n[None, :] + 0 * tl.arange(0, 16)[:, None], dbacc,
+                      mask=first[:, None] & n_ok[None, :])
 
 
 @triton.jit
@@ -237,7 +240,7 @@ def _causal_conv3d_bwd_input_kernel(
     offs_c = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     c_ok = offs_c < C_in
     offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     n_e = NT * NH * NW
     for tap in range(KT * KH * KW):
         i = tap // (KH * KW)
@@ -304,18 +307,21 @@ _TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 #: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per arch and dtype class ('lp' = fp16/bf16, 'fp32').
 #: fwd / bwd-input: M = positions, N = output channels (fwd) or input channels (bwd-input), K = channels
 #: reduced per step. bwd-weight: M = positions reduced, N = C_out, K = C_in.
+_LP = [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 3)]
+_F32 = [(64, 64, 32, 4, 2), (64, 32, 32, 4, 2)]
 _CONFIGS = {
-    ("sm_90", "lp"): [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 128, 64, 8, 3),
-                      (64, 64, 64, 4, 3)],
-    ("sm_80", "lp"): [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 3)],
-    ("sm_90", "fp32"): [(64, 64, 32, 4, 2), (128, 64, 16, 8, 2), (64, 32, 32, 4, 2)],
-    ("sm_80", "fp32"): [(64, 64, 32, 4, 2), (128, 64, 16, 8, 2), (64, 32, 32, 4, 2)],
+    ("sm_90", "lp"): _LP, ("sm_80", "lp"): _LP,
+    ("sm_90", "fp32"): _F32, ("sm_80", "fp32"): _F32,
 }
+_BWD_INPUT_CONFIGS = {
+    ("sm_90", "lp"): _LP[:3], ("sm_80", "lp"): _LP[:3],
+    ("sm_90", "fp32"): _F32, ("sm_80", "fp32"): _F32,
+}
+_WLP = [(128, 128, 64, 8, 3), (64, 64, 64, 4, 4), (128, 64, 64, 4, 3)]
+_WF32 = [(32, 64, 64, 4, 2)]
 _WGRAD_CONFIGS = {
-    ("sm_90", "lp"): [(128, 128, 64, 8, 3), (64, 64, 64, 4, 4), (128, 64, 64, 4, 3), (64, 128, 128, 8, 3)],
-    ("sm_80", "lp"): [(128, 128, 64, 8, 3), (64, 64, 64, 4, 4), (128, 64, 64, 4, 3)],
-    ("sm_90", "fp32"): [(32, 64, 64, 4, 2), (64, 64, 64, 8, 2), (32, 32, 32, 4, 2)],
-    ("sm_80", "fp32"): [(32, 64, 64, 4, 2), (64, 64, 64, 8, 2), (32, 32, 32, 4, 2)],
+    ("sm_90", "lp"): _WLP, ("sm_80", "lp"): _WLP,
+    ("sm_90", "fp32"): _WF32, ("sm_80", "fp32"): _WF32,
 }
 #: one config in the interpreter: big tiles (the interpreter costs per loop iteration, not per element)
 _INTERP = (256, 32, 32, 4, 1)
@@ -345,7 +351,7 @@ def _tuned(kind: str, arch: str, klass: str):
     if kind == "fwd":
         return triton.autotune(_triton_configs(_CONFIGS, arch, klass), key=_FWD_KEY)(_causal_conv3d_fwd_kernel)
     if kind == "bwd_input":
-        return triton.autotune(_triton_configs(_CONFIGS, arch, klass),
+        return triton.autotune(_triton_configs(_BWD_INPUT_CONFIGS, arch, klass),
                                key=["C_in", "C_out", "KT", "KH", "KW", "ROW_LIST", "NT", "NH", "NW"]
                                )(_causal_conv3d_bwd_input_kernel)
     if kind == "bwd_weight":
@@ -381,14 +387,21 @@ def _register() -> None:
         return list(inspect.signature(fn).parameters)
 
     for kernel, table, kind in ((_causal_conv3d_fwd_kernel, _CONFIGS, "fwd"),
-                                (_causal_conv3d_bwd_input_kernel, _CONFIGS, "bwd_input"),
+                                (_causal_conv3d_bwd_input_kernel, _BWD_INPUT_CONFIGS, "bwd_input"),
                                 (_causal_conv3d_bwd_weight_kernel, _WGRAD_CONFIGS, "bwd_weight")):
         names = argnames(kernel)
         configs = []
+        # the same tile can serve several archs: register it once (`fastsora compile` builds every config
+        # for sm_80 and sm_90), labelled with the archs whose autotuner may pick it
+        tiles: Dict[tuple, List[str]] = {}
         for (arch, klass), rows in sorted(table.items()):
+            for row in rows:
+                tiles.setdefault((klass,) + tuple(row), []).append(arch)
+        for (klass, *row), archs in tiles.items():
+            arch = "/".join(sorted(set(archs)))
             for dtype in ((torch.float16, torch.bfloat16) if klass == "lp" else (torch.float32,)):
                 t = _TL[dtype]
-                for bm, bn, bk, nw, ns in rows:
+                for bm, bn, bk, nw, ns in [row]:
                     consts = {"KT": 3, "KH": 3, "KW": 3, "IEEE": dtype == torch.float32,
                               "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
                     types = {}

@@ -168,10 +168,9 @@ def _causal_conv3d_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.
         dx, dw, db = _ref.causal_conv3d_backward(dy, x, weight, bias, cache, stride, dilation, pad_mode, act,
                                                  streaming)
         dx = dx.contiguous(memory_format=_memory_format(x))
-    empty = x.new_empty(0)
-    return (dx if (need_input and dx is not None) else empty,
-            dw if (need_weight and dw is not None) else empty,
-            db if (need_weight and db is not None) else empty)
+    return (dx if (need_input and dx is not None) else x.new_empty(0),
+            dw if (need_weight and dw is not None) else x.new_empty(0),
+            db if (need_weight and db is not None) else x.new_empty(0))
 
 
 @_causal_conv3d_backward_op.register_fake

@@ -101,16 +101,35 @@ def causal_conv3d_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tens
                            cache: Optional[torch.Tensor], stride: int, dilation: int, pad_mode: str,
                            activation: Optional[str], streaming: bool
                            ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """(grad x, grad weight, grad bias) of :func:`causal_conv3d` for the cotangent ``dy`` (by autograd;
-    the cache is a constant). The residual's gradient is ``dy`` itself."""
-    with torch.enable_grad():
-        xr = x.detach().requires_grad_(True)
-        wr = weight.detach().requires_grad_(True)
-        has_bias = bias is not None
-        br = bias.detach().requires_grad_(True) if has_bias else None
-        y = causal_conv3d(xr, wr, br, stride=stride, dilation=dilation, pad_mode=pad_mode,
-                          activation=activation, cache=None if cache is None else cache.detach(),
-                          streaming=streaming)
-        inputs = [xr, wr] + ([br] if has_bias else [])
-        got = torch.autograd.grad(y, inputs, dy)
-    return got[0], got[1], (got[2] if has_bias else None)
+    """(grad x, grad weight, grad bias) of :func:`causal_conv3d` for the cotangent ``dy``; the residual's
+    gradient is ``dy`` itself and the cache is a constant.
+
+    Written without autograd (custom-op implementations run below the autograd dispatch key): the backward of
+    F.pad (slice / replication_pad3d_backward) and of the convolution (aten.convolution_backward).
+    """
+    kt, kh, kw = weight.shape[2:]
+    tp = time_padding(kt, stride, dilation)
+    mode = effective_pad_mode(pad_mode, tp, x.shape[2], streaming or cache is not None)
+    n_cache = cache.shape[2] if cache is not None else 0
+    xin = torch.cat([cache.to(x.dtype), x], dim=2) if n_cache else x
+    tp -= n_cache
+    crop = max(-tp, 0)  # a negative time padding crops frames (F.pad semantics)
+    xin_c = xin[:, :, crop:]
+    pads = (kw // 2, kw // 2, kh // 2, kh // 2, max(tp, 0), 0)
+    padded = F.pad(xin_c, pads, mode=mode)
+    conv_args = dict(stride=[stride, 1, 1], padding=[0, 0, 0], dilation=[dilation, 1, 1], transposed=False,
+                     output_padding=[0, 0, 0], groups=1)
+    g = dy
+    if activation == "silu":
+        pre = F.conv3d(padded, weight, bias, stride=(stride, 1, 1), dilation=(dilation, 1, 1))
+        sig = torch.sigmoid(pre)
+        g = dy * sig * (1 + pre * (1 - sig))
+    d_padded, d_weight, d_bias = torch.ops.aten.convolution_backward(
+        g, padded, weight, [weight.shape[0]] if bias is not None else None, output_mask=[True, True, bias is not None],
+        **conv_args)
+    if mode == "replicate":
+        d_xin_c = torch.ops.aten.replication_pad3d_backward(d_padded, xin_c, list(pads))
+    else:
+        d_xin_c = F.pad(d_padded, tuple(-p for p in pads))
+    d_xin = F.pad(d_xin_c, (0, 0, 0, 0, crop, 0)) if crop else d_xin_c
+    return d_xin[:, :, n_cache:], d_weight, (d_bias if bias is not None else None)

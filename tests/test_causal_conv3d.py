@@ -1,0 +1,249 @@
+"""causal_conv3d: Triton kernels (interpreter on CPU) against a float64 F.pad + F.conv3d reference.
+
+Forward over kernel sizes, strides, dilations, pad modes, bias, layouts, the short-clip fallback and the fused
+epilogue; gradients for input, weight, bias and residual; NaN-poisoned outputs throughout.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastsora
+from fastsora.ops.causal_conv3d import causal_conv3d
+from fastsora.reference import causal_conv3d as ref
+from fastsora.testing import TOLERANCE, assert_close, channels_last, grads, noncontiguous, randn, to_float64
+
+
+def _inputs(b, ci, co, t, h, w, k, dtype, device, bias=True, residual=False, stride=1, requires_grad=False):
+    x = randn(b, ci, t, h, w, dtype=dtype, device=device, requires_grad=requires_grad)
+    fan_in = ci * k[0] * k[1] * k[2]
+    wt = randn(co, ci, *k, dtype=dtype, device=device, scale=fan_in ** -0.5, requires_grad=requires_grad)
+    bs = randn(co, dtype=dtype, device=device, requires_grad=requires_grad) if bias else None
+    rs = randn(b, co, t // stride, h, w, dtype=dtype, device=device, requires_grad=requires_grad) \
+        if residual else None
+    return x, wt, bs, rs
+
+
+def _oracle(x, w, b, r=None, **kw):
+    """Independent float64 oracle: magvit2-pytorch's F.pad + F.conv3d written out here."""
+    x, w, b, r = [t if t is None or t.dtype == torch.float64 else to_float64(t) for t in (x, w, b, r)]
+    kt, kh, kw_ = w.shape[2:]
+    s, d, mode = kw.get("stride", 1), kw.get("dilation", 1), kw.get("pad_mode", "constant")
+    tp = d * (kt - 1) + (1 - s)
+    mode = mode if tp < x.shape[2] else "constant"
+    y = F.conv3d(F.pad(x, (kw_ // 2, kw_ // 2, kh // 2, kh // 2, tp, 0), mode=mode), w, b,
+                 stride=(s, 1, 1), dilation=(d, 1, 1))
+    if kw.get("activation") == "silu":
+        y = F.silu(y)
+    return y + r if r is not None else y
+
+
+FWD_CASES = [
+    # (k, stride, dilation, pad_mode, bias, shape (b, ci, co, t, h, w))
+    ((1, 1, 1), 1, 1, "constant", True, (2, 5, 6, 3, 5, 6)),
+    ((3, 3, 3), 1, 1, "constant", True, (1, 5, 7, 4, 6, 5)),
+    ((3, 3, 3), 1, 1, "replicate", False, (2, 3, 4, 4, 5, 7)),
+    ((5, 5, 5), 1, 1, "replicate", True, (1, 4, 5, 6, 7, 6)),
+    ((7, 7, 7), 1, 1, "constant", True, (1, 3, 6, 3, 7, 7)),
+    ((3, 1, 1), 1, 1, "replicate", True, (1, 20, 9, 5, 5, 6)),
+    ((3, 3, 3), 2, 1, "constant", True, (1, 6, 5, 6, 5, 5)),
+    ((3, 3, 3), 2, 1, "replicate", True, (2, 4, 5, 5, 6, 5)),  # odd T with stride 2
+    ((3, 3, 3), 1, 2, "replicate", True, (1, 4, 6, 6, 5, 6)),
+    ((1, 3, 3), 2, 1, "replicate", True, (1, 4, 4, 4, 5, 5)),  # time_pad = -1: crops a frame
+    ((2, 3, 5), 1, 3, "constant", False, (1, 3, 4, 5, 6, 7)),  # even kt
+]
+
+
+@pytest.mark.parametrize("k,stride,dilation,pad_mode,bias,shape", FWD_CASES,
+                         ids=[f"k{c[0]}-s{c[1]}-d{c[2]}-{c[3]}-{'bias' if c[4] else 'nobias'}" for c in FWD_CASES])
+def test_forward_parity(k, stride, dilation, pad_mode, bias, shape, dtype, device, poison):
+    b, ci, co, t, h, w = shape
+    x, wt, bs, _ = _inputs(b, ci, co, t, h, w, k, dtype, device, bias=bias)
+    with fastsora.use_backend("triton"):
+        y = causal_conv3d(x, wt, bs, stride=stride, dilation=dilation, pad_mode=pad_mode)
+    assert y.shape == (b, co, t // stride, h, w) and y.dtype == dtype
+    assert_close(y, _oracle(x, wt, bs, stride=stride, dilation=dilation, pad_mode=pad_mode), dtype)
+
+
+def test_reference_matches_oracle():
+    """The torch backend (fastsora.reference) is the same computation as the independent oracle."""
+    for k, s, d, mode, bias, (b, ci, co, t, h, w) in FWD_CASES:
+        x, wt, bs, _ = _inputs(b, ci, co, t, h, w, k, torch.float64, "cpu", bias=bias)
+        got = ref.causal_conv3d(x, wt, bs, stride=s, dilation=d, pad_mode=mode)
+        assert_close(got, _oracle(x, wt, bs, stride=s, dilation=d, pad_mode=mode), torch.float64)
+
+
+GRAD_CASES = [
+    ((3, 3, 3), 1, 1, "constant", (1, 5, 6, 4, 5, 6)),
+    ((3, 3, 3), 1, 1, "replicate", (2, 4, 5, 4, 6, 5)),
+    ((3, 5, 3), 2, 1, "replicate", (1, 3, 4, 6, 7, 5)),
+    ((3, 3, 3), 1, 2, "replicate", (1, 4, 4, 5, 5, 5)),
+    ((3, 1, 1), 2, 2, "constant", (1, 17, 18, 6, 5, 5)),
+]
+
+
+@pytest.mark.parametrize("k,stride,dilation,pad_mode,shape", GRAD_CASES,
+                         ids=[f"k{c[0]}-s{c[1]}-d{c[2]}-{c[3]}" for c in GRAD_CASES])
+def test_gradients(k, stride, dilation, pad_mode, shape, dtype, device, poison):
+    b, ci, co, t, h, w = shape
+    x, wt, bs, _ = _inputs(b, ci, co, t, h, w, k, dtype, device, requires_grad=True)
+    kw = dict(stride=stride, dilation=dilation, pad_mode=pad_mode)
+    with fastsora.use_backend("triton"):
+        y = causal_conv3d(x, wt, bs, **kw)
+        got = grads(y, [x, wt, bs])
+    x64, w64, b64 = to_float64((x, wt, bs))
+    y64 = _oracle(x64, w64, b64, **kw)
+    want = grads(y64, [x64, w64, b64])
+    for name, g, r in zip(("x", "weight", "bias"), got, want):
+        assert g.dtype == dtype
+        assert_close(g, r, dtype, name=f"grad {name}")
+
+
+def test_replicate_border_gradient_accumulates(device, poison):
+    """With replicate padding the border pixels collect the gradient of every padded position that copies
+    them: a 1x1 image (every tap reads the same pixel) and frame 0 (every time tap reads it) show it."""
+    x, wt, bs, _ = _inputs(1, 3, 4, 3, 1, 1, (3, 3, 3), torch.float32, device, requires_grad=True)
+    with fastsora.use_backend("triton"):
+        y = causal_conv3d(x, wt, bs, pad_mode="replicate")
+        gx, = torch.autograd.grad(y.sum(), [x])
+    # y[:, o, t] = sum_c x[c, clamp(t + i - 2)] * sum_{j,k} w[o, c, i, j, k]: d y.sum() / d x[c, t]
+    wsum = wt.detach().sum(dim=(3, 4)).sum(0)  # (c, kt)
+    want = torch.zeros(3, 3)
+    for t in range(3):
+        for i in range(3):
+            want[:, max(t + i - 2, 0)] += wsum[:, i]
+    assert_close(gx[0, :, :, 0, 0], want, torch.float32)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "noncontiguous", "permuted"])
+def test_layouts(layout, device, poison):
+    dtype = torch.float32
+    x, wt, bs, _ = _inputs(1, 6, 5, 4, 5, 6, (3, 3, 3), dtype, device, requires_grad=True)
+    if layout == "channels_last":
+        xin = channels_last(x)
+    elif layout == "noncontiguous":
+        xin = noncontiguous(x, dim=3)
+    else:  # a transposed view: (b, c, t, w, h) storage read as (b, c, t, h, w)
+        xin = x.detach().transpose(3, 4).contiguous().transpose(3, 4).requires_grad_(True)
+    assert not xin.is_contiguous()
+    with fastsora.use_backend("triton"):
+        y = causal_conv3d(xin, wt, bs, pad_mode="replicate")
+        gx, gw = grads(y, [xin, wt])
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last_3d), "output keeps channels_last_3d"
+        assert gx.is_contiguous(memory_format=torch.channels_last_3d)
+    else:
+        assert y.is_contiguous()
+    x64, w64, b64 = to_float64((x, wt, bs))
+    y64 = _oracle(x64, w64, b64, pad_mode="replicate")
+    gx64, gw64 = grads(y64, [x64, w64])
+    assert_close([y, gx, gw], [y64, gx64, gw64], dtype)
+
+
+def test_channels_last_weight_and_noncontiguous_residual(device, poison):
+    x, wt, bs, rs = _inputs(1, 4, 6, 4, 5, 5, (3, 3, 3), torch.float32, device, residual=True)
+    w_cl = channels_last(wt)
+    r_nc = noncontiguous(rs, dim=2)
+    with fastsora.use_backend("triton"):
+        y = causal_conv3d(x, w_cl, bs, residual=r_nc)
+    assert_close(y, _oracle(x, wt, bs, rs), torch.float32)
+
+
+@pytest.mark.parametrize("pad_mode", ["constant", "replicate"])
+def test_short_clip_fallback(pad_mode, device, poison):
+    """time_pad >= T: magvit2-pytorch pads with zeros even in replicate mode (whole-clip calls)."""
+    k = (5, 3, 3)  # time_pad = 4
+    for t in (3, 4, 5):
+        x, wt, bs, _ = _inputs(1, 3, 4, t, 5, 5, k, torch.float32, device)
+        with fastsora.use_backend("triton"):
+            y = causal_conv3d(x, wt, bs, pad_mode=pad_mode)
+        want = _oracle(x, wt, bs, pad_mode=pad_mode)
+        assert_close(y, want, torch.float32)
+        if pad_mode == "replicate":
+            const = _oracle(x, wt, bs, pad_mode="constant")
+            same = torch.allclose(want, const)
+            assert same == (t <= 4), "fallback applies exactly when time_pad >= T"
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_fused_epilogue(with_residual, dtype, device, poison):
+    """y = silu(conv(x) + bias) + residual; gradients of every input including the residual."""
+    x, wt, bs, rs = _inputs(1, 5, 6, 4, 5, 6, (3, 3, 3), dtype, device, residual=with_residual, stride=1,
+                            requires_grad=True)
+    leaves = [x, wt, bs] + ([rs] if with_residual else [])
+    with fastsora.use_backend("triton"):
+        y = causal_conv3d(x, wt, bs, activation="silu", residual=rs, pad_mode="replicate")
+        got = grads(y, leaves)
+    l64 = to_float64(leaves)
+    y64 = _oracle(l64[0], l64[1], l64[2], l64[3] if with_residual else None, activation="silu",
+                  pad_mode="replicate")
+    want = grads(y64, l64)
+    assert_close(y, y64, dtype)
+    assert_close(got, want, dtype, name="grads")
+    # the order is act(conv + bias) + residual, not act(conv + bias + residual)
+    if with_residual:
+        other = F.silu(_oracle(l64[0], l64[1], l64[2], l64[3]))
+        assert (y.double() - other).abs().max() > 10 * TOLERANCE[dtype]
+
+
+def test_residual_only_epilogue(device, poison):
+    x, wt, bs, rs = _inputs(2, 4, 4, 4, 5, 5, (3, 3, 3), torch.float32, device, residual=True, stride=2)
+    with fastsora.use_backend("triton"):
+        y = causal_conv3d(x, wt, None, stride=2, residual=rs)
+    assert_close(y, _oracle(x, wt, None, rs, stride=2), torch.float32)
+
+
+def test_weight_only_and_input_only_gradients(device, poison):
+    x, wt, bs, _ = _inputs(1, 4, 5, 4, 5, 5, (3, 3, 3), torch.float32, device)
+    wt.requires_grad_(True)
+    with fastsora.use_backend("triton"):
+        gw, = grads(causal_conv3d(x, wt, bs, pad_mode="replicate"), [wt])
+    x64, w64, b64 = to_float64((x, wt, bs))
+    assert_close(gw, grads(_oracle(x64, w64, b64, pad_mode="replicate"), [w64])[0], torch.float32)
+    x.requires_grad_(True)
+    wt.requires_grad_(False)
+    with fastsora.use_backend("triton"):
+        gx, = grads(causal_conv3d(x, wt, bs), [x])
+    x64 = to_float64(x)
+    assert_close(gx, grads(_oracle(x64, w64.detach(), b64), [x64])[0], torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pad_mode", ["constant", "replicate"])
+def test_gpu_bf16_realistic_flash_rule(pad_mode):
+    """bf16 at a MAGVIT-v2 shape: error vs float64 <= 2x the error of torch's own bf16 conv (grads 3x)."""
+    from fastsora.testing import assert_flash_rule
+
+    dev = torch.device("cuda")
+    x, wt, bs, _ = _inputs(2, 128, 128, 10, 64, 64, (3, 3, 3), torch.bfloat16, dev, requires_grad=True)
+    x = channels_last(x)
+    with fastsora.use_backend("triton"):
+        y = causal_conv3d(x, wt, bs, pad_mode=pad_mode)
+        gx, gw, gb = grads(y, [x, wt, bs])
+    with fastsora.use_backend("torch"):
+        yt = causal_conv3d(x, wt, bs, pad_mode=pad_mode)
+        gxt, gwt, gbt = grads(yt, [x, wt, bs])
+    x32, w32, b32 = [t.detach().float().requires_grad_(True) for t in (x, wt, bs)]
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        y32 = ref.causal_conv3d(x32, w32, b32, pad_mode=pad_mode)
+        g32 = grads(y32, [x32, w32, b32])
+    finally:
+        torch.backends.cudnn.allow_tf32 = True
+    assert_flash_rule(y, y32, yt)
+    for name, g, gt, gr in zip("xwb", (gx, gw, gb), (gxt, gwt, gbt), g32):
+        assert_flash_rule(g, gr, gt, factor=3.0, name=f"grad {name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_gpu_int64_offsets():
+    """A tensor over 2^31 elements: the last frames must be right (int32 offsets would wrap)."""
+    dev = torch.device("cuda")
+    x = torch.randn(1, 8, 4, 8192, 8200, device=dev, dtype=torch.float16)  # 2.1e9 elements
+    wt = torch.randn(8, 8, 3, 3, 3, device=dev, dtype=torch.float16) * 0.1
+    with fastsora.use_backend("triton"):
+        y = causal_conv3d(x, wt, None)
+    tail = x[:, :, :, -16:].float()
+    want = ref.causal_conv3d(tail, wt.float(), None)
+    # the last image rows see the same inputs in the crop except the top border of the crop
+    assert_close(y[:, :, :, -15:].float(), want[:, :, :, -15:], torch.float16)

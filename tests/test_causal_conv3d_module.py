@@ -1,0 +1,265 @@
+"""fastsora.nn.CausalConv3d: magvit2-pytorch compatibility (state_dict both ways), streaming with a frame cache,
+bad inputs, backend dispatch (no ATen convolution or padded copy on the Triton path), torch.compile."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastsora
+from fastsora.backend import BackendError
+from fastsora.nn import CausalConv3d
+from fastsora.ops import causal_conv3d
+from fastsora.testing import assert_close, channels_last, randn, to_float64
+
+
+class MagvitCausalConv3d(nn.Module):
+    """magvit2-pytorch 0.5.1's CausalConv3d, written out for the test (F.pad, then the Conv3d in .conv)."""
+
+    def __init__(self, chan_in, chan_out, kernel_size, pad_mode="constant", **kwargs):
+        super().__init__()
+        kt, kh, kw = (kernel_size,) * 3 if isinstance(kernel_size, int) else kernel_size
+        dilation = kwargs.pop("dilation", 1)
+        stride = kwargs.pop("stride", 1)
+        self.pad_mode = pad_mode
+        self.time_pad = dilation * (kt - 1) + (1 - stride)
+        self.time_causal_padding = (kw // 2, kw // 2, kh // 2, kh // 2, self.time_pad, 0)
+        self.conv = nn.Conv3d(chan_in, chan_out, (kt, kh, kw), stride=(stride, 1, 1), dilation=(dilation, 1, 1),
+                              **kwargs)
+
+    def forward(self, x):
+        pad_mode = self.pad_mode if self.time_pad < x.shape[2] else "constant"
+        return self.conv(F.pad(x, self.time_causal_padding, mode=pad_mode))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("pad_mode", ["constant", "replicate"])
+def test_state_dict_round_trip_with_magvit_module(backend, pad_mode, poison):
+    torch.manual_seed(0)
+    theirs = MagvitCausalConv3d(4, 6, (3, 3, 5), pad_mode=pad_mode, stride=2, dilation=1)
+    ours = CausalConv3d(4, 6, (3, 3, 5), pad_mode=pad_mode, stride=2, dilation=1)
+    assert set(ours.state_dict()) == set(theirs.state_dict()) == {"conv.weight", "conv.bias"}
+    assert ours.time_pad == theirs.time_pad and ours.time_causal_padding == theirs.time_causal_padding
+    ours.load_state_dict(theirs.state_dict())
+    x = randn(2, 4, 6, 5, 7)
+    with fastsora.use_backend(backend):
+        assert_close(ours(x), theirs(x), torch.float32)
+    # and back: our weights into their module
+    ours2 = CausalConv3d(4, 6, (3, 3, 5), pad_mode=pad_mode, stride=2)
+    theirs2 = MagvitCausalConv3d(4, 6, (3, 3, 5), pad_mode=pad_mode, stride=2)
+    theirs2.load_state_dict(ours2.state_dict())
+    with fastsora.use_backend(backend):
+        assert_close(ours2(x), theirs2(x), torch.float32)
+
+
+def test_module_without_bias_and_dtype_kwargs():
+    m = CausalConv3d(3, 5, 3, bias=False, dtype=torch.float16)
+    assert m.conv.bias is None and m.conv.weight.dtype == torch.float16
+    assert set(m.state_dict()) == {"conv.weight"}
+    assert m.conv.stride == (1, 1, 1) and m.conv.padding == (0, 0, 0)
+
+
+STREAMS = [
+    # (kernel, stride, dilation, chunk lengths)
+    ((3, 3, 3), 1, 1, [1, 4, 4]),
+    ((3, 3, 3), 2, 1, [2, 4, 2]),
+    ((3, 3, 3), 1, 2, [1, 1, 3, 2]),
+    ((5, 3, 3), 1, 1, [2, 1, 3]),
+    ((1, 3, 3), 2, 1, [2, 4]),  # no cache frames (time_pad = -1)
+]
+
+
+@pytest.mark.parametrize("pad_mode", ["constant", "replicate"])
+@pytest.mark.parametrize("k,stride,dilation,chunks", STREAMS,
+                         ids=[f"k{s[0][0]}-s{s[1]}-d{s[2]}-{'+'.join(map(str, s[3]))}" for s in STREAMS])
+def test_streaming_matches_one_call(k, stride, dilation, chunks, pad_mode, dtype, poison):
+    torch.manual_seed(1)
+    m = CausalConv3d(4, 5, k, pad_mode=pad_mode, stride=stride, dilation=dilation).to(dtype)
+    x = randn(1, 4, sum(chunks), 5, 6, dtype=dtype)
+    n_cache = max(dilation * (k[0] - 1) + 1 - stride, 0)
+    with fastsora.use_backend("triton"), torch.no_grad():
+        full = m(x)
+        outs, cache, t0 = [], None, 0
+        for n in chunks:
+            y, cache = m(x[:, :, t0:t0 + n], cache=cache, return_cache=True)
+            assert cache.shape == (1, 4, n_cache, 5, 6), "the cache keeps only the frames the next chunk needs"
+            outs.append(y)
+            t0 += n
+    # exactly the slices of the one-call output (same kernel, same accumulation order)
+    torch.testing.assert_close(torch.cat(outs, 2), full, rtol=0, atol=0)
+    from fastsora.reference.causal_conv3d import causal_conv3d as ref_conv
+
+    expect = ref_conv(to_float64(x), to_float64(m.conv.weight), to_float64(m.conv.bias), stride=stride, dilation=dilation,
+                      pad_mode=pad_mode, streaming=True)
+    assert_close(full, expect, dtype)
+
+
+def test_streaming_torch_backend_and_channels_last():
+    torch.manual_seed(2)
+    m = CausalConv3d(3, 4, 3, pad_mode="replicate")
+    x = channels_last(randn(1, 3, 7, 5, 5))
+    outs = {}
+    for backend in ("torch", "triton"):
+        with fastsora.use_backend(backend), torch.no_grad():
+            full = m(x)
+            y1, c = m(x[:, :, :1], return_cache=True)
+            y2, c = m(x[:, :, 1:7], cache=c, return_cache=True)
+        stream = torch.cat([y1, y2], 2)
+        assert_close(stream, full, torch.float32)
+        assert y2.is_contiguous(memory_format=torch.channels_last_3d)
+        outs[backend] = full
+    assert_close(outs["triton"], outs["torch"], torch.float32)
+
+
+def test_streaming_reads_cache_in_place(monkeypatch):
+    """The Triton path never concatenates the cache with the chunk: no aten.cat on the chunk's size."""
+    m = CausalConv3d(3, 4, 3)
+    x = randn(1, 3, 4, 5, 5)
+    with torch.no_grad():
+        _, cache = m(x[:, :, :1], return_cache=True)
+        seen = _record_ops(lambda: m(x[:, :, 1:], cache=cache))
+    assert not [op for op in seen if _forbidden(op)], seen
+
+
+def test_stream_errors():
+    m = CausalConv3d(3, 4, 3, stride=2)
+    x = randn(1, 3, 4, 5, 5)
+    with pytest.raises(ValueError, match="multiple of stride=2"):
+        m(x[:, :, :3], return_cache=True)
+    with pytest.raises(ValueError, match="cache must have shape"):
+        m(x, cache=randn(1, 3, 3, 5, 5))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bad inputs
+# ---------------------------------------------------------------------------------------------------------
+
+def test_bad_inputs():
+    x = randn(1, 4, 4, 5, 5)
+    w = randn(6, 4, 3, 3, 3)
+    with pytest.raises(ValueError, match="x has 3 channels but weight expects C_in=4"):
+        causal_conv3d(randn(1, 3, 4, 5, 5), w)
+    with pytest.raises(ValueError, match="spatial kernel sizes must be odd"):
+        causal_conv3d(x, randn(6, 4, 3, 2, 3))
+    with pytest.raises(ValueError, match="height and width kernel sizes must be odd"):
+        CausalConv3d(4, 6, (3, 4, 3))
+    with pytest.raises(ValueError, match="x must be 5-D"):
+        causal_conv3d(randn(1, 4, 5, 5), w)
+    with pytest.raises(TypeError, match="weight has dtype torch.float16 but x has torch.float32"):
+        causal_conv3d(x, w.half())
+    with pytest.raises(TypeError, match="bias has dtype"):
+        causal_conv3d(x, w, torch.randn(6, dtype=torch.float64))
+    with pytest.raises(ValueError, match="weight is on meta but x is on cpu"):
+        causal_conv3d(x, w.to("meta"))
+    with pytest.raises(ValueError, match="pad_mode must be 'constant' or 'replicate'"):
+        causal_conv3d(x, w, pad_mode="reflect")
+    with pytest.raises(ValueError, match="activation must be None or 'silu'"):
+        causal_conv3d(x, w, activation="gelu")
+    with pytest.raises(TypeError, match="stride must be an int"):
+        causal_conv3d(x, w, stride=(2, 1, 1))
+    with pytest.raises(ValueError, match="fewer than the time stride"):
+        causal_conv3d(randn(1, 4, 1, 5, 5), w, stride=2)
+    with pytest.raises(ValueError, match="residual must have the output's shape"):
+        causal_conv3d(x, w, residual=randn(1, 6, 3, 5, 5))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        causal_conv3d(x, w, randn(5))
+    with pytest.raises(ValueError, match="'padding' is not accepted"):
+        CausalConv3d(4, 6, 3, padding=1)
+    with pytest.raises(ValueError, match="groups=2 is not supported"):
+        CausalConv3d(4, 6, 3, groups=2)
+
+
+def test_triton_refuses_with_a_reason():
+    x = randn(1, 4, 4, 5, 5, dtype=torch.float64)
+    w = randn(6, 4, 3, 3, 3, dtype=torch.float64)
+    with fastsora.use_backend("triton"), pytest.raises(BackendError, match="float64 inputs"):
+        causal_conv3d(x, w)
+    with fastsora.use_backend("triton"), pytest.raises(BackendError, match="bfloat16 inputs on CPU"):
+        causal_conv3d(x.bfloat16(), w.bfloat16())
+    with fastsora.use_backend("torch"):  # the torch backend takes float64
+        assert causal_conv3d(x, w).dtype == torch.float64
+
+
+# ---------------------------------------------------------------------------------------------------------
+# dispatch: the Triton path really runs the kernels and never ATen's convolution or a padded copy
+# ---------------------------------------------------------------------------------------------------------
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+_FORBIDDEN = {"cat", "constant_pad_nd", "replication_pad3d", "reflection_pad3d", "pad", "convolution",
+              "convolution_backward", "cudnn_convolution", "conv3d", "slow_conv3d_forward", "_convolution"}
+
+
+def _forbidden(op: str) -> bool:
+    """aten.cat.default -> 'cat': a convolution, a pad or a concatenation."""
+    parts = op.split(".")
+    return len(parts) > 1 and parts[1] in _FORBIDDEN
+
+
+def _record_ops(fn):
+    rec = _Recorder()
+    with rec, fastsora.use_backend("triton"):
+        fn()
+    return rec.ops
+
+
+def test_interpreter_is_on_for_cpu():
+    from fastsora.backend import interpreter_active
+
+    if not torch.cuda.is_available():
+        assert interpreter_active()
+
+
+def test_triton_path_uses_kernels_not_aten_conv(monkeypatch):
+    import fastsora.kernels.causal_conv3d as K
+
+    calls = []
+    for name in ("causal_conv3d_fwd", "causal_conv3d_bwd", "silu_backward"):
+        orig = getattr(K, name)
+        monkeypatch.setattr(K, name, lambda *a, _o=orig, _n=name, **k: (calls.append(_n), _o(*a, **k))[1])
+    x = randn(1, 4, 4, 5, 5, requires_grad=True)
+    w = randn(6, 4, 3, 3, 3, requires_grad=True)
+    b = randn(6, requires_grad=True)
+
+    def step():
+        y = causal_conv3d(x, w, b, pad_mode="replicate", activation="silu")
+        torch.autograd.grad(y.sum(), [x, w, b])
+    seen = _record_ops(step)
+    assert calls == ["causal_conv3d_fwd", "silu_backward", "causal_conv3d_bwd"]
+    bad = [op for op in seen if _forbidden(op)]
+    assert not bad, f"the Triton path called {bad}"
+    calls.clear()
+    with fastsora.use_backend("torch"):
+        causal_conv3d(x, w, b)
+    assert calls == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torch.compile
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_torch_compile_fullgraph_training(backend):
+    torch._dynamo.reset()
+    m = CausalConv3d(4, 5, 3, pad_mode="replicate")
+    x = randn(1, 4, 4, 5, 5, requires_grad=True)
+    r = randn(1, 5, 4, 5, 5)
+
+    def f(x):
+        return m(x, activation="silu", residual=r)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    with fastsora.use_backend(backend):
+        y = compiled(x)
+        gx, gw = torch.autograd.grad(y.square().sum(), [x, m.conv.weight])
+        y_e = f(x)
+        gx_e, gw_e = torch.autograd.grad(y_e.square().sum(), [x, m.conv.weight])
+    assert_close([y, gx, gw], [y_e, gx_e, gw_e], torch.float32)
