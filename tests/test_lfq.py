@@ -1,0 +1,256 @@
+"""fastsora.nn.LFQ against vector-quantize-pytorch 1.32's LFQ (the anchor): API, state_dict, exact
+quantization/indices/straight-through gradients, losses, masks, options, eval mode, bad inputs, compile."""
+import inspect
+
+import pytest
+import torch
+from torch import nn
+
+from fastsora import use_backend
+from fastsora.nn.lfq import LFQ, LossBreakdown, Return
+from fastsora.reference.lfq import brute_force_entropies
+from fastsora.testing import channels_last, relative_error
+
+anchor = pytest.importorskip("vector_quantize_pytorch.lookup_free_quantization")
+
+CONFIGS = [
+    ("default", dict(codebook_size=2 ** 8), (2, 12, 8)),
+    ("projections", dict(dim=16, codebook_size=2 ** 6, commitment_loss_weight=0.25), (2, 9, 16)),
+    ("no-bias projections", dict(dim=10, codebook_size=2 ** 4, projection_has_bias=False), (1, 7, 10)),
+    ("2 codebooks", dict(codebook_size=2 ** 5, num_codebooks=2, commitment_loss_weight=0.5), (2, 6, 10)),
+    ("keep codebook dim", dict(codebook_size=2 ** 6, keep_num_codebooks_dim=True), (2, 5, 6)),
+    ("image channel-first", dict(dim=8, codebook_size=2 ** 8), (2, 8, 3, 4)),
+    ("video channel-first", dict(dim=12, codebook_size=2 ** 6, num_codebooks=2), (1, 12, 2, 3, 3)),
+    ("3-D channel_first", dict(codebook_size=2 ** 7, channel_first=True), (2, 7, 5)),
+    ("cosine-sim project-in", dict(dim=12, codebook_size=2 ** 5, cosine_sim_project_in=True), (2, 6, 12)),
+    ("cosine-sim scale", dict(dim=9, codebook_size=2 ** 4, cosine_sim_project_in=True,
+                              cosine_sim_project_in_scale=3.0), (1, 8, 9)),
+    ("soft clamp", dict(codebook_size=2 ** 6, soft_clamp_input_value=1.5), (2, 8, 6)),
+    ("codebook scale", dict(codebook_size=2 ** 6, codebook_scale=0.5, commitment_loss_weight=1.0), (2, 8, 6)),
+    ("spherical", dict(codebook_size=2 ** 5, spherical=True, commitment_loss_weight=0.1), (2, 7, 5)),
+    ("spherical scaled", dict(codebook_size=2 ** 9, spherical=True, codebook_scale=1.7), (1, 6, 9)),
+    ("tanh straight-through", dict(codebook_size=2 ** 6, straight_through_activation=nn.Tanh()), (2, 5, 6)),
+    ("frac per-sample entropy", dict(codebook_size=2 ** 6, frac_per_sample_entropy=0.5), (2, 10, 6)),
+    ("softplus loss", dict(codebook_size=2 ** 6, experimental_softplus_entropy_loss=True,
+                           entropy_loss_offset=3.0), (2, 5, 6)),
+    ("no f32 forcing", dict(codebook_size=2 ** 6, force_quantization_f32=False), (2, 5, 6)),
+    ("orthogonal rotation", dict(codebook_size=2 ** 6, orthogonal_rotation=True), (2, 6, 6)),
+    ("weights", dict(codebook_size=2 ** 6, entropy_loss_weight=0.3, diversity_gamma=2.5,
+                     commitment_loss_weight=0.2), (2, 6, 6)),
+    ("codebook dim 1", dict(codebook_size=2, commitment_loss_weight=0.2), (3, 5, 1)),
+]
+
+
+def _pair(kw, compat=True, seed=0):
+    torch.manual_seed(seed)
+    ref = anchor.LFQ(**kw)
+    ours = LFQ(**kw, entropy_clamp_compat=compat)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ref, ours
+
+
+def _call(module, x, backend="torch", seed=123, **kw):
+    torch.manual_seed(seed)  # frac_per_sample_entropy draws from the global CPU generator, as the anchor does
+    with use_backend(backend):
+        return module(x, return_loss_breakdown=True, **kw)
+
+
+def _leaves(module, x):
+    return [x] + [p for p in module.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("name,kw,shape", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_parity_with_anchor(name, kw, shape):
+    ref, ours = _pair(kw)
+    x = (torch.randn(*shape) * 0.3).requires_grad_()
+    (ra, la), (rb, lb) = _call(ref, x), _call(ours, x)
+    assert isinstance(rb, Return) and isinstance(lb, LossBreakdown)
+    assert torch.equal(rb.quantized, ra.quantized)
+    assert rb.indices.dtype == ra.indices.dtype == torch.int64 and torch.equal(rb.indices, ra.indices)
+    assert abs(lb.commitment.item() - la.commitment.item()) <= 1e-6
+    # clamp-compatible codebook entropy reproduces the anchor's; the per-sample entropy is always exact
+    assert relative_error(lb.batch_entropy, la.batch_entropy) <= 1e-5
+    # (the anchor clamps its logs at 1e-5 here too: a small difference, tiny on confident inputs)
+    assert abs(lb.per_sample_entropy.item() - la.per_sample_entropy.item()) <= 1e-5 + 2e-3 * la.per_sample_entropy.item()
+    assert relative_error(rb.entropy_aux_loss, ra.entropy_aux_loss) <= 2e-3
+    # straight-through gradient (and the projections' gradients) exactly
+    g = torch.randn_like(ra.quantized)
+    ga = torch.autograd.grad(ra.quantized, _leaves(ref, x), g, retain_graph=True)
+    gb = torch.autograd.grad(rb.quantized, _leaves(ours, x), g, retain_graph=True)
+    for a, b in zip(ga, gb, strict=True):
+        assert torch.equal(a, b)
+    # the codebook-entropy gradient matches the anchor's clamped one
+    if la.batch_entropy.requires_grad:
+        ga = torch.autograd.grad(la.batch_entropy, x)[0]
+        gb = torch.autograd.grad(lb.batch_entropy, x)[0]
+        # (the anchor's fp32 softmax backward loses terms for saturated tokens: a floor for tiny gradients)
+        assert (gb - ga).abs().max().item() <= 5e-4 * max(ga.abs().max().item(), 1e-4)
+
+
+@pytest.mark.parametrize("name,kw,shape", CONFIGS[:6] + CONFIGS[12:13], ids=[c[0] for c in CONFIGS[:6] + CONFIGS[12:13]])
+def test_eval_mode_matches_anchor(name, kw, shape):
+    ref, ours = _pair(kw)
+    ref.eval()
+    ours.eval()
+    x = torch.randn(*shape)
+    (ra, la), (rb, lb) = _call(ref, x), _call(ours, x)
+    assert torch.equal(rb.quantized, ra.quantized) and torch.equal(rb.indices, ra.indices)
+    assert rb.entropy_aux_loss.item() == 0 and lb.per_sample_entropy.item() == 0 and lb.commitment.item() == 0
+
+
+def test_triton_backend_matches_anchor():
+    kw = dict(dim=12, codebook_size=2 ** 5, num_codebooks=2, commitment_loss_weight=0.3)
+    ref, ours = _pair(kw)
+    x = torch.randn(2, 12, 3, 3, requires_grad=True)
+    (ra, la), (rb, lb) = _call(ref, x), _call(ours, x, backend="triton")
+    assert torch.equal(rb.quantized, ra.quantized) and torch.equal(rb.indices, ra.indices)
+    assert abs(lb.commitment.item() - la.commitment.item()) <= 1e-6
+    assert relative_error(lb.batch_entropy, la.batch_entropy) <= 1e-5
+    g = torch.randn_like(ra.quantized)
+    ga = torch.autograd.grad(ra.quantized, _leaves(ref, x), g)
+    gb = torch.autograd.grad(rb.quantized, _leaves(ours, x), g, retain_graph=True)
+    for a, b in zip(ga, gb, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_exact_entropy_is_default_and_differs_from_clamp():
+    """Default: the exact codebook entropy (float64 brute force), above the anchor's clamped value."""
+    ref, ours = _pair(dict(codebook_size=2 ** 12), compat=False)
+    x = torch.randn(1, 64, 12) * 0.02   # many rare codes below the anchor's 1e-5 clamp
+    (_, la), (_, lb) = _call(ref, x), _call(ours, x)
+    ps, cb = brute_force_entropies(x.double().reshape(64, 1, 12), 1.0, 100.0)
+    assert relative_error(lb.batch_entropy, cb.mean()) <= 1e-5
+    assert relative_error(lb.per_sample_entropy, ps) <= 1e-5
+    assert lb.batch_entropy.item() > la.batch_entropy.item() + 1e-3
+
+
+def test_uniform_codebook_entropy_at_2_18():
+    """Fully uncertain inputs: the exact entropy of 2^18 codes is 18·log 2 (the anchor's clamp caps it)."""
+    ours = LFQ(codebook_size=2 ** 18)
+    x = torch.zeros(1, 4, 18)
+    _, lb = _call(ours, x)
+    assert abs(lb.batch_entropy.item() - 18 * torch.log(torch.tensor(2.0)).item()) < 1e-4
+    assert abs(lb.per_sample_entropy.item() - 18 * torch.log(torch.tensor(2.0)).item()) < 1e-4
+
+
+def test_token_mask_batch_matches_anchor():
+    ref, ours = _pair(dict(codebook_size=2 ** 6, commitment_loss_weight=0.5))
+    x = torch.randn(3, 7, 6, requires_grad=True)
+    mask = torch.tensor([True, False, True])
+    (ra, la), (rb, lb) = _call(ref, x, mask=mask), _call(ours, x, mask=mask)
+    assert torch.equal(rb.quantized, ra.quantized)
+    assert abs(lb.per_sample_entropy.item() - la.per_sample_entropy.item()) <= 1e-5 + 2e-3 * la.per_sample_entropy.item()
+    assert abs(lb.commitment.item() - la.commitment.item()) <= 1e-6
+    assert relative_error(lb.batch_entropy, la.batch_entropy) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_token_mask_averages_selected_tokens_only(backend):
+    """A (b, n) mask gives exactly the losses of the selected tokens alone (the anchor skips the average)."""
+    _, ours = _pair(dict(codebook_size=2 ** 6, commitment_loss_weight=0.5), compat=False)
+    x = torch.randn(2, 9, 6) * 0.02
+    mask = torch.rand(2, 9) > 0.4
+    mask[0, 0] = True
+    _, lm = _call(ours, x, backend=backend, mask=mask)
+    _, ls = _call(ours, x[mask][None], backend=backend)
+    for a, b in zip(lm, ls):
+        assert relative_error(a, b) <= 1e-5
+    # and the anchor's codebook entropy with this mask is (wrongly) its per-sample entropy
+    ref, _ = _pair(dict(codebook_size=2 ** 6))
+    _, la = _call(ref, x, mask=mask)
+    assert abs(la.batch_entropy.item() - la.per_sample_entropy.item()) < 1e-6
+    assert relative_error(lm.per_sample_entropy, la.per_sample_entropy) <= 2e-3
+
+
+def test_channels_last_and_noncontiguous_inputs():
+    ref, ours = _pair(dict(dim=8, codebook_size=2 ** 8))
+    x = torch.randn(2, 8, 4, 5)
+    for variant in (channels_last(x), x.transpose(2, 3).contiguous().transpose(2, 3)):
+        (ra, _), (rb, _) = _call(ref, variant), _call(ours, variant)
+        assert torch.equal(rb.quantized, ra.quantized) and torch.equal(rb.indices, ra.indices)
+
+
+@pytest.mark.parametrize("kw,shape", [(dict(codebook_size=2 ** 6), (2, 5)),
+                                      (dict(dim=8, codebook_size=2 ** 4, num_codebooks=2), (2, 3, 3, 2)),
+                                      (dict(codebook_size=2 ** 5, spherical=True, orthogonal_rotation=True), (3, 4)),
+                                      (dict(codebook_size=2 ** 6), (2, 3, 4))])
+def test_indices_to_codes_matches_anchor(kw, shape):
+    ref, ours = _pair(kw)
+    idx = torch.randint(0, ref.codebook_size, shape)
+    for project_out in (True, False):
+        assert torch.equal(ours.indices_to_codes(idx, project_out=project_out),
+                           ref.indices_to_codes(idx, project_out=project_out))
+
+
+def test_roundtrip_indices_to_codes():
+    ours = LFQ(codebook_size=2 ** 10).eval()
+    x = torch.randn(2, 6, 10)
+    out = ours(x)
+    assert torch.equal(ours.indices_to_codes(out.indices), out.quantized)
+
+
+def test_constructor_signature_and_state_dict_keys():
+    sig_ref = inspect.signature(anchor.LFQ.__init__).parameters
+    sig = inspect.signature(LFQ.__init__).parameters
+    for name, p in sig_ref.items():
+        assert name in sig, name
+        if name not in ("self", "straight_through_activation"):
+            assert sig[name].default == p.default, name
+    assert set(sig) - set(sig_ref) == {"entropy_clamp_compat"}
+    assert list(inspect.signature(LFQ.forward).parameters) == list(inspect.signature(anchor.LFQ.forward).parameters)
+    for kw in (dict(codebook_size=2 ** 6, dim=16, orthogonal_rotation=True, cosine_sim_project_in=True),
+               dict(codebook_size=2 ** 6, straight_through_activation=nn.PReLU())):
+        ref, ours = _pair(kw)
+        assert list(ours.state_dict()) == list(ref.state_dict())
+    assert Return._fields == anchor.Return._fields and LossBreakdown._fields == anchor.LossBreakdown._fields
+
+
+def test_module_attributes_and_dtype():
+    ref, ours = _pair(dict(codebook_size=2 ** 6, dim=12))
+    for attr in ("codebook_size", "codebook_dim", "dim", "num_codebooks", "keep_num_codebooks_dim", "has_projections"):
+        assert getattr(ours, attr) == getattr(ref, attr), attr
+    assert torch.equal(ours.codebook, ref.codebook)
+    assert ours.dtype == ref.dtype == torch.float32
+    assert ours.half().dtype == torch.float16
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="power of 2"):
+        LFQ(codebook_size=100)
+    with pytest.raises(ValueError, match="dim or codebook_size"):
+        LFQ()
+    with pytest.raises(ValueError, match="frac_per_sample_entropy"):
+        LFQ(codebook_size=16, frac_per_sample_entropy=0.)
+    m = LFQ(codebook_size=2 ** 6)
+    with pytest.raises(ValueError, match="expected dimension of 6 but received 5"):
+        m(torch.randn(2, 3, 5))
+    with pytest.raises(TypeError, match="floating-point"):
+        m(torch.randint(0, 3, (2, 3, 6)))
+    with pytest.raises(ValueError, match="mask must have shape"):
+        m(torch.randn(2, 3, 6), mask=torch.ones(3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="bool"):
+        m(torch.randn(2, 3, 6), mask=torch.ones(2, 3))
+    with pytest.raises(ValueError, match="shape"):
+        m(torch.randn(2, 6))
+    with pytest.raises(TypeError, match="integer"):
+        m.indices_to_codes(torch.randn(2, 3))
+
+
+def test_torch_compile_fullgraph_training():
+    torch._dynamo.reset()
+    ours = LFQ(codebook_size=2 ** 8, dim=12, commitment_loss_weight=0.1)
+    x = torch.randn(2, 10, 12, requires_grad=True)
+
+    def step(x):
+        ret, br = ours(x, return_loss_breakdown=True)
+        return ret.quantized, ret.indices, ret.entropy_aux_loss, br.batch_entropy
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    with use_backend("torch"):
+        got = compiled(x)
+        want = step(x)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert relative_error(got[2], want[2]) <= 1e-6
+    g1 = torch.autograd.grad(got[0].sum() + got[2], x)[0]
+    g2 = torch.autograd.grad(want[0].sum() + want[2], x)[0]
+    assert relative_error(g1, g2) <= 1e-6
