@@ -78,6 +78,15 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                 total_q, batch, group, head_dim, qk_scale, bottom_right,
                 IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    # the launcher guarantees 8-element multiples (16-byte rows for 16-bit types): vectorised loads
+    stride_qt = tl.multiple_of(stride_qt, 8)
+    stride_qh = tl.multiple_of(stride_qh, 8)
+    stride_kt = tl.multiple_of(stride_kt, 8)
+    stride_kh = tl.multiple_of(stride_kh, 8)
+    stride_vt = tl.multiple_of(stride_vt, 8)
+    stride_vh = tl.multiple_of(stride_vh, 8)
+    stride_ot = tl.multiple_of(stride_ot, 8)
+    stride_oh = tl.multiple_of(stride_oh, 8)
     pid = tl.program_id(0)
     hq = tl.program_id(1)
     seq = _find_seq(CU_Q, pid, batch, BLOCK_M)
@@ -177,6 +186,11 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
 @triton.jit
 def _bwd_preprocess_kernel(O, DO, DELTA, stride_ot, stride_oh, stride_dot, stride_doh,
                            stride_delh, total_q, head_dim, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    # the launcher guarantees 8-element multiples (16-byte rows for 16-bit types): vectorised loads
+    stride_ot = tl.multiple_of(stride_ot, 8)
+    stride_oh = tl.multiple_of(stride_oh, 8)
+    stride_dot = tl.multiple_of(stride_dot, 8)
+    stride_doh = tl.multiple_of(stride_doh, 8)
     pid = tl.program_id(0)
     h = tl.program_id(1)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -198,6 +212,19 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
                      total_k, batch, group, head_dim, qk_scale, sm_scale, bottom_right,
                      IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    # the launcher guarantees 8-element multiples (16-byte rows for 16-bit types): vectorised loads
+    stride_qt = tl.multiple_of(stride_qt, 8)
+    stride_qh = tl.multiple_of(stride_qh, 8)
+    stride_kt = tl.multiple_of(stride_kt, 8)
+    stride_kh = tl.multiple_of(stride_kh, 8)
+    stride_vt = tl.multiple_of(stride_vt, 8)
+    stride_vh = tl.multiple_of(stride_vh, 8)
+    stride_dot = tl.multiple_of(stride_dot, 8)
+    stride_doh = tl.multiple_of(stride_doh, 8)
+    stride_dkt = tl.multiple_of(stride_dkt, 8)
+    stride_dkh = tl.multiple_of(stride_dkh, 8)
+    stride_dvt = tl.multiple_of(stride_dvt, 8)
+    stride_dvh = tl.multiple_of(stride_dvh, 8)
     pid = tl.program_id(0)
     hk = tl.program_id(1)
     seq = _find_seq(CU_K, pid, batch, BLOCK_N)
@@ -301,6 +328,17 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
                    total_q, batch, group, head_dim, qk_scale, sm_scale, bottom_right,
                    IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    # the launcher guarantees 8-element multiples (16-byte rows for 16-bit types): vectorised loads
+    stride_qt = tl.multiple_of(stride_qt, 8)
+    stride_qh = tl.multiple_of(stride_qh, 8)
+    stride_kt = tl.multiple_of(stride_kt, 8)
+    stride_kh = tl.multiple_of(stride_kh, 8)
+    stride_vt = tl.multiple_of(stride_vt, 8)
+    stride_vh = tl.multiple_of(stride_vh, 8)
+    stride_dot = tl.multiple_of(stride_dot, 8)
+    stride_doh = tl.multiple_of(stride_doh, 8)
+    stride_dqt = tl.multiple_of(stride_dqt, 8)
+    stride_dqh = tl.multiple_of(stride_dqh, 8)
     pid = tl.program_id(0)
     hq = tl.program_id(1)
     seq = _find_seq(CU_Q, pid, batch, BLOCK_M)
@@ -505,9 +543,28 @@ _register()
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    """The kernels address the head dim with unit stride: copy only when it is not."""
-    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """A (tokens, heads, D) tensor whose token and head strides are multiples of 8 elements and whose head dim
+    has unit stride (what the kernels' ``tl.multiple_of`` hints promise). Views of packed projections pass
+    through; anything else is copied (into a buffer with D padded to a multiple of 8 when D is not one)."""
+    if t.stride(-1) == 1 and t.stride(0) % 8 == 0 and t.stride(1) % 8 == 0:
+        return t
+    d = t.shape[-1]
+    d8 = (d + 7) // 8 * 8
+    buf = t.new_zeros(t.shape[0], t.shape[1], d8)
+    buf[..., :d] = t
+    return buf[..., :d]
+
+
+def _new_aligned(shape, dtype, device) -> torch.Tensor:
+    """Kernel output (NaN-poisoned under test) with 8-element-aligned strides."""
+    d = shape[-1]
+    d8 = (d + 7) // 8 * 8
+    return new_output(tuple(shape[:-1]) + (d8,), dtype, device)[..., :d]
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def _st(t: torch.Tensor) -> Tuple[int, int]:
@@ -528,11 +585,11 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tenso
     total_q, hq, d = q.shape
     hkv = k.shape[1]
     batch = cu_q.numel() - 1
-    out = new_output((total_q, hq, d), q.dtype, q.device)
+    out = _new_aligned((total_q, hq, d), q.dtype, q.device)
     lse = new_output((hq, total_q), torch.float32, q.device)
     if total_q == 0 or hq == 0:
-        return out, lse
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+        return _dense(out), lse
+    q, k, v = _aligned(q), _aligned(k), _aligned(v)
     block_d = block_d_for(d)
     bm, bn, w, s = tiles("fwd", q.dtype, block_d)
     grid = (_grid_items(total_q, batch, bm), hq)
@@ -542,7 +599,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tenso
         total_q, batch, hq // hkv, d, float(softmax_scale) * LOG2E, 1 if causal_mode == 1 else 0,
         IS_CAUSAL=causal_mode != 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, EVEN_D=block_d == d,
         DOT_PREC=_dot_prec(q.dtype), num_warps=w, num_stages=s)
-    return out, lse
+    return _dense(out), lse
 
 
 def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -553,12 +610,12 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     total_q, hq, d = q.shape
     total_k, hkv, _ = k.shape
     batch = cu_q.numel() - 1
-    dq = new_output(q.shape, q.dtype, q.device)
-    dk = new_output(k.shape, k.dtype, k.device)
-    dv = new_output(v.shape, v.dtype, v.device)
+    dq = _new_aligned(q.shape, q.dtype, q.device)
+    dk = _new_aligned(k.shape, k.dtype, k.device)
+    dv = _new_aligned(v.shape, v.dtype, v.device)
     if do.dtype != q.dtype:
         do = do.to(q.dtype)
-    q, k, v, out, do = (_unit_last(t) for t in (q, k, v, out, do))
+    q, k, v, out, do = (_aligned(t) for t in (q, k, v, out, do))
     block_d = block_d_for(d)
     delta = torch.empty((hq, total_q), dtype=torch.float32, device=q.device)
     lse = lse.contiguous()
@@ -586,4 +643,4 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             *_st(q), *_st(k), *_st(v), *_st(do), *_st(dq), lse.stride(0),
             total_q, batch, hq // hkv, d, qk_scale, float(softmax_scale), br,
             BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, **common)
-    return dq, dk, dv
+    return _dense(dq), _dense(dk), _dense(dv)
