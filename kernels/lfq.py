@@ -42,7 +42,8 @@ def _bit_stats(z):
     u = 1.0 + e
     big = 1.0 / u
     small = e * big
-    log1p_e = tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0)))
+    um1 = u - 1.0
+    log1p_e = tl.where(um1 == 0.0, e, tl.log(u) * (e / tl.where(um1 == 0.0, 1.0, um1)))
     h = log1p_e + a * small
     pos = tl.where(z >= 0, big, small)
     neg = tl.where(z >= 0, small, big)
@@ -368,7 +369,8 @@ def quantize_fwd(x: torch.Tensor, code_value: float, logit_scale: float, straigh
         pos = new_output((t, c, d), torch.float32, dev)
         neg = new_output((t, c, d), torch.float32, dev)
     else:
-        pos = neg = torch.empty((0,), dtype=torch.float32, device=dev)
+        pos = torch.empty((0,), dtype=torch.float32, device=dev)
+        neg = torch.empty((0,), dtype=torch.float32, device=dev)
     part = new_output((grid[0], 2), torch.float32, dev)
     if t * c * d == 0:
         return out, idx, pos, neg, part.zero_()

@@ -223,9 +223,8 @@ def brute_force_entropies(x: Tensor, code_value: float, inv_temperature: float,
     prob = (2 * inv_temperature * torch.einsum("tcd,jd->tcj", x, book)).softmax(-1)
 
     def ent(p):
-        if clamp is None:
-            return -torch.special.xlogy(p, p).sum(-1)
-        return -(p * p.clamp_min(clamp).log()).sum(-1)
+        # p = 0 contributes 0 (and a finite gradient): log clamped at the smallest positive double
+        return -(p * p.clamp_min(1e-300 if clamp is None else clamp).log()).sum(-1)
 
     w = _weights(entropy_weight, t, x)
     per_sample = (w[:, None] * ent(prob)).sum() / (w.sum() * c)

@@ -1,0 +1,206 @@
+"""LFQ ops: exact entropies and gradients against a float64 brute force over all 2^D codes, the Triton
+kernels (interpreter on CPU) against the torch path in fp32/fp16, dispatch, poisoned outputs, bad inputs."""
+import pytest
+import torch
+
+import fastsora.kernels.lfq as K
+from fastsora import BackendError, use_backend
+from fastsora.ops.lfq import lfq, lfq_code_sums, lfq_codebook_entropy, lfq_entropy_of_sums, lfq_quantize
+from fastsora.reference.lfq import brute_force_entropies
+from fastsora.testing import noncontiguous, relative_error
+
+TAU = 100.0
+
+
+def _inputs(t, c, d, scale, masked, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(t, c, d, generator=gen) * scale).to(dtype).requires_grad_()
+    w = (torch.rand(t, generator=gen) > 0.3).float() if masked else None
+    return x, w
+
+
+def _loss_terms(res):
+    return res.per_sample_entropy, res.codebook_entropy
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("d,c,scale", [(1, 3, 0.01), (2, 2, 0.005), (4, 1, 0.02), (7, 2, 0.01), (10, 1, 0.004),
+                                       (12, 1, 0.002), (12, 1, 1.0)])
+def test_entropies_exact_vs_brute_force(backend, d, c, scale):
+    """Values and gradients (w.r.t. x) within 1e-5 relative of float64 brute force over all 2^D codes."""
+    x, w = _inputs(29, c, d, scale, masked=True, seed=d)
+    with use_backend(backend):
+        res = lfq(x, 1.0, TAU, entropy_weight=w)
+    x64 = x.detach().double().requires_grad_()
+    ps64, cb64 = brute_force_entropies(x64, 1.0, TAU, None if w is None else w.double())
+    assert relative_error(res.per_sample_entropy, ps64) <= 1e-5
+    assert relative_error(res.codebook_entropy, cb64) <= 1e-5
+    gen = torch.Generator().manual_seed(1)
+    coef = torch.randn(c + 1, generator=gen, dtype=torch.float64)
+    g = torch.autograd.grad(res.per_sample_entropy * coef[0].float() + (res.codebook_entropy * coef[1:].float()).sum(), x)[0]
+    g64 = torch.autograd.grad(ps64 * coef[0] + (cb64 * coef[1:]).sum(), x64)[0]
+    assert relative_error(g, g64) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("d", [3, 9])
+def test_codebook_entropy_gradient_exact(backend, d):
+    x, w = _inputs(23, 2, d, 0.01, masked=True, seed=3 + d)
+    with use_backend(backend):
+        res = lfq(x, 1.0, TAU, entropy_weight=w)
+        g = torch.autograd.grad(res.codebook_entropy.sum(), x)[0]
+    x64 = x.detach().double().requires_grad_()
+    g64 = torch.autograd.grad(brute_force_entropies(x64, 1.0, TAU, w.double())[1].sum(), x64)[0]
+    assert relative_error(g, g64) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_code_sums_and_clamped_entropy(backend):
+    d = 6
+    x, w = _inputs(31, 2, d, 0.01, masked=True, seed=7)
+    x64 = x.detach().double()
+    with use_backend(backend):
+        _, _, pos, neg, _, _ = lfq_quantize(x, 1.0, 4 * TAU, entropy_weight=w)
+        sums = lfq_code_sums(pos, neg, w)
+        r = torch.randn(sums.shape, dtype=torch.float64)
+        g = torch.autograd.grad((sums * r.float()).sum(), x)[0]
+    # brute force: the weighted mean code distribution, row-major over (hi code, lo code)
+    codes = torch.arange(2 ** d)
+    bits = ((codes[:, None] >> torch.arange(d - 1, -1, -1)) & 1).double() * 2 - 1
+    x64.requires_grad_()
+    prob = (2 * TAU * torch.einsum("tcd,jd->tcj", x64, bits)).softmax(-1)
+    sums64 = (w.double()[:, None, None] * prob).sum(0).reshape(sums.shape)
+    assert relative_error(sums, sums64) <= 1e-5
+    assert relative_error(g, torch.autograd.grad((sums64 * r).sum(), x64)[0]) <= 1e-5
+    n = w.sum()
+    _, cb_clamped = brute_force_entropies(x64.detach(), 1.0, TAU, w.double(), clamp=1e-5)
+    assert relative_error(lfq_entropy_of_sums(sums, n, 1e-5), cb_clamped) <= 1e-5
+    with use_backend(backend):
+        res = lfq(x, 1.0, TAU, entropy_weight=w, clamp_compat=True)
+    assert relative_error(res.codebook_entropy, cb_clamped) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("t,c,d,masked", [(37, 2, 5, True), (20, 1, 14, False), (50, 3, 1, True), (16, 1, 8, False)])
+def test_triton_matches_torch_path(poison, dtype, t, c, d, masked):
+    """Every output and gradient of the Triton path (NaN-poisoned outputs) equals the torch path's."""
+    x, w = _inputs(t, c, d, 0.02, masked, seed=t + d, dtype=dtype)
+    cw = (torch.rand(t) > 0.5).float() if masked else None
+    results = {}
+    for backend in ("torch", "triton"):
+        with use_backend(backend):
+            res = lfq(x, 0.7, TAU, entropy_weight=w, commit_weight=cw)
+            gen = torch.Generator().manual_seed(0)
+            g_out = torch.randn(res.out.shape, generator=gen).to(dtype)
+            loss = (res.out.float() * g_out.float()).sum() + 0.3 * res.per_sample_entropy \
+                - res.codebook_entropy.sum() + 2.0 * res.commitment
+            dx = torch.autograd.grad(loss, x)[0]
+        results[backend] = (res, dx)
+    (rt, gt), (rk, gk) = results["torch"], results["triton"]
+    assert torch.equal(rk.out, rt.out) and torch.equal(rk.indices, rt.indices)
+    for a, b in zip((rk.per_sample_entropy, rk.codebook_entropy, rk.commitment),
+                    (rt.per_sample_entropy, rt.codebook_entropy, rt.commitment)):
+        assert relative_error(a, b) <= 1e-5
+    assert gk.dtype == dtype and torch.isfinite(gk).all()
+    assert relative_error(gk, gt) <= (1e-5 if dtype == torch.float32 else 2e-3)
+
+
+def test_quantize_outputs(poison):
+    """Codes ±v, MSB-first indices, probabilities, straight-through / eval outputs, Triton vs torch."""
+    x, _ = _inputs(40, 2, 6, 1.0, masked=False, seed=11)
+    x = x.detach()
+    x[0, 0] = 0.0   # x == 0 maps to bit 0 / code -v
+    for backend in ("torch", "triton"):
+        with use_backend(backend):
+            out, idx, pos, neg, ps, cm = lfq_quantize(x, 0.5, 40.0, straight_through=False)
+            out_st = lfq_quantize(x, 0.5, 40.0)[0]
+            ev = lfq_quantize(x, 0.5, 40.0, straight_through=False, with_entropy=False)
+        q = torch.where(x > 0, 0.5, -0.5)
+        assert torch.equal(out, q) and torch.equal(out_st, x + (q - x)) and torch.equal(ev[0], q)
+        want = ((x > 0).long() * 2 ** torch.arange(5, -1, -1)).sum(-1)
+        assert torch.equal(idx, want) and torch.equal(ev[1], want)
+        assert torch.allclose(pos, torch.sigmoid(40 * x)) and torch.allclose(neg, torch.sigmoid(-40 * x))
+        assert ev[2].numel() == 0 and ev[4].item() == 0
+        assert abs(cm.item() - ((x - q) ** 2).mean().item()) <= 1e-6
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_noncontiguous_input(backend):
+    x, w = _inputs(21, 2, 6, 0.02, masked=True, seed=5)
+    xn = noncontiguous(x.detach(), dim=0).requires_grad_()
+    assert not xn.is_contiguous()
+    with use_backend(backend):
+        a = lfq(x, 1.0, TAU, entropy_weight=w)
+        b = lfq(xn, 1.0, TAU, entropy_weight=w)
+        ga = torch.autograd.grad(a.out.sum() + a.codebook_entropy.sum(), x)[0]
+        gb = torch.autograd.grad(b.out.sum() + b.codebook_entropy.sum(), xn)[0]
+    assert torch.equal(a.out, b.out) and torch.equal(a.indices, b.indices)
+    assert relative_error(b.codebook_entropy, a.codebook_entropy) <= 1e-6
+    assert relative_error(gb, ga) <= 1e-6
+
+
+def test_triton_path_uses_the_kernels(monkeypatch):
+    calls = []
+    for name in ("quantize_fwd", "quantize_bwd", "code_pair", "code_pair_bwd"):
+        real = getattr(K, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls.append(_name)
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(K, name, spy)
+    x, w = _inputs(12, 1, 4, 0.02, masked=True)
+    with use_backend("triton"):
+        res = lfq(x, 1.0, TAU, entropy_weight=w)
+        torch.autograd.grad(res.out.sum() + res.codebook_entropy.sum() + res.per_sample_entropy, x)
+    assert set(calls) == {"quantize_fwd", "quantize_bwd", "code_pair", "code_pair_bwd"}
+    calls.clear()
+    with use_backend("torch"):
+        lfq(x, 1.0, TAU)
+    assert calls == []
+
+
+def test_kernels_run_in_interpreter_on_cpu():
+    from fastsora.kernels import KERNELS_INTERPRETED
+
+    assert KERNELS_INTERPRETED or torch.cuda.is_available()
+
+
+def test_triton_refuses_float64_with_reason():
+    x = torch.randn(4, 1, 3, dtype=torch.float64)
+    with use_backend("triton"), pytest.raises(BackendError, match="float64"):
+        lfq_quantize(x)
+    with use_backend("torch"):
+        assert lfq_quantize(x)[2].dtype == torch.float64
+
+
+def test_op_bad_inputs():
+    with pytest.raises(ValueError, match="tokens, codebooks, codebook_dim"):
+        lfq_quantize(torch.randn(4, 3))
+    with pytest.raises(TypeError, match="float"):
+        lfq_quantize(torch.ones(4, 1, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="entropy_weight must have shape"):
+        lfq_quantize(torch.randn(4, 1, 3), entropy_weight=torch.ones(5))
+    p = torch.rand(4, 1, 3)
+    with pytest.raises(ValueError, match="prob_neg must match"):
+        lfq_codebook_entropy(p, torch.rand(4, 1, 2))
+    with pytest.raises(TypeError, match="float32"):
+        lfq_code_sums(p.half(), p.half())
+
+
+def test_torch_compile_fullgraph_ops():
+    torch._dynamo.reset()
+    x, w = _inputs(16, 2, 5, 0.02, masked=True)
+
+    def f(x, w):
+        r = lfq(x, 1.0, TAU, entropy_weight=w)
+        return r.out, r.per_sample_entropy, r.codebook_entropy, r.commitment
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for backend in ("torch", "triton"):
+        with use_backend(backend):
+            got, want = cf(x, w), f(x, w)
+            ga = torch.autograd.grad(got[0].sum() + got[2].sum() + got[1], x)[0]
+            gb = torch.autograd.grad(want[0].sum() + want[2].sum() + want[1], x)[0]
+        for a, b in zip(got, want):
+            assert relative_error(a, b) <= 1e-6
+        assert relative_error(ga, gb) <= 1e-6
