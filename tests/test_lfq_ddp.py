@@ -1,0 +1,80 @@
+"""LFQ under torch.distributed (2 gloo processes on CPU): per-rank halves of a batch give the exact global
+codebook entropy of the whole batch, and DDP-averaged gradients equal the single-process gradients."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from fastsora import use_backend
+from fastsora.nn.lfq import LFQ
+from fastsora.testing import relative_error
+
+WORLD = 2
+KW = dict(dim=10, codebook_size=2 ** 6, commitment_loss_weight=0.1)
+
+
+def _model_and_batch():
+    torch.manual_seed(0)
+    model = LFQ(**KW)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 9, 10, generator=gen) * 0.05
+    return model, x
+
+
+def _step(model, x, backend):
+    with use_backend(backend):
+        ret, br = model(x, return_loss_breakdown=True)
+        (ret.entropy_aux_loss + ret.quantized.square().mean()).backward()
+    return br
+
+
+def _worker(rank, init_file, out_dir, backend):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        model, x = _model_and_batch()
+        per = x.shape[0] // WORLD
+        x = x[rank * per:(rank + 1) * per].clone().requires_grad_()
+        br = _step(model, x, backend)
+        grads = {}
+        for name, p in model.named_parameters():   # what DDP does: average the parameter gradients
+            g = p.grad.clone()
+            dist.all_reduce(g)
+            grads[name] = g / WORLD
+        torch.save({"batch_entropy": br.batch_entropy.detach(), "per_sample": br.per_sample_entropy.detach(),
+                    "x_grad": x.grad, "grads": grads}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_ddp_halves_give_global_entropy_and_gradients(tmp_path, backend):
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path), backend), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+    model, x = _model_and_batch()
+    x = x.requires_grad_()
+    br = _step(model, x, "torch")
+    for r in ranks:   # every rank sees the codebook entropy of all tokens
+        assert relative_error(r["batch_entropy"], br.batch_entropy) <= 1e-5
+    assert relative_error(sum(r["per_sample"] for r in ranks) / WORLD, br.per_sample_entropy) <= 1e-5
+    for name, p in model.named_parameters():
+        assert relative_error(ranks[0]["grads"][name], p.grad) <= 1e-5, name
+        assert torch.equal(ranks[0]["grads"][name], ranks[1]["grads"][name])
+    # all_reduce's backward sums over ranks: each rank's input gradient is WORLD x its slice of the global one
+    per = x.shape[0] // WORLD
+    for r, res in enumerate(ranks):
+        assert relative_error(res["x_grad"], WORLD * x.grad[r * per:(r + 1) * per]) <= 1e-5
+
+
+def test_single_process_group_is_not_distributed(tmp_path):
+    """world_size 1: the local (fused, never materialised) path; same values as without a group."""
+    model, x = _model_and_batch()
+    want = _step(model, x, "torch").batch_entropy
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init1'}", rank=0, world_size=1)
+    try:
+        got = _step(model, x, "torch").batch_entropy
+    finally:
+        dist.destroy_process_group()
+    assert relative_error(got, want) <= 1e-6
