@@ -78,15 +78,6 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                 total_q, batch, group, head_dim, qk_scale, bottom_right,
                 IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
-    # the launcher guarantees 8-element multiples (16-byte rows for 16-bit types): vectorised loads
-    stride_qt = tl.multiple_of(stride_qt, 8)
-    stride_qh = tl.multiple_of(stride_qh, 8)
-    stride_kt = tl.multiple_of(stride_kt, 8)
-    stride_kh = tl.multiple_of(stride_kh, 8)
-    stride_vt = tl.multiple_of(stride_vt, 8)
-    stride_vh = tl.multiple_of(stride_vh, 8)
-    stride_ot = tl.multiple_of(stride_ot, 8)
-    stride_oh = tl.multiple_of(stride_oh, 8)
     pid = tl.program_id(0)
     hq = tl.program_id(1)
     seq = _find_seq(CU_Q, pid, batch, BLOCK_M)
@@ -186,11 +177,6 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
 @triton.jit
 def _bwd_preprocess_kernel(O, DO, DELTA, stride_ot, stride_oh, stride_dot, stride_doh,
                            stride_delh, total_q, head_dim, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    # the launcher guarantees 8-element multiples (16-byte rows for 16-bit types): vectorised loads
-    stride_ot = tl.multiple_of(stride_ot, 8)
-    stride_oh = tl.multiple_of(stride_oh, 8)
-    stride_dot = tl.multiple_of(stride_dot, 8)
-    stride_doh = tl.multiple_of(stride_doh, 8)
     pid = tl.program_id(0)
     h = tl.program_id(1)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -212,19 +198,6 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
                      total_k, batch, group, head_dim, qk_scale, sm_scale, bottom_right,
                      IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
-    # the launcher guarantees 8-element multiples (16-byte rows for 16-bit types): vectorised loads
-    stride_qt = tl.multiple_of(stride_qt, 8)
-    stride_qh = tl.multiple_of(stride_qh, 8)
-    stride_kt = tl.multiple_of(stride_kt, 8)
-    stride_kh = tl.multiple_of(stride_kh, 8)
-    stride_vt = tl.multiple_of(stride_vt, 8)
-    stride_vh = tl.multiple_of(stride_vh, 8)
-    stride_dot = tl.multiple_of(stride_dot, 8)
-    stride_doh = tl.multiple_of(stride_doh, 8)
-    stride_dkt = tl.multiple_of(stride_dkt, 8)
-    stride_dkh = tl.multiple_of(stride_dkh, 8)
-    stride_dvt = tl.multiple_of(stride_dvt, 8)
-    stride_dvh = tl.multiple_of(stride_dvh, 8)
     pid = tl.program_id(0)
     hk = tl.program_id(1)
     seq = _find_seq(CU_K, pid, batch, BLOCK_N)
@@ -328,17 +301,6 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
                    total_q, batch, group, head_dim, qk_scale, sm_scale, bottom_right,
                    IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
-    # the launcher guarantees 8-element multiples (16-byte rows for 16-bit types): vectorised loads
-    stride_qt = tl.multiple_of(stride_qt, 8)
-    stride_qh = tl.multiple_of(stride_qh, 8)
-    stride_kt = tl.multiple_of(stride_kt, 8)
-    stride_kh = tl.multiple_of(stride_kh, 8)
-    stride_vt = tl.multiple_of(stride_vt, 8)
-    stride_vh = tl.multiple_of(stride_vh, 8)
-    stride_dot = tl.multiple_of(stride_dot, 8)
-    stride_doh = tl.multiple_of(stride_doh, 8)
-    stride_dqt = tl.multiple_of(stride_dqt, 8)
-    stride_dqh = tl.multiple_of(stride_dqh, 8)
     pid = tl.program_id(0)
     hq = tl.program_id(1)
     seq = _find_seq(CU_Q, pid, batch, BLOCK_M)
@@ -544,9 +506,9 @@ _register()
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """A (tokens, heads, D) tensor whose token and head strides are multiples of 8 elements and whose head dim
-    has unit stride (what the kernels' ``tl.multiple_of`` hints promise). Views of packed projections pass
-    through; anything else is copied (into a buffer with D padded to a multiple of 8 when D is not one)."""
+    """A (tokens, heads, D) tensor whose head dim has unit stride and whose token and head strides are multiples
+    of 8 elements (16-byte aligned rows, so Triton's JIT specialises them for vectorised loads). Views of packed
+    projections pass through; anything else is copied (into a buffer with D padded to a multiple of 8)."""
     if t.stride(-1) == 1 and t.stride(0) % 8 == 0 and t.stride(1) % 8 == 0:
         return t
     d = t.shape[-1]
