@@ -185,8 +185,8 @@ def _lfq_code_pair_bwd_kernel(pos_ptr, neg_ptr, w_ptr, g_ptr, dpos_ptr, dneg_ptr
                               OFF_A, NA, OFF_B, NB, stride_gc, stride_ga, stride_gb,
                               BLOCK_T: tl.constexpr, BLOCK_A: tl.constexpr,
                               BLOCK_B: tl.constexpr, BLOCK_BITS: tl.constexpr, PRECISION: tl.constexpr):
-    c = tl.program_id(0)
-    pid_t = tl.program_id(1).to(tl.int64)
+    pid_t = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
     mask_t = offs_t < T
     base = (offs_t * C + c) * D
@@ -444,7 +444,7 @@ def code_pair_bwd(pos: torch.Tensor, neg: torch.Tensor, weight: Optional[torch.T
     w = _weights(weight, t, dev)
     g = grad_sums.to(torch.float32)
     block_t = _block_t(t, _CUDA_PAIR_BWD["BLOCK_T"], 512)
-    grid = (c, triton.cdiv(t, block_t))
+    grid = (triton.cdiv(t, block_t), c)
     # side A receives its bits' gradients, side B is contracted; G_AB is G or Gᵀ through the strides
     for off_a, na, off_b, nb, sa, sb in ((0, nh, nh, nl, g.stride(1), g.stride(2)),
                                          (nh, nl, 0, nh, g.stride(2), g.stride(1))):

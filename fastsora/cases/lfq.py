@@ -160,7 +160,68 @@ register_op(OpSpec(
     tolerance=TOL,
     bench_cases=_bench_cases,
     bench_impls={"fastsora": _impl_fastsora, "vector-quantize-pytorch": _impl_anchor},
-    bench_modes=("fwd", "fwd+bwd"),
+    bench_modes=("fwd+bwd",),
     dtypes_cpu=(torch.float32, torch.float16),
     dtypes_cuda=(torch.float32, torch.float16, torch.bfloat16),
 ))
+
+
+# ------------------------------------------------------------------ the issue's CPU targets, one process each
+def _point(impl: str, d: int, tokens: int, runs: int) -> dict:
+    """Time (median of the measured run and ``runs`` more) and peak extra resident memory (VmHWM after
+    resetting it, minus the RSS before) of one training fwd+bwd on CPU, torch backend for fastsora; one
+    warm-up call first (lazy initialisation is not the op's memory)."""
+    import statistics
+    import time
+
+    from fastsora.backend import use_backend
+
+    torch.manual_seed(0)
+    x, _ = _bench_case(d, tokens).make(torch.device("cpu"), torch.float32)
+    make = _impl_fastsora if impl == "fastsora" else _impl_anchor
+    thunk = make((x, d), "fwd+bwd")
+
+    def rss_kb(field: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+    with use_backend("torch"):
+        thunk()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")   # reset the peak RSS (VmHWM) to the current RSS
+        before = rss_kb("VmRSS:")
+        t0 = time.perf_counter()
+        thunk()
+        first = time.perf_counter() - t0
+        peak = rss_kb("VmHWM:") - before
+        times = [first]
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            thunk()
+            times.append(time.perf_counter() - t0)
+    timed = times
+    return {"impl": impl, "d": d, "tokens": tokens, "median_s": statistics.median(timed),
+            "peak_extra_mib": peak / 1024}
+
+
+def measure_targets(points=(("vector-quantize-pytorch", 18, 512, 0), ("fastsora", 18, 512, 10),
+                            ("fastsora", 18, 16384, 4))) -> list:
+    """Run each point in a fresh Python process (clean peak-memory accounting); returns their dicts."""
+    import json
+    import subprocess
+    import sys
+
+    rows = []
+    for impl, d, tokens, runs in points:
+        code = ("import json, sys; from fastsora.cases.lfq import _point; "
+                f"print(json.dumps(_point({impl!r}, {d}, {tokens}, {runs})))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+if __name__ == "__main__":
+    import json
+
+    for row in measure_targets():
+        print(json.dumps(row))
