@@ -246,3 +246,20 @@ def test_validate_false_skips_host_checks(device, monkeypatch):
     with use_backend("torch"):
         varlen_attention(q, k, v, cu_q, cu_k)
     assert len(called) == 2
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_packs(seed, device, poison):
+    """Random ragged packs (zero-length sequences, Lq != Lk, tails), heads, head dims and causal modes."""
+    import random
+
+    rng = random.Random(seed)
+    batch = rng.randint(1, 5)
+    lq = [rng.choice([0, 1, rng.randint(2, 45)]) for _ in range(batch)]
+    lk = [rng.choice([0, 1, rng.randint(2, 45)]) for _ in range(batch)]
+    hkv = rng.choice([1, 2])
+    hq = hkv * rng.choice([1, 2])
+    d = rng.choice([16, 24, 48, 64])
+    mode = rng.choice([0, 1, 2])
+    q, k, v, cu_q, cu_k = make(lq, lk, hq, hkv, d, torch.float32, device, rng.randint(0, 3), rng.randint(0, 3), seed)
+    check_against_reference(q, k, v, cu_q, cu_k, mode, rng.choice([None, 0.2]))
