@@ -394,32 +394,26 @@ def block_d_for(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+#: (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and padded head dim, the same for sm_80 and sm_90.
+#: Chosen from AOT compiles (registers / stack / shared memory) with the alignment Triton's JIT specialises
+#: for 16-byte aligned pointers and strides; not yet tuned on a GPU. For dkdv, BLOCK_N is the key block a
+#: program owns and BLOCK_M the query rows per step.
+_TILES_16BIT = {
+    "fwd": {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 8, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)},
+    "dkdv": {16: (32, 128, 8, 2), 32: (32, 128, 8, 2), 64: (32, 64, 8, 2), 128: (32, 32, 8, 2), 256: (32, 32, 8, 1)},
+    "dq": {16: (128, 32, 8, 2), 32: (128, 32, 8, 2), 64: (128, 32, 8, 2), 128: (128, 32, 8, 2), 256: (32, 32, 8, 1)},
+}
+#: float32 runs exact ("ieee") dots on the FMA units: small tiles.
+_TILES_FP32 = {
+    "fwd": {16: (32, 32, 4, 2), 32: (32, 32, 4, 2), 64: (16, 32, 4, 1), 128: (16, 16, 4, 1), 256: (16, 16, 4, 1)},
+    "dkdv": {16: (16, 32, 4, 1), 32: (16, 32, 4, 1), 64: (16, 32, 4, 1), 128: (16, 16, 4, 1), 256: (16, 16, 4, 1)},
+    "dq": {16: (16, 32, 4, 1), 32: (16, 32, 4, 1), 64: (16, 32, 4, 1), 128: (16, 16, 4, 1), 256: (16, 16, 4, 1)},
+}
+
+
 def _cuda_tiles(kind: str, dt: str, block_d: int) -> Tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) picked on CUDA, the same for sm_80 and sm_90."""
-    if dt == "fp32":  # exact fp32 dots ("ieee"): FMA path, small tiles
-        if block_d <= 64:
-            return (64, 32, 4, 2) if kind != "dkdv" else (32, 64, 4, 2)
-        if block_d == 128:
-            return (32, 32, 4, 2)
-        return (16, 32, 4, 1) if kind != "dkdv" else (16, 32, 4, 1)
-    if kind == "fwd":
-        if block_d <= 64:
-            return (128, 64, 4, 3)
-        if block_d == 128:
-            return (128, 64, 8, 3)
-        return (64, 32, 8, 2)
-    if kind == "dkdv":  # BLOCK_M: query rows per step, BLOCK_N: keys owned
-        if block_d <= 64:
-            return (32, 128, 4, 3)
-        if block_d == 128:
-            return (32, 128, 8, 2)
-        return (16, 64, 8, 1)
-    # dq
-    if block_d <= 64:
-        return (128, 32, 4, 3)
-    if block_d == 128:
-        return (128, 32, 8, 2)
-    return (64, 16, 8, 1)
+    return (_TILES_FP32 if dt == "fp32" else _TILES_16BIT)[kind][block_d]
 
 
 def tiles(kind: str, dtype: torch.dtype, block_d: int) -> Tuple[int, int, int, int]:
