@@ -17,7 +17,8 @@ The functions ending in ``_backward`` are the explicit vector-Jacobian products 
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import math
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -106,45 +107,41 @@ def quantize_backward(x: Tensor, grad_out: Optional[Tensor], grad_pos: Optional[
     return dx.to(x.dtype)
 
 
-#: Probabilities (and their products) below this are flushed to zero in the code tables: every product of
-#: two kept values stays a normal float, so CPU arithmetic never hits the (100x slower) subnormal path.
-#: What is dropped changes an entropy by < 2^D·1e-19·45 and a gradient (scaled by σ'(z) <= the flushed
-#: probability) by as little.
+#: Per-bit probabilities and code probabilities below this count as zero in the code tables, so CPU
+#: arithmetic never meets subnormal floats (100x slower). What is dropped changes an entropy by
+#: < 2^D·1e-19·45 and a gradient (scaled by σ'(z) <= the flushed probability) by as little.
 _FLUSH = {torch.float32: 1e-19, torch.float64: 1e-150}
+_BIG_NEG = -1e4   # log of a flushed probability (finite: it meets zeros in a matmul)
 
 
-def _flush(t: Tensor, signed: bool = False) -> Tensor:
-    """Zero the entries of the (freshly computed, owned) tensor t below the flush floor, in place."""
-    floor = _FLUSH.get(t.dtype)
-    if floor is None:
-        return t
-    return t.masked_fill_((t.abs() if signed else t) < floor, 0)
+def _bit_matrix(count: int, like: Tensor) -> Tensor:
+    """(2·count, 2^count): rows 0..count-1 = bit k of code j is 1, rows count.. = bit k is 0 (MSB first)."""
+    codes = torch.arange(2 ** count, device=like.device)
+    bits = ((codes[None, :] >> torch.arange(count - 1, -1, -1, device=like.device)[:, None]) & 1).to(like.dtype)
+    return torch.cat((bits, 1 - bits), 0)
 
 
-def _products(pos: Tensor, neg: Tensor, first: int, count: int) -> List[Tensor]:
-    """[P_0, ..., P_count]: P_k (C, T, 2^k) = probabilities of bits first..first+k-1 spelling j (MSB first)."""
-    c, t, _ = pos.shape
-    ps = [pos.new_ones((c, t, 1))]
-    pairs = _flush(torch.stack((neg, pos), dim=-1))       # (C, T, D, 2): [bit 0, bit 1]
-    for i in range(first, first + count):
-        ps.append(_flush((ps[-1][..., :, None] * pairs[:, :, i, None, :]).flatten(-2)))
-    return ps
+def _table(pos: Tensor, neg: Tensor, first: int, count: int) -> Tensor:
+    """P (C, T, 2^count): probability that bits first..first+count-1 spell j (MSB first), as one matmul in the
+    log domain: log P = [log pos, log neg] @ bit matrix, entries below the flush floor set to 0."""
+    floor = _FLUSH.get(pos.dtype, 0.0)
+    p = torch.cat((pos[..., first:first + count], neg[..., first:first + count]), -1)
+    logs = torch.where(p < floor, _BIG_NEG, p.clamp_min(floor).log()) if floor else p.log()
+    log_table = logs @ _bit_matrix(count, pos)
+    if floor:
+        log_table.masked_fill_(log_table < math.log(floor), -math.inf)
+    return log_table.exp_()
 
 
-def _products_backward(pos: Tensor, neg: Tensor, first: int, ps: List[Tensor], grad: Tensor
-                       ) -> Tuple[Tensor, Tensor]:
-    """Gradients w.r.t. pos/neg (C, T, D) of the last P in ``ps`` given ``grad`` (C, T, 2^count)."""
-    dpos = torch.zeros_like(pos)
-    dneg = torch.zeros_like(neg)
-    pairs = _flush(torch.stack((neg, pos), dim=-1))
-    for k in range(len(ps) - 1, 0, -1):
-        i = first + k - 1
-        g = _flush(grad, signed=True).unflatten(-1, (-1, 2))  # (C, T, 2^(k-1), 2)
-        d_pair = (g * ps[k - 1][..., None]).sum(-2)            # (C, T, 2)
-        dneg[:, :, i] = d_pair[..., 0]
-        dpos[:, :, i] = d_pair[..., 1]
-        grad = (g * pairs[:, :, i, None, :]).sum(-1)
-    return dpos, dneg
+def _table_backward(pos: Tensor, neg: Tensor, first: int, count: int, table: Tensor, grad: Tensor,
+                    dpos: Tensor, dneg: Tensor) -> None:
+    """Accumulate into dpos/dneg (C, T, D) the gradients of <table, grad> (division by the kept
+    probabilities only: a flushed bit gets no gradient)."""
+    floor = _FLUSH.get(pos.dtype, 0.0)
+    d_logs = (grad * table) @ _bit_matrix(count, pos).t()       # d/d log p: (C, T, 2·count)
+    for out, p, d in ((dpos, pos[..., first:first + count], d_logs[..., :count]),
+                      (dneg, neg[..., first:first + count], d_logs[..., count:])):
+        out[..., first:first + count] = torch.where(p < max(floor, 1e-300), 0.0, d / p.clamp_min(max(floor, 1e-300)))
 
 
 def code_sums(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor]) -> Tensor:
@@ -153,8 +150,8 @@ def code_sums(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tenso
     hi, lo = split_bits(d)
     pos, neg = prob_pos.transpose(0, 1), prob_neg.transpose(0, 1)
     w = _weights(entropy_weight, t, prob_pos)
-    p_hi = _products(pos, neg, 0, hi)[-1] * w[None, :, None]
-    p_lo = _products(pos, neg, hi, lo)[-1]
+    p_hi = _table(pos, neg, 0, hi) * w[None, :, None]
+    p_lo = _table(pos, neg, hi, lo)
     return p_hi.transpose(1, 2) @ p_lo
 
 
@@ -163,16 +160,18 @@ def _tables(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor]
     hi, lo = split_bits(d)
     pos, neg = prob_pos.transpose(0, 1), prob_neg.transpose(0, 1)
     w = _weights(entropy_weight, t, prob_pos)
-    return hi, pos, neg, w, _products(pos, neg, 0, hi), _products(pos, neg, hi, lo)
+    return hi, pos, neg, w, _table(pos, neg, 0, hi), _table(pos, neg, hi, pos.shape[-1] - hi)
 
 
-def _sums_backward(hi: int, pos: Tensor, neg: Tensor, w: Tensor, ps_hi, ps_lo, grad: Tensor):
+def _sums_backward(hi: int, pos: Tensor, neg: Tensor, w: Tensor, p_hi: Tensor, p_lo: Tensor, grad: Tensor):
     grad = grad.to(pos.dtype)
-    d_hi = (ps_lo[-1] @ grad.transpose(1, 2)) * w[None, :, None]   # (C, T, 2^hi)
-    d_lo = (ps_hi[-1] @ grad) * w[None, :, None]                   # (C, T, 2^lo)
-    dp1, dn1 = _products_backward(pos, neg, 0, ps_hi, d_hi)
-    dp2, dn2 = _products_backward(pos, neg, hi, ps_lo, d_lo)
-    return (dp1 + dp2).transpose(0, 1).contiguous(), (dn1 + dn2).transpose(0, 1).contiguous()
+    d_hi = (p_lo @ grad.transpose(1, 2)) * w[None, :, None]   # (C, T, 2^hi)
+    d_lo = (p_hi @ grad) * w[None, :, None]                   # (C, T, 2^lo)
+    dpos = torch.zeros_like(pos)
+    dneg = torch.zeros_like(neg)
+    _table_backward(pos, neg, 0, hi, p_hi, d_hi, dpos, dneg)
+    _table_backward(pos, neg, hi, pos.shape[-1] - hi, p_lo, d_lo, dpos, dneg)
+    return dpos.transpose(0, 1).contiguous(), dneg.transpose(0, 1).contiguous()
 
 
 def code_sums_backward(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor], grad: Tensor
@@ -204,7 +203,7 @@ def codebook_entropy_backward(prob_pos: Tensor, prob_neg: Tensor, entropy_weight
     """Gradients w.r.t. prob_pos/prob_neg of <codebook_entropy(...), grad> (grad: (C,))."""
     hi, pos, neg, w, ps_hi, ps_lo = _tables(prob_pos, prob_neg, entropy_weight)
     n = w.sum()
-    a = ((ps_hi[-1] * w[None, :, None]).transpose(1, 2) @ ps_lo[-1]) / n
+    a = ((ps_hi * w[None, :, None]).transpose(1, 2) @ ps_lo) / n
     g = a.clamp_min_(torch.finfo(a.dtype).tiny).log_().add_(1).mul_(-grad.to(a.dtype)[:, None, None] / n)
     return _sums_backward(hi, pos, neg, w, ps_hi, ps_lo, g)
 
