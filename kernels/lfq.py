@@ -233,14 +233,18 @@ def _lfq_code_pair_bwd_kernel(pos_ptr, neg_ptr, w_ptr, g_ptr, dpos_ptr, dneg_ptr
 MAX_BITS = 40
 #: Exact fp32 products in the code GEMMs: the entropies are compared with float64 to 1e-5.
 PRECISION = "ieee"
-_CUDA_QUANT = dict(BLOCK_T=128, num_warps=4, num_stages=1)
-_CUDA_PAIR = dict(BLOCK_T=32, num_warps=4, num_stages=2)
-_CUDA_PAIR_BWD = dict(BLOCK_T=64, num_warps=8, num_stages=2)
+_CUDA_QUANT = dict(ELEMENTS=1024, num_warps=4, num_stages=1)   # BLOCK_T = ELEMENTS // BLOCK_D
+_CUDA_PAIR = dict(BLOCK_T=32, num_warps=8, num_stages=2)
+_CUDA_PAIR_BWD = dict(BLOCK_T=32, num_warps=8, num_stages=2)
 
 
 def _block_d(d: int) -> int:
     """Bit-tile width of the elementwise kernels: 8, 32 or 64 (few compiled variants; lanes masked)."""
     return 8 if d <= 8 else (32 if d <= 32 else 64)
+
+
+def _quant_block_t(block_d: int) -> int:
+    return _CUDA_QUANT["ELEMENTS"] // block_d
 
 
 def _block_bits(n: int) -> int:
@@ -273,7 +277,7 @@ def _quantize_fwd_configs():
         for bd in sorted({_block_d(d) for d in range(1, MAX_BITS + 1)}):
             configs.append(KernelConfig(
                 f"quantize fwd {ty} BLOCK_D={bd}", _sig(names, types),
-                dict(BLOCK_T=_CUDA_QUANT["BLOCK_T"], BLOCK_D=bd),
+                dict(BLOCK_T=_quant_block_t(bd), BLOCK_D=bd),
                 num_warps=_CUDA_QUANT["num_warps"], num_stages=_CUDA_QUANT["num_stages"]))
     return configs
 
@@ -289,7 +293,7 @@ def _quantize_bwd_configs():
         for bd in sorted({_block_d(d) for d in range(1, MAX_BITS + 1)}):
             configs.append(KernelConfig(
                 f"quantize bwd {ty} BLOCK_D={bd}", _sig(names, types),
-                dict(BLOCK_T=_CUDA_QUANT["BLOCK_T"], BLOCK_D=bd),
+                dict(BLOCK_T=_quant_block_t(bd), BLOCK_D=bd),
                 num_warps=_CUDA_QUANT["num_warps"], num_stages=_CUDA_QUANT["num_stages"]))
     return configs
 
@@ -361,7 +365,7 @@ def quantize_fwd(x: torch.Tensor, code_value: float, logit_scale: float, straigh
     (programs, 2) fp32: [Σ w_e·Σ h, Σ w_c·Σ (x-q)²]."""
     t, c, d = x.shape
     dev = x.device
-    block_t = _block_t(t, _CUDA_QUANT["BLOCK_T"], 1024)
+    block_t = _block_t(t, _quant_block_t(_block_d(d)), 1024)
     grid = (triton.cdiv(t, block_t),)
     out = new_output((t, c, d), x.dtype, dev)
     idx = new_output((t, c), torch.int64, dev)
@@ -393,7 +397,7 @@ def quantize_bwd(x: torch.Tensor, grad_out: Optional[torch.Tensor], grad_pos: Op
     dx = new_output((t, c, d), x.dtype, dev)
     if t * c * d == 0:
         return dx
-    block_t = _block_t(t, _CUDA_QUANT["BLOCK_T"], 1024)
+    block_t = _block_t(t, _quant_block_t(_block_d(d)), 1024)
     coef = coef.to(torch.float32).contiguous()
     has_gp = grad_pos is not None and grad_pos.numel() > 0
     gp = grad_pos.to(torch.float32).contiguous() if has_gp else coef
