@@ -254,3 +254,29 @@ def test_torch_compile_fullgraph_training():
     g1 = torch.autograd.grad(got[0].sum() + got[2], x)[0]
     g2 = torch.autograd.grad(want[0].sum() + want[2], x)[0]
     assert relative_error(g1, g2) <= 1e-6
+
+
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+
+
+@hypothesis.settings(max_examples=25, deadline=None, derandomize=True)
+@hypothesis.given(d=st.integers(1, 9), c=st.integers(1, 3), extra_dim=st.sampled_from([0, 3]),
+                  spherical=st.booleans(), scale=st.sampled_from([1.0, 0.5, 2.0]), batch_mask=st.booleans(),
+                  n=st.integers(1, 9), training=st.booleans(), commit=st.sampled_from([0.0, 0.3]),
+                  seed=st.integers(0, 2 ** 16))
+def test_random_configurations_match_anchor(d, c, extra_dim, spherical, scale, batch_mask, n, training, commit, seed):
+    kw = dict(codebook_size=2 ** d, num_codebooks=c, spherical=spherical, codebook_scale=scale,
+              commitment_loss_weight=commit)
+    if extra_dim:
+        kw["dim"] = d * c + extra_dim
+    ref, ours = _pair(kw, seed=seed)
+    ref.train(training)
+    ours.train(training)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, n, ours.dim, generator=gen) * 0.2
+    mask = torch.tensor([True, False, True]) if batch_mask else None
+    (ra, la), (rb, lb) = _call(ref, x, mask=mask), _call(ours, x, mask=mask)
+    assert torch.equal(rb.quantized, ra.quantized) and torch.equal(rb.indices, ra.indices)
+    assert abs(lb.commitment.item() - la.commitment.item()) <= 1e-6
+    assert relative_error(lb.batch_entropy, la.batch_entropy) <= 1e-5
