@@ -38,11 +38,11 @@ from fastsora.registry import KernelConfig, register_kernel
 
 
 @triton.jit
-def _load_x_tile(x_ptr, c_ptr, b, tv, hv, wv, row_ok, offs_c, C_in, H, W, Tc,
-                 sxb, sxc, sxt, sxh, sxw, scb, scc, sct, sch, scw,
-                 REPLICATE: tl.constexpr, HAS_CACHE: tl.constexpr):
-    """[BLOCK_M, BLOCK_K] tile of the (virtually) padded input at padded coordinates (tv, hv, wv) per row."""
-    c_ok = offs_c < C_in
+def _x_rows(x_ptr, c_ptr, xb, cb, tv, hv, wv, row_ok, H, W, Tc, sxc, sxt, sxh, sxw, scc, sct, sch, scw,
+            REPLICATE: tl.constexpr, HAS_CACHE: tl.constexpr):
+    """Per-row base pointers, channel strides and masks of the (virtually) padded input at padded coordinates
+    (tv, hv, wv) (int32 vectors). Rows with tv < 0 point into the cache when there is one (frame tv + Tc).
+    xb / cb: the rows' batch offsets (b * stride_b, int64)."""
     if REPLICATE:
         hh = tl.minimum(tl.maximum(hv, 0), H - 1)
         ww = tl.minimum(tl.maximum(wv, 0), W - 1)
@@ -51,24 +51,31 @@ def _load_x_tile(x_ptr, c_ptr, b, tv, hv, wv, row_ok, offs_c, C_in, H, W, Tc,
         hh = hv
         ww = wv
         ok = row_ok & (hv >= 0) & (hv < H) & (wv >= 0) & (wv < W)
+    h64 = hh.to(tl.int64)
+    w64 = ww.to(tl.int64)
     if HAS_CACHE:
-        in_x = tv >= 0
-        off_x = b * sxb + tv * sxt + hh * sxh + ww * sxw
-        off_c = b * scb + (tv + Tc) * sct + hh * sch + ww * scw
-        a_x = tl.load(x_ptr + off_x[:, None] + offs_c[None, :] * sxc,
-                      mask=(ok & in_x)[:, None] & c_ok[None, :], other=0.0)
-        a_c = tl.load(c_ptr + off_c[:, None] + offs_c[None, :] * scc,
-                      mask=(ok & (tv < 0))[:, None] & c_ok[None, :], other=0.0)
-        a = tl.where(in_x[:, None], a_x, a_c)
+        in_c = tv < 0
+        p_x = x_ptr + (xb + tv.to(tl.int64) * sxt + h64 * sxh + w64 * sxw)
+        p_c = c_ptr + (cb + (tv + Tc).to(tl.int64) * sct + h64 * sch + w64 * scw)
+        rows = tl.where(in_c, p_c, p_x)
+        cs = tl.where(in_c, scc, sxc).to(tl.int64)
     else:
         if REPLICATE:
             tt = tl.maximum(tv, 0)
         else:
             tt = tv
             ok = ok & (tv >= 0)
-        off_x = b * sxb + tt * sxt + hh * sxh + ww * sxw
-        a = tl.load(x_ptr + off_x[:, None] + offs_c[None, :] * sxc, mask=ok[:, None] & c_ok[None, :], other=0.0)
-    return a
+        rows = x_ptr + (xb + tt.to(tl.int64) * sxt + h64 * sxh + w64 * sxw)
+        cs = tl.full(tv.shape, 0, tl.int64) + sxc
+    return rows, cs, ok
+
+
+@triton.jit
+def _x_tile(rows, cs, ok, offs_c, C_in):
+    """[BLOCK_M, BLOCK_K] input tile for the rows of :func:`_x_rows` and channels offs_c."""
+    c_ok = offs_c < C_in
+    return tl.load(rows[:, None] + offs_c.to(tl.int64)[None, :] * cs[:, None], mask=ok[:, None] & c_ok[None, :],
+                   other=0.0)
 
 
 @triton.jit
@@ -85,20 +92,24 @@ def _causal_conv3d_fwd_kernel(
     ACT: tl.constexpr, STORE_PRE: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """y[m, n] = act(sum_{tap, c} xpad[m, tap, c] * w[tap, c, n] + bias[n]) + res[m, n]; m = (b, to, h, w)."""
+    """y[m, n] = act(sum_{tap, c} xpad[m, tap, c] * w[tap, c, n] + bias[n]) + res[m, n]; m = (b, to, h, w).
+
+    Positions m and weight elements fit in int32 (checked on the host); every memory offset is int64."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < M
     w_o = offs_m % W
     r = offs_m // W
     h_o = r % H
     r = r // H
     t_o = r % T_out
-    b = r // T_out
+    b64 = (r // T_out).to(tl.int64)
+    xb = b64 * sxb
+    cb = b64 * scb
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < C_out
-    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for tap in range(KT * KH * KW):
         i = tap // (KH * KW)
@@ -107,11 +118,12 @@ def _causal_conv3d_fwd_kernel(
         tv = t_o * stride_t + (i * dil_t - pad_t)
         hv = h_o + (j - KH // 2)
         wv = w_o + (k - KW // 2)
+        rows, cs, ok = _x_rows(x_ptr, c_ptr, xb, cb, tv, hv, wv, row_ok, H, W, Tc, sxc, sxt, sxh, sxw,
+                               scc, sct, sch, scw, REPLICATE, HAS_CACHE)
         w_row = tap * C_in
         for c0 in range(0, C_in, BLOCK_K):
             offs_c = c0 + offs_k
-            a = _load_x_tile(x_ptr, c_ptr, b, tv, hv, wv, row_ok, offs_c, C_in, H, W, Tc,
-                             sxb, sxc, sxt, sxh, sxw, scb, scc, sct, sch, scw, REPLICATE, HAS_CACHE)
+            a = _x_tile(rows, cs, ok, offs_c, C_in)
             wt = tl.load(w_ptr + (w_row + offs_c)[:, None] * C_out + offs_n[None, :],
                          mask=(offs_c < C_in)[:, None] & n_ok[None, :], other=0.0)
             if IEEE:
@@ -121,13 +133,17 @@ def _causal_conv3d_fwd_kernel(
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     mask = row_ok[:, None] & n_ok[None, :]
-    y_off = (b * syb + t_o * syt + h_o * syh + w_o * syw)[:, None] + offs_n[None, :] * syc
+    t64 = t_o.to(tl.int64)
+    h64 = h_o.to(tl.int64)
+    w64 = w_o.to(tl.int64)
+    n64 = offs_n.to(tl.int64)
+    y_off = (b64 * syb + t64 * syt + h64 * syh + w64 * syw)[:, None] + (n64 * syc)[None, :]
     if STORE_PRE:
         tl.store(z_ptr + y_off, acc.to(z_ptr.dtype.element_ty), mask=mask)
     if ACT == 1:
         acc = acc / (1.0 + tl.exp(-acc))
     if HAS_RES:
-        r_off = (b * srb + t_o * srt + h_o * srh + w_o * srw)[:, None] + offs_n[None, :] * src
+        r_off = (b64 * srb + t64 * srt + h64 * srh + w64 * srw)[:, None] + (n64 * src)[None, :]
         acc += tl.load(r_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -145,27 +161,26 @@ def _causal_conv3d_bwd_weight_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dw[tap, c, n] += sum_m xpad[m, tap, c] * g[m, n] over this program's rows [pid_s * rows_per_split, +
-    rows_per_split) (rows_per_split a multiple of BLOCK_M; fp32 atomics);
-    db[n] += sum_m g[m, n] (programs of tap 0, first channel block). Grid (taps * C_in blocks, C_out blocks,
-    splits of m)."""
+    rows_per_split) (rows_per_split a multiple of BLOCK_M; fp32 atomics); db[n] += sum_m g[m, n] (programs of
+    tap 0, first channel block). Grid (taps * C_in blocks, C_out blocks, splits of m)."""
     pid0 = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
     n_cb = (C_in + BLOCK_K - 1) // BLOCK_K
     tap = pid0 // n_cb
-    cb = pid0 % n_cb
+    cblk = pid0 % n_cb
     i = tap // (KH * KW)
     j = (tap // KW) % KH
     k = tap % KW
-    offs_c = cb * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_c = cblk * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < C_out
+    n64 = offs_n.to(tl.int64)
     acc = tl.full((BLOCK_K, BLOCK_N), 0.0, tl.float32)
     # bias gradient by a dot with a ones matrix (16 identical rows; row 0 is stored): no reduction builtin
-    # (tl.sum is a @jit library function that breaks AOT compilation under the interpreter)
-    do_db = HAS_BIAS & (tap == 0) & (cb == 0)
+    do_db = HAS_BIAS & (tap == 0) & (cblk == 0)
     dbacc = tl.full((16, BLOCK_N), 0.0, tl.float32)
-    m_begin = pid_s.to(tl.int64) * rows_per_split
+    m_begin = pid_s * rows_per_split
     m_end = tl.minimum(m_begin + rows_per_split, M)
     for m0 in range(0, rows_per_split, BLOCK_M):
         offs_m = m_begin + m0 + tl.arange(0, BLOCK_M)
@@ -175,13 +190,15 @@ def _causal_conv3d_bwd_weight_kernel(
         h_o = r % H
         r = r // H
         t_o = r % T_out
-        b = r // T_out
+        b64 = (r // T_out).to(tl.int64)
         tv = t_o * stride_t + (i * dil_t - pad_t)
         hv = h_o + (j - KH // 2)
         wv = w_o + (k - KW // 2)
-        a = _load_x_tile(x_ptr, c_ptr, b, tv, hv, wv, row_ok, offs_c, C_in, H, W, Tc,
-                         sxb, sxc, sxt, sxh, sxw, scb, scc, sct, sch, scw, REPLICATE, HAS_CACHE)
-        g_off = (b * sgb + t_o * sgt + h_o * sgh + w_o * sgw)[:, None] + offs_n[None, :] * sgc
+        rows, cs, ok = _x_rows(x_ptr, c_ptr, b64 * sxb, b64 * scb, tv, hv, wv, row_ok, H, W, Tc, sxc, sxt, sxh,
+                               sxw, scc, sct, sch, scw, REPLICATE, HAS_CACHE)
+        a = _x_tile(rows, cs, ok, offs_c, C_in)
+        g_off = (b64 * sgb + t_o.to(tl.int64) * sgt + h_o.to(tl.int64) * sgh + w_o.to(tl.int64) * sgw)[:, None] \
+            + (n64 * sgc)[None, :]
         g = tl.load(g_ptr + g_off, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
         if IEEE:
             acc = tl.dot(tl.trans(a), g, acc, input_precision="ieee")
@@ -193,7 +210,7 @@ def _causal_conv3d_bwd_weight_kernel(
                 dbacc = tl.dot(ones, g, dbacc, input_precision="ieee")
             else:
                 dbacc = tl.dot(ones, g, dbacc)
-    dw_off = (tap.to(tl.int64) * C_in + offs_c)[:, None] * C_out + offs_n[None, :]
+    dw_off = (tap * C_in + offs_c)[:, None] * C_out + offs_n[None, :]
     tl.atomic_add(dw_ptr + dw_off, acc, mask=(offs_c < C_in)[:, None] & n_ok[None, :])
     if do_db:
         first = tl.arange(0, 16) == 0
@@ -215,15 +232,16 @@ def _causal_conv3d_bwd_input_kernel(
     """dx[p, c] = sum over taps and padded positions v that map to p of g[out(v, tap), n] * w[tap, c, n].
 
     Rows p = (b, t, h, w): all positions (flat index over B x T_rows x H x W) or, with ROW_LIST, the flat
-    indices in rows_ptr. The padded positions of p are v in [lo, hi] per dimension, lo = p - halo at the first
-    index (frame 0 / row 0 / column 0), hi = p + halo at the last row/column (replicate); halo 0 gives v = p.
+    indices (over B x T x H x W) in rows_ptr. The padded positions of p are v in [lo, hi] per dimension,
+    lo = p - halo at the first index (frame 0 / row 0 / column 0), hi = p + halo at the last row/column
+    (replicate); halo 0 gives v = p.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    offs_r = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_r < R
     if ROW_LIST:
-        flat = tl.load(rows_ptr + offs_r, mask=row_ok, other=0)
+        flat = tl.load(rows_ptr + offs_r, mask=row_ok, other=0).to(tl.int32)
     else:
         flat = offs_r
     w_i = flat % W
@@ -231,15 +249,16 @@ def _causal_conv3d_bwd_input_kernel(
     h_i = r % H
     r = r // H
     t_i = r % T_rows
-    b = r // T_rows
+    b64 = (r // T_rows).to(tl.int64)
+    gb = b64 * sgb
     lo_t = tl.where(t_i == 0, t_i - halo_t, t_i)
     lo_h = tl.where(h_i == 0, h_i - halo_h, h_i)
     hi_h = tl.where(h_i == H - 1, h_i + halo_h, h_i)
     lo_w = tl.where(w_i == 0, w_i - halo_w, w_i)
     hi_w = tl.where(w_i == W - 1, w_i + halo_w, w_i)
-    offs_c = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     c_ok = offs_c < C_in
-    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     n_e = NT * NH * NW
     for tap in range(KT * KH * KW):
@@ -258,19 +277,20 @@ def _causal_conv3d_bwd_input_kernel(
             ok = row_ok & (vt <= t_i) & (vh <= hi_h) & (vw <= hi_w)
             ok = ok & (num >= 0) & (num - t_o * stride_t == 0) & (t_o < T_out)
             ok = ok & (h_o >= 0) & (h_o < H) & (w_o >= 0) & (w_o < W)
-            g_row = b * sgb + t_o * sgt + h_o * sgh + w_o * sgw
+            g_row = gb + t_o.to(tl.int64) * sgt + h_o.to(tl.int64) * sgh + w_o.to(tl.int64) * sgw
             for n0 in range(0, C_out, BLOCK_K):
                 offs_n = n0 + offs_k
                 n_ok = offs_n < C_out
-                g = tl.load(g_ptr + g_row[:, None] + offs_n[None, :] * sgc, mask=ok[:, None] & n_ok[None, :],
-                            other=0.0)
+                g = tl.load(g_ptr + g_row[:, None] + (offs_n.to(tl.int64) * sgc)[None, :],
+                            mask=ok[:, None] & n_ok[None, :], other=0.0)
                 wt = tl.load(w_ptr + (w_row + offs_c)[None, :] * C_out + offs_n[:, None],
                              mask=n_ok[:, None] & c_ok[None, :], other=0.0)
                 if IEEE:
                     acc = tl.dot(g, wt, acc, input_precision="ieee")
                 else:
                     acc = tl.dot(g, wt, acc)
-    x_off = (b * sxb + t_i * sxt + h_i * sxh + w_i * sxw)[:, None] + offs_c[None, :] * sxc
+    x_off = (b64 * sxb + t_i.to(tl.int64) * sxt + h_i.to(tl.int64) * sxh + w_i.to(tl.int64) * sxw)[:, None] \
+        + (offs_c.to(tl.int64) * sxc)[None, :]
     tl.store(dx_ptr + x_off, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & c_ok[None, :])
 
 
@@ -304,25 +324,29 @@ def _silu_bwd_kernel(dy_ptr, z_ptr, dz_ptr, N, S1, S2, S3, S4,
 
 _TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
-#: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per arch and dtype class ('lp' = fp16/bf16, 'fp32').
-#: fwd / bwd-input: M = positions, N = output channels (fwd) or input channels (bwd-input), K = channels
-#: reduced per step. bwd-weight: M = positions reduced, N = C_out, K = C_in.
-_LP = [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 3)]
-_F32 = [(64, 64, 32, 4, 2), (64, 32, 32, 4, 2)]
-_CONFIGS = {
-    ("sm_90", "lp"): _LP, ("sm_80", "lp"): _LP,
-    ("sm_90", "fp32"): _F32, ("sm_80", "fp32"): _F32,
+#: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per kernel kind, variant, arch and dtype class
+#: ('lp' = fp16/bf16, 'fp32'). fwd / bwd-input: M = positions, N = output channels (fwd) or input channels
+#: (bwd-input), K = channels reduced per step; bwd-weight: M = positions reduced, N = C_out, K = C_in.
+#: Variant 'heavy' = the launches with more live state (fwd: cache / residual / stored pre-activation;
+#: bwd-input: the border-row list; bwd-weight: cache or replicate clamping). Every tile listed here compiles
+#: with no spills and no stack frame on sm_80 and sm_90 (checked with cuobjdump), which rules out the
+#: 128x128 tiles: the gathered implicit-GEMM operands need a 64-bit pointer per element.
+_TABLE = {
+    ("fwd", "plain", "lp"): [(128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 8, 3)],
+    ("fwd", "heavy", "lp"): [(64, 64, 32, 8, 3)],
+    ("fwd", "plain", "fp32"): [(32, 64, 16, 4, 2)],
+    ("fwd", "heavy", "fp32"): [(64, 64, 16, 8, 2), (32, 64, 16, 4, 2)],
+    ("bwd_input", "plain", "lp"): [(64, 128, 32, 8, 3), (64, 64, 32, 8, 3)],
+    ("bwd_input", "heavy", "lp"): [(64, 64, 32, 8, 3)],
+    ("bwd_input", "plain", "fp32"): [(64, 64, 16, 8, 2), (32, 32, 16, 4, 2)],
+    ("bwd_input", "heavy", "fp32"): [(32, 32, 16, 4, 2)],
+    ("bwd_weight", "plain", "lp"): [(64, 64, 64, 8, 3), (32, 64, 64, 4, 3)],
+    ("bwd_weight", "heavy", "lp"): [(64, 64, 64, 8, 3), (32, 64, 64, 4, 3)],
+    ("bwd_weight", "plain", "fp32"): [(32, 32, 32, 8, 2)],
+    ("bwd_weight", "heavy", "fp32"): [(32, 32, 32, 8, 2)],
 }
-_BWD_INPUT_CONFIGS = {
-    ("sm_90", "lp"): _LP[:3], ("sm_80", "lp"): _LP[:3],
-    ("sm_90", "fp32"): _F32, ("sm_80", "fp32"): _F32,
-}
-_WLP = [(128, 128, 64, 8, 3), (64, 64, 64, 4, 4), (128, 64, 64, 4, 3)]
-_WF32 = [(32, 64, 64, 4, 2)]
-_WGRAD_CONFIGS = {
-    ("sm_90", "lp"): _WLP, ("sm_80", "lp"): _WLP,
-    ("sm_90", "fp32"): _WF32, ("sm_80", "fp32"): _WF32,
-}
+#: per-architecture tables (the same today: no GPU was available to tune them apart)
+_CONFIGS = {arch: _TABLE for arch in ("sm_80", "sm_90")}
 #: one config in the interpreter: big tiles (the interpreter costs per loop iteration, not per element)
 _INTERP = (256, 32, 32, 4, 1)
 _INTERP_WGRAD = (256, 32, 32, 4, 1)
@@ -338,27 +362,30 @@ def _klass(dtype: torch.dtype) -> str:
     return "fp32" if dtype == torch.float32 else "lp"
 
 
-def _triton_configs(table, arch: str, klass: str) -> List[triton.Config]:
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=nw, num_stages=ns)
-            for bm, bn, bk, nw, ns in table[(arch, klass)]]
+def _variant(kind: str, consts: dict) -> str:
+    if kind == "fwd":
+        heavy = consts["HAS_CACHE"] or consts["HAS_RES"] or consts["STORE_PRE"]
+    elif kind == "bwd_input":
+        heavy = consts["ROW_LIST"]
+    else:
+        heavy = consts["HAS_CACHE"] or consts["REPLICATE"]
+    return "heavy" if heavy else "plain"
 
 
-_FWD_KEY = ["C_in", "C_out", "KT", "KH", "KW", "REPLICATE", "HAS_CACHE", "HAS_RES", "ACT"]
+_KERNELS = {}
+_KEYS = {
+    "fwd": ["C_in", "C_out", "KT", "KH", "KW", "REPLICATE", "HAS_CACHE", "HAS_RES", "ACT", "STORE_PRE"],
+    "bwd_input": ["C_in", "C_out", "KT", "KH", "KW", "ROW_LIST", "NT", "NH", "NW"],
+    "bwd_weight": ["C_in", "C_out", "KT", "KH", "KW", "REPLICATE", "HAS_CACHE"],
+}
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(kind: str, arch: str, klass: str):
-    if kind == "fwd":
-        return triton.autotune(_triton_configs(_CONFIGS, arch, klass), key=_FWD_KEY)(_causal_conv3d_fwd_kernel)
-    if kind == "bwd_input":
-        return triton.autotune(_triton_configs(_BWD_INPUT_CONFIGS, arch, klass),
-                               key=["C_in", "C_out", "KT", "KH", "KW", "ROW_LIST", "NT", "NH", "NW"]
-                               )(_causal_conv3d_bwd_input_kernel)
-    if kind == "bwd_weight":
-        return triton.autotune(_triton_configs(_WGRAD_CONFIGS, arch, klass),
-                               key=["C_in", "C_out", "KT", "KH", "KW", "REPLICATE", "HAS_CACHE"],
-                               reset_to_zero=["dw_ptr", "db_ptr"])(_causal_conv3d_bwd_weight_kernel)
-    raise ValueError(kind)
+def _tuned(kind: str, variant: str, arch: str, klass: str):
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=nw, num_stages=ns)
+               for bm, bn, bk, nw, ns in _CONFIGS[arch][(kind, variant, klass)]]
+    extra = {"reset_to_zero": ["dw_ptr", "db_ptr"]} if kind == "bwd_weight" else {}
+    return triton.autotune(configs, key=_KEYS[kind], **extra)(_KERNELS[kind])
 
 
 def _launch(kind: str, kernel, grid, args: tuple, consts: dict, dtype: torch.dtype, device: torch.device):
@@ -368,7 +395,7 @@ def _launch(kind: str, kernel, grid, args: tuple, consts: dict, dtype: torch.dty
         meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
         kernel[grid(meta)](*args, **consts, **meta, num_warps=nw, num_stages=ns)
     else:
-        _tuned(kind, _arch(device), _klass(dtype))[grid](*args, **consts)
+        _tuned(kind, _variant(kind, consts), _arch(device), _klass(dtype))[grid](*args, **consts)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -379,6 +406,16 @@ def _sig(names: List[str], types: Dict[str, str]) -> Dict[str, str]:
     return {n: types.get(n, "i32") for n in names}
 
 
+_VARIANT_CONSTS = {
+    ("fwd", "plain"): dict(REPLICATE=True, HAS_CACHE=False, HAS_BIAS=True, HAS_RES=False, ACT=0, STORE_PRE=False),
+    ("fwd", "heavy"): dict(REPLICATE=True, HAS_CACHE=True, HAS_BIAS=True, HAS_RES=True, ACT=1, STORE_PRE=True),
+    ("bwd_input", "plain"): dict(ROW_LIST=False),
+    ("bwd_input", "heavy"): dict(ROW_LIST=True),
+    ("bwd_weight", "plain"): dict(REPLICATE=False, HAS_CACHE=False, HAS_BIAS=True),
+    ("bwd_weight", "heavy"): dict(REPLICATE=True, HAS_CACHE=True, HAS_BIAS=True),
+}
+
+
 def _register() -> None:
     import inspect
 
@@ -386,41 +423,36 @@ def _register() -> None:
         fn = getattr(kernel, "fn", kernel)
         return list(inspect.signature(fn).parameters)
 
-    for kernel, table, kind in ((_causal_conv3d_fwd_kernel, _CONFIGS, "fwd"),
-                                (_causal_conv3d_bwd_input_kernel, _BWD_INPUT_CONFIGS, "bwd_input"),
-                                (_causal_conv3d_bwd_weight_kernel, _WGRAD_CONFIGS, "bwd_weight")):
+    _KERNELS.update(fwd=_causal_conv3d_fwd_kernel, bwd_input=_causal_conv3d_bwd_input_kernel,
+                    bwd_weight=_causal_conv3d_bwd_weight_kernel)
+    for kind, kernel in _KERNELS.items():
         names = argnames(kernel)
-        configs = []
-        # the same tile can serve several archs: register it once (`fastsora compile` builds every config
-        # for sm_80 and sm_90), labelled with the archs whose autotuner may pick it
+        # a tile shared by several archs is registered once (`fastsora compile` builds every config for sm_80
+        # and sm_90), labelled with the archs whose autotuner may pick it
         tiles: Dict[tuple, List[str]] = {}
-        for (arch, klass), rows in sorted(table.items()):
-            for row in rows:
-                tiles.setdefault((klass,) + tuple(row), []).append(arch)
-        for (klass, *row), archs in tiles.items():
+        for arch, table in sorted(_CONFIGS.items()):
+            for (k, variant, klass), rows in table.items():
+                if k == kind:
+                    for row in rows:
+                        tiles.setdefault((variant, klass) + tuple(row), []).append(arch)
+        configs = []
+        for (variant, klass, bm, bn, bk, nw, ns), archs in tiles.items():
             arch = "/".join(sorted(set(archs)))
             for dtype in ((torch.float16, torch.bfloat16) if klass == "lp" else (torch.float32,)):
                 t = _TL[dtype]
-                for bm, bn, bk, nw, ns in [row]:
-                    consts = {"KT": 3, "KH": 3, "KW": 3, "IEEE": dtype == torch.float32,
-                              "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
-                    types = {}
-                    if kind == "fwd":
-                        consts.update(REPLICATE=True, HAS_CACHE=True, HAS_BIAS=True, HAS_RES=True, ACT=1,
-                                      STORE_PRE=True)
-                        for p in ("x_ptr", "c_ptr", "w_ptr", "b_ptr", "r_ptr", "y_ptr", "z_ptr"):
-                            types[p] = f"*{t}"
-                    elif kind == "bwd_input":
-                        consts.update(ROW_LIST=True)
-                        types.update(g_ptr=f"*{t}", w_ptr=f"*{t}", dx_ptr=f"*{t}", rows_ptr="*i64")
-                    else:
-                        consts.update(REPLICATE=True, HAS_CACHE=True, HAS_BIAS=True)
-                        types.update(x_ptr=f"*{t}", c_ptr=f"*{t}", g_ptr=f"*{t}", dw_ptr="*fp32", db_ptr="*fp32")
-                    sig = _sig(names, types)
-                    for c in consts:
-                        sig[c] = "constexpr"
-                    configs.append(KernelConfig(f"{arch} {kind} {t} BM={bm} BN={bn} BK={bk} w{nw} s{ns}", sig,
-                                                consts, nw, ns))
+                consts = {"KT": 3, "KH": 3, "KW": 3, "IEEE": dtype == torch.float32,
+                          "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, **_VARIANT_CONSTS[(kind, variant)]}
+                if kind == "fwd":
+                    types = {p: f"*{t}" for p in ("x_ptr", "c_ptr", "w_ptr", "b_ptr", "r_ptr", "y_ptr", "z_ptr")}
+                elif kind == "bwd_input":
+                    types = dict(g_ptr=f"*{t}", w_ptr=f"*{t}", dx_ptr=f"*{t}", rows_ptr="*i64")
+                else:
+                    types = dict(x_ptr=f"*{t}", c_ptr=f"*{t}", g_ptr=f"*{t}", dw_ptr="*fp32", db_ptr="*fp32")
+                sig = _sig(names, types)
+                for c in consts:
+                    sig[c] = "constexpr"
+                configs.append(KernelConfig(f"{arch} {kind} {variant} {t} BM={bm} BN={bn} BK={bk} w{nw} s{ns}",
+                                            sig, consts, nw, ns))
         register_kernel("causal_conv3d", kernel, configs)
     names = argnames(_silu_bwd_kernel)
     configs = []

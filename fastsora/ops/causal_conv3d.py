@@ -31,11 +31,17 @@ def _memory_format(x: torch.Tensor):
     return torch.contiguous_format
 
 
-def _triton_unsupported(x: torch.Tensor) -> Optional[str]:
+def _triton_unsupported(x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> Optional[str]:
     if x.dtype not in _FLOATS:
         return f"{str(x.dtype).removeprefix('torch.')} inputs (the kernels take float16, bfloat16 and float32)"
     if x.device.type == "cpu" and x.dtype == torch.bfloat16:
         return "bfloat16 inputs on CPU (Triton's interpreter computes bfloat16 wrongly)"
+    positions = x.shape[0] * x.shape[2] * x.shape[3] * x.shape[4]
+    if positions >= 2 ** 31:
+        return f"B*T*H*W = {positions} positions >= 2^31 (the kernels index positions in int32; tensors with " \
+               "more than 2^31 elements are fine)"
+    if weight is not None and weight.numel() >= 2 ** 31:
+        return f"a weight of {weight.numel()} elements >= 2^31"
     return None
 
 
@@ -114,7 +120,7 @@ def _causal_conv3d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
                       pad_mode: str, activation: str, streaming: bool, save_pre: bool
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
     act = activation or None
-    backend = select_backend(OP_NAME, x.device, _triton_unsupported(x))
+    backend = select_backend(OP_NAME, x.device, _triton_unsupported(x, weight))
     tp = _ref.time_padding(weight.shape[2], stride, dilation)
     mode = _ref.effective_pad_mode(pad_mode, tp, x.shape[2], streaming or cache is not None)
     if backend == "triton":
@@ -154,7 +160,7 @@ def _causal_conv3d_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.
                                need_input: bool, need_weight: bool
                                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     act = activation or None
-    backend = select_backend(OP_NAME, x.device, _triton_unsupported(x))
+    backend = select_backend(OP_NAME, x.device, _triton_unsupported(x, weight))
     tp = _ref.time_padding(weight.shape[2], stride, dilation)
     has_bias = bias is not None
     if backend == "triton":

@@ -1,0 +1,31 @@
+"""Every causal_conv3d kernel config compiles for sm_80 and sm_90 with no spills, no stack frame (ptxas puts
+spilled registers and call frames there even when LOCAL reads 0) and shared memory within limits. Slow: the
+foundation's test_compile covers the spill/shared-memory rule in CI."""
+import pytest
+
+from fastsora.aot import ARCHS, compile_config
+from fastsora.registry import KERNELS, load_all
+
+load_all()
+POINTS = [pytest.param(key, i, arch, id=f"{key}[{cfg.label}]-{arch}")
+          for key in sorted(KERNELS) if key.startswith("causal_conv3d.")
+          for i, cfg in enumerate(KERNELS[key].configs) for arch in ARCHS]
+
+
+def test_all_kernels_registered():
+    names = {key.split(".", 1)[1] for key in KERNELS if key.startswith("causal_conv3d.")}
+    assert names == {"_causal_conv3d_fwd_kernel", "_causal_conv3d_bwd_input_kernel",
+                     "_causal_conv3d_bwd_weight_kernel", "_silu_bwd_kernel"}
+    fwd = KERNELS["causal_conv3d._causal_conv3d_fwd_kernel"].configs
+    assert {c.signature["x_ptr"] for c in fwd} == {"*fp16", "*bf16", "*fp32"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key,index,arch", POINTS)
+def test_config_compiles_without_stack(key, index, arch):
+    entry = KERNELS[key]
+    result = compile_config(entry, entry.configs[index], arch)
+    assert result.problems == [], result.problems
+    assert result.stack_bytes == 0, f"{result.stack_bytes} B of stack (spilled registers)"
+    if "silu" not in key:
+        assert result.mma, "the GEMM kernels use tensor cores"
