@@ -229,11 +229,11 @@ def _lfq_code_pair_bwd_kernel(pos_ptr, neg_ptr, w_ptr, g_ptr, dpos_ptr, dneg_ptr
 
 
 # ---------------------------------------------------------------------------------------------- configs
-#: Largest codebook dim the kernels take (indices are int64; each side of the split has <= 20 bits).
-MAX_BITS = 40
+#: Largest codebook dim the kernels take (indices are int64; each side of the split has <= 16 bits).
+MAX_BITS = 32
 #: Exact fp32 products in the code GEMMs: the entropies are compared with float64 to 1e-5.
 PRECISION = "ieee"
-_CUDA_QUANT = dict(ELEMENTS=1024, num_warps=4, num_stages=1)   # BLOCK_T = ELEMENTS // BLOCK_D
+_CUDA_QUANT = dict(ELEMENTS=512, num_warps=4, num_stages=1)   # BLOCK_T = ELEMENTS // BLOCK_D
 _CUDA_PAIR = dict(BLOCK_T=32, num_warps=8, num_stages=2)
 _CUDA_PAIR_BWD = dict(BLOCK_T=32, num_warps=8, num_stages=2)
 
@@ -251,9 +251,13 @@ def _block_bits(n: int) -> int:
     return max(2, triton.next_power_of_2(n))
 
 
-def _code_block(bits: int) -> int:
-    """Code-tile width: at least 16 (tl.dot needs 16), at most 64; codes beyond 2^bits are masked."""
-    return max(16, min(64, 1 << bits))
+def _code_block(bits: int, widest: int = 64) -> int:
+    """Code-tile width: at least 16 (tl.dot needs 16), at most ``widest``; codes beyond 2^bits are masked."""
+    return max(16, min(widest, 1 << bits))
+
+
+#: The backward's contracted side uses narrower tiles (register pressure: no spills on sm_80/sm_90).
+_BWD_B_WIDEST = 32
 
 
 def _block_t(n: int, cuda_value: int, interp_max: int) -> int:
@@ -310,7 +314,7 @@ def _pair_bwd_blocks():
         nh, nl = d // 2, d - d // 2
         for na, nb in ((nh, nl), (nl, nh)):
             if na:
-                found.add((_code_block(na), _code_block(nb), _block_bits(na)))
+                found.add((_code_block(na), _code_block(nb, _BWD_B_WIDEST), _block_bits(na)))
     return sorted(found)
 
 
@@ -456,6 +460,6 @@ def code_pair_bwd(pos: torch.Tensor, neg: torch.Tensor, weight: Optional[torch.T
             continue
         _lfq_code_pair_bwd_kernel[grid](
             pos, neg, w, g, dpos, dneg, t, c, d, off_a, na, off_b, nb, g.stride(0), sa, sb,
-            BLOCK_T=block_t, BLOCK_A=_code_block(na), BLOCK_B=_code_block(nb), BLOCK_BITS=_block_bits(na),
+            BLOCK_T=block_t, BLOCK_A=_code_block(na), BLOCK_B=_code_block(nb, _BWD_B_WIDEST), BLOCK_BITS=_block_bits(na),
             PRECISION=PRECISION, num_warps=_CUDA_PAIR_BWD["num_warps"], num_stages=_CUDA_PAIR_BWD["num_stages"])
     return dpos, dneg
