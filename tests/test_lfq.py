@@ -280,3 +280,15 @@ def test_random_configurations_match_anchor(d, c, extra_dim, spherical, scale, b
     assert torch.equal(rb.quantized, ra.quantized) and torch.equal(rb.indices, ra.indices)
     assert abs(lb.commitment.item() - la.commitment.item()) <= 1e-6
     assert relative_error(lb.batch_entropy, la.batch_entropy) <= 1e-5
+
+
+def test_frac_per_sample_entropy_with_batch_mask_draws_like_anchor():
+    ref, ours = _pair(dict(codebook_size=2 ** 6, frac_per_sample_entropy=0.4))
+    x = torch.randn(4, 9, 6) * 0.05
+    mask = torch.tensor([True, False, True, True])
+    (_, la), (_, lb) = _call(ref, x, mask=mask, seed=7), _call(ours, x, mask=mask, seed=7)
+    assert relative_error(lb.batch_entropy, la.batch_entropy) <= 1e-5
+    assert abs(lb.per_sample_entropy.item() - la.per_sample_entropy.item()) <= 1e-5 + 2e-3 * la.per_sample_entropy.item()
+    # a different draw gives a different subset (the sampling is live, not ignored)
+    (_, lc) = _call(ours, x, mask=mask, seed=8)
+    assert lc.batch_entropy.item() != lb.batch_entropy.item()
