@@ -238,53 +238,57 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
     do_base = DO + q_start.to(tl.int64) * stride_dot
     qT_off = offs_m[None, :] * stride_qt + offs_d[:, None]
     do_off = offs_m[:, None] * stride_dot + offs_d[None, :]
-    for g in range(0, group):
-        hq = hk * group + g
-        q_ptr = q_base + hq.to(tl.int64) * stride_qh + lo.to(tl.int64) * stride_qt
-        do_ptr = do_base + hq.to(tl.int64) * stride_doh + lo.to(tl.int64) * stride_dot
-        lse_ptrs = LSE + hq.to(tl.int64) * stride_lh + q_start.to(tl.int64) + offs_m
-        delta_ptrs = DELTA + hq.to(tl.int64) * stride_lh + q_start.to(tl.int64) + offs_m
-        # diagonal blocks (causal only): mask by position
-        for start_m in range(lo, full_start, BLOCK_M):
-            rows = start_m + offs_m
-            mask_m = rows < seqlen_q
+    # Two flat loops over (query head of the GQA group, query block) pairs: nested loops made ptxas keep the
+    # outer loop's state on the stack.
+    lse_base = LSE + q_start.to(tl.int64)
+    delta_base = DELTA + q_start.to(tl.int64)
+    # diagonal blocks (causal only): mask by position
+    n_diag = (full_start - lo + BLOCK_M - 1) // BLOCK_M
+    for it in range(0, group * n_diag):
+        g = it // n_diag
+        start_m = lo + (it - g * n_diag) * BLOCK_M
+        hq = (hk * group + g).to(tl.int64)
+        rows = start_m + offs_m
+        mask_m = rows < seqlen_q
+        q_ptr = q_base + hq * stride_qh + start_m.to(tl.int64) * stride_qt
+        do_ptr = do_base + hq * stride_doh + start_m.to(tl.int64) * stride_dot
+        qT = tl.load(q_ptr + qT_off, mask=mask_m[None, :] & mask_d[:, None], other=0.0)
+        do = tl.load(do_ptr + do_off, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        lse = tl.load(lse_base + hq * stride_lh + rows, mask=mask_m, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(delta_base + hq * stride_lh + rows, mask=mask_m, other=0.0)
+        sT = tl.dot(k, qT, input_precision=DOT_PREC) * qk_scale
+        pT = tl.math.exp2(sT - lse[None, :])
+        if IS_CAUSAL:
+            pT = tl.where((offs_n[:, None] <= rows[None, :] + diag) & mask_n[:, None], pT, 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PREC)
+    # blocks where every key of the block is visible (all of them when not causal)
+    n_full = (seqlen_q - full_start + BLOCK_M - 1) // BLOCK_M
+    for it in range(0, group * n_full):
+        g = it // n_full
+        start_m = full_start + (it - g * n_full) * BLOCK_M
+        hq = (hk * group + g).to(tl.int64)
+        rows = start_m + offs_m
+        mask_m = rows < seqlen_q
+        q_ptr = q_base + hq * stride_qh + start_m.to(tl.int64) * stride_qt
+        do_ptr = do_base + hq * stride_doh + start_m.to(tl.int64) * stride_dot
+        if EVEN_D:
+            qT = tl.load(q_ptr + qT_off, mask=mask_m[None, :], other=0.0)
+            do = tl.load(do_ptr + do_off, mask=mask_m[:, None], other=0.0)
+        else:
             qT = tl.load(q_ptr + qT_off, mask=mask_m[None, :] & mask_d[:, None], other=0.0)
             do = tl.load(do_ptr + do_off, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-            lse = tl.load(lse_ptrs + start_m, mask=mask_m, other=float("inf")) * 1.4426950408889634
-            delta = tl.load(delta_ptrs + start_m, mask=mask_m, other=0.0)
-            sT = tl.dot(k, qT, input_precision=DOT_PREC) * qk_scale
-            pT = tl.math.exp2(sT - lse[None, :])
-            if IS_CAUSAL:
-                pT = tl.where((offs_n[:, None] <= rows[None, :] + diag) & mask_n[:, None], pT, 0.0)
-            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
-            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-            dsT = pT * (dpT - delta[None, :])
-            dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PREC)
-            q_ptr += BLOCK_M * stride_qt
-            do_ptr += BLOCK_M * stride_dot
-        # blocks where every key of the block is visible (all of them when not causal)
-        for start_m in range(full_start, seqlen_q, BLOCK_M):
-            rows = start_m + offs_m
-            mask_m = rows < seqlen_q
-            if EVEN_D:
-                qT = tl.load(q_ptr + qT_off, mask=mask_m[None, :], other=0.0)
-                do = tl.load(do_ptr + do_off, mask=mask_m[:, None], other=0.0)
-            else:
-                qT = tl.load(q_ptr + qT_off, mask=mask_m[None, :] & mask_d[:, None],
-                             other=0.0)
-                do = tl.load(do_ptr + do_off, mask=mask_m[:, None] & mask_d[None, :],
-                             other=0.0)
-            lse = tl.load(lse_ptrs + start_m, mask=mask_m, other=float("inf")) * 1.4426950408889634
-            delta = tl.load(delta_ptrs + start_m, mask=mask_m, other=0.0)
-            sT = tl.dot(k, qT, input_precision=DOT_PREC) * qk_scale
-            pT = tl.math.exp2(sT - lse[None, :])
-            pT = tl.where(mask_n[:, None], pT, 0.0)  # keys past the sequence end (their rows are not stored)
-            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
-            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-            dsT = pT * (dpT - delta[None, :])
-            dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PREC)
-            q_ptr += BLOCK_M * stride_qt
-            do_ptr += BLOCK_M * stride_dot
+        lse = tl.load(lse_base + hq * stride_lh + rows, mask=mask_m, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(delta_base + hq * stride_lh + rows, mask=mask_m, other=0.0)
+        sT = tl.dot(k, qT, input_precision=DOT_PREC) * qk_scale
+        pT = tl.math.exp2(sT - lse[None, :])
+        pT = tl.where(mask_n[:, None], pT, 0.0)  # keys past the sequence end (their rows are not stored)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PREC)
 
     dk = dk * sm_scale
     tl.store(DK + rows_k[:, None] * stride_dkt + hk.to(tl.int64) * stride_dkh + offs_d[None, :],
