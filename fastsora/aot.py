@@ -43,6 +43,9 @@ class CompileResult:
         found = []
         if self.spill_bytes:
             found.append(f"spills {self.spill_bytes} B")
+        if self.stack_bytes:
+            # ptxas keeps spilled registers in the stack frame, where LOCAL can still read 0
+            found.append(f"stack frame {self.stack_bytes} B (spilled registers)")
         if self.shared_bytes is not None and self.shared_bytes > ARCHS[self.arch]["smem"]:
             found.append(f"shared memory {self.shared_bytes} B > {ARCHS[self.arch]['smem']} B")
         return found

@@ -89,18 +89,41 @@ def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int:
         fn()
         torch.cuda.synchronize(device)
         return int(torch.cuda.max_memory_allocated(device) - base)
+    rss_peak = _resident_peak_bytes(fn)
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    # allocations inside an op are folded into that op's self usage; frees outside ops are '[memory]' rows
+    # allocations inside an op are folded into that op's self usage (temporaries it frees again are not
+    # seen); frees outside ops are '[memory]' rows
     deltas = sorted((e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
                     for e in prof.events())
     current = peak = 0
     for _, delta in deltas:
         current += delta
         peak = max(peak, current)
-    return int(peak)
+    # both are lower bounds (the profiler misses temporaries freed inside an op, resident memory misses
+    # allocations served from memory the process already holds): report the larger
+    return int(max(peak, rss_peak or 0))
+
+
+def _resident_peak_bytes(fn: Callable[[], Any]) -> Optional[int]:
+    """Growth of the resident-set high-water mark over one call (Linux: /proc/self/clear_refs resets it)."""
+    def status(field: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+        raise KeyError(field)
+
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = status("VmRSS")
+        fn()
+        return max(0, status("VmHWM") - before)
+    except (OSError, KeyError):
+        return None
 
 
 def measured_peaks(device: torch.device, dtype: torch.dtype) -> Dict[str, float]:

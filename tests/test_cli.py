@@ -187,3 +187,16 @@ def test_cli_bench_writes_results(registered, tmp_path, capsys):
     assert {r["impl"] for r in data["results"]} >= {"reference"}
     assert all(r["mode"] == "fwd" and r["status"] == "ok" for r in data["results"])
     assert f"wrote {path}" in captured.out
+
+
+@torch.library.custom_op("fastsora_test::sum_of_temporary", mutates_args=())
+def _sum_of_temporary(x: torch.Tensor) -> torch.Tensor:
+    big = x.repeat(64)  # a temporary 64x the input, freed before returning
+    return big.sum().reshape(1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU accounting")
+def test_peak_memory_sees_temporaries_freed_inside_an_op():
+    x = torch.randn(2**18)  # 1 MiB -> a 64 MiB temporary
+    peak = peak_memory_bytes(lambda: _sum_of_temporary(x), torch.device("cpu"))
+    assert peak >= 0.9 * 64 * x.numel() * 4, peak
