@@ -79,6 +79,43 @@ def _x_tile(rows, cs, ok, offs_c, C_in):
 
 
 @triton.jit
+def _x_flat_tile(x_ptr, c_ptr, xb, cb, t_o, h_o, w_o, row_ok, offs_f, C_in, H, W, Tc, stride_t, dil_t, pad_t,
+                 sxc, sxt, sxh, sxw, scc, sct, sch, scw, KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                 REPLICATE: tl.constexpr, HAS_CACHE: tl.constexpr):
+    """[BLOCK_M, BLOCK_K] tile of the padded input where the K index runs over (tap, channel) flattened,
+    f = tap * C_in + c (small C_in, e.g. the RGB input layer: no K-tile wasted on 3 channels)."""
+    f_ok = offs_f < KT * KH * KW * C_in
+    tap = offs_f // C_in
+    c = offs_f % C_in
+    i = tap // (KH * KW)
+    j = (tap // KW) % KH
+    k = tap % KW
+    tv = t_o[:, None] * stride_t + (i * dil_t - pad_t)[None, :]
+    hv = h_o[:, None] + (j - KH // 2)[None, :]
+    wv = w_o[:, None] + (k - KW // 2)[None, :]
+    ok = row_ok[:, None] & f_ok[None, :]
+    if REPLICATE:
+        hv = tl.minimum(tl.maximum(hv, 0), H - 1)
+        wv = tl.minimum(tl.maximum(wv, 0), W - 1)
+    else:
+        ok = ok & (hv >= 0) & (hv < H) & (wv >= 0) & (wv < W)
+    sp_x = hv.to(tl.int64) * sxh + wv.to(tl.int64) * sxw
+    if HAS_CACHE:
+        in_c = tv < 0
+        p_x = x_ptr + (xb[:, None] + tv.to(tl.int64) * sxt + sp_x + (c.to(tl.int64) * sxc)[None, :])
+        p_c = c_ptr + (cb[:, None] + (tv + Tc).to(tl.int64) * sct + hv.to(tl.int64) * sch + wv.to(tl.int64) * scw
+                       + (c.to(tl.int64) * scc)[None, :])
+        ptrs = tl.where(in_c, p_c, p_x)
+    else:
+        if REPLICATE:
+            tv = tl.maximum(tv, 0)
+        else:
+            ok = ok & (tv >= 0)
+        ptrs = x_ptr + (xb[:, None] + tv.to(tl.int64) * sxt + sp_x + (c.to(tl.int64) * sxc)[None, :])
+    return tl.load(ptrs, mask=ok, other=0.0)
+
+
+@triton.jit
 def _causal_conv3d_fwd_kernel(
     x_ptr, c_ptr, w_ptr, b_ptr, r_ptr, y_ptr, z_ptr,
     M, C_in, H, W, C_out, T_out, Tc,
@@ -89,10 +126,11 @@ def _causal_conv3d_fwd_kernel(
     stride_t, dil_t, pad_t,
     KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     REPLICATE: tl.constexpr, HAS_CACHE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-    ACT: tl.constexpr, STORE_PRE: tl.constexpr, IEEE: tl.constexpr,
+    ACT: tl.constexpr, STORE_PRE: tl.constexpr, IEEE: tl.constexpr, FLAT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """y[m, n] = act(sum_{tap, c} xpad[m, tap, c] * w[tap, c, n] + bias[n]) + res[m, n]; m = (b, to, h, w).
+    With FLAT the reduction runs over f = tap * C_in + c in BLOCK_K steps (small C_in).
 
     Positions m and weight elements fit in int32 (checked on the host); every memory offset is int64."""
     pid_m = tl.program_id(0)
@@ -111,25 +149,37 @@ def _causal_conv3d_fwd_kernel(
     n_ok = offs_n < C_out
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    for tap in range(KT * KH * KW):
-        i = tap // (KH * KW)
-        j = (tap // KW) % KH
-        k = tap % KW
-        tv = t_o * stride_t + (i * dil_t - pad_t)
-        hv = h_o + (j - KH // 2)
-        wv = w_o + (k - KW // 2)
-        rows, cs, ok = _x_rows(x_ptr, c_ptr, xb, cb, tv, hv, wv, row_ok, H, W, Tc, sxc, sxt, sxh, sxw,
-                               scc, sct, sch, scw, REPLICATE, HAS_CACHE)
-        w_row = tap * C_in
-        for c0 in range(0, C_in, BLOCK_K):
-            offs_c = c0 + offs_k
-            a = _x_tile(rows, cs, ok, offs_c, C_in)
-            wt = tl.load(w_ptr + (w_row + offs_c)[:, None] * C_out + offs_n[None, :],
-                         mask=(offs_c < C_in)[:, None] & n_ok[None, :], other=0.0)
+    if FLAT:
+        for f0 in range(0, KT * KH * KW * C_in, BLOCK_K):
+            offs_f = f0 + offs_k
+            a = _x_flat_tile(x_ptr, c_ptr, xb, cb, t_o, h_o, w_o, row_ok, offs_f, C_in, H, W, Tc, stride_t, dil_t,
+                             pad_t, sxc, sxt, sxh, sxw, scc, sct, sch, scw, KT, KH, KW, REPLICATE, HAS_CACHE)
+            wt = tl.load(w_ptr + offs_f[:, None] * C_out + offs_n[None, :],
+                         mask=(offs_f < KT * KH * KW * C_in)[:, None] & n_ok[None, :], other=0.0)
             if IEEE:
                 acc = tl.dot(a, wt, acc, input_precision="ieee")
             else:
                 acc = tl.dot(a, wt, acc)
+    else:
+        for tap in range(KT * KH * KW):
+            i = tap // (KH * KW)
+            j = (tap // KW) % KH
+            k = tap % KW
+            tv = t_o * stride_t + (i * dil_t - pad_t)
+            hv = h_o + (j - KH // 2)
+            wv = w_o + (k - KW // 2)
+            rows, cs, ok = _x_rows(x_ptr, c_ptr, xb, cb, tv, hv, wv, row_ok, H, W, Tc, sxc, sxt, sxh, sxw,
+                                   scc, sct, sch, scw, REPLICATE, HAS_CACHE)
+            w_row = tap * C_in
+            for c0 in range(0, C_in, BLOCK_K):
+                offs_c = c0 + offs_k
+                a = _x_tile(rows, cs, ok, offs_c, C_in)
+                wt = tl.load(w_ptr + (w_row + offs_c)[:, None] * C_out + offs_n[None, :],
+                             mask=(offs_c < C_in)[:, None] & n_ok[None, :], other=0.0)
+                if IEEE:
+                    acc = tl.dot(a, wt, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a, wt, acc)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     mask = row_ok[:, None] & n_ok[None, :]
@@ -158,11 +208,12 @@ def _causal_conv3d_bwd_weight_kernel(
     stride_t, dil_t, pad_t,
     KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     REPLICATE: tl.constexpr, HAS_CACHE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FLAT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dw[tap, c, n] += sum_m xpad[m, tap, c] * g[m, n] over this program's rows [pid_s * rows_per_split, +
-    rows_per_split) (rows_per_split a multiple of BLOCK_M; fp32 atomics); db[n] += sum_m g[m, n] (programs of
-    tap 0, first channel block). Grid (taps * C_in blocks, C_out blocks, splits of m)."""
+    rows_per_split) (rows_per_split a multiple of BLOCK_M; fp32 atomics); db[n] += sum_m g[m, n] (program 0 of
+    axis 0). Grid (taps * C_in blocks, C_out blocks, splits of m); with FLAT, axis 0 runs over blocks of the
+    flattened (tap, c) index instead (small C_in)."""
     pid0 = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -173,12 +224,13 @@ def _causal_conv3d_bwd_weight_kernel(
     j = (tap // KW) % KH
     k = tap % KW
     offs_c = cblk * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_f = pid0 * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < C_out
     n64 = offs_n.to(tl.int64)
     acc = tl.full((BLOCK_K, BLOCK_N), 0.0, tl.float32)
     # bias gradient by a dot with a ones matrix (16 identical rows; row 0 is stored): no reduction builtin
-    do_db = HAS_BIAS & (tap == 0) & (cblk == 0)
+    do_db = HAS_BIAS & (pid0 == 0)
     dbacc = tl.full((16, BLOCK_N), 0.0, tl.float32)
     m_begin = pid_s * rows_per_split
     m_end = tl.minimum(m_begin + rows_per_split, M)
@@ -191,12 +243,17 @@ def _causal_conv3d_bwd_weight_kernel(
         r = r // H
         t_o = r % T_out
         b64 = (r // T_out).to(tl.int64)
-        tv = t_o * stride_t + (i * dil_t - pad_t)
-        hv = h_o + (j - KH // 2)
-        wv = w_o + (k - KW // 2)
-        rows, cs, ok = _x_rows(x_ptr, c_ptr, b64 * sxb, b64 * scb, tv, hv, wv, row_ok, H, W, Tc, sxc, sxt, sxh,
-                               sxw, scc, sct, sch, scw, REPLICATE, HAS_CACHE)
-        a = _x_tile(rows, cs, ok, offs_c, C_in)
+        if FLAT:
+            a = _x_flat_tile(x_ptr, c_ptr, b64 * sxb, b64 * scb, t_o, h_o, w_o, row_ok, offs_f, C_in, H, W, Tc,
+                             stride_t, dil_t, pad_t, sxc, sxt, sxh, sxw, scc, sct, sch, scw, KT, KH, KW, REPLICATE,
+                             HAS_CACHE)
+        else:
+            tv = t_o * stride_t + (i * dil_t - pad_t)
+            hv = h_o + (j - KH // 2)
+            wv = w_o + (k - KW // 2)
+            rows, cs, ok = _x_rows(x_ptr, c_ptr, b64 * sxb, b64 * scb, tv, hv, wv, row_ok, H, W, Tc, sxc, sxt,
+                                   sxh, sxw, scc, sct, sch, scw, REPLICATE, HAS_CACHE)
+            a = _x_tile(rows, cs, ok, offs_c, C_in)
         g_off = (b64 * sgb + t_o.to(tl.int64) * sgt + h_o.to(tl.int64) * sgh + w_o.to(tl.int64) * sgw)[:, None] \
             + (n64 * sgc)[None, :]
         g = tl.load(g_ptr + g_off, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
@@ -210,8 +267,12 @@ def _causal_conv3d_bwd_weight_kernel(
                 dbacc = tl.dot(ones, g, dbacc, input_precision="ieee")
             else:
                 dbacc = tl.dot(ones, g, dbacc)
-    dw_off = (tap * C_in + offs_c)[:, None] * C_out + offs_n[None, :]
-    tl.atomic_add(dw_ptr + dw_off, acc, mask=(offs_c < C_in)[:, None] & n_ok[None, :])
+    if FLAT:
+        dw_off = offs_f[:, None] * C_out + offs_n[None, :]
+        tl.atomic_add(dw_ptr + dw_off, acc, mask=(offs_f < KT * KH * KW * C_in)[:, None] & n_ok[None, :])
+    else:
+        dw_off = (tap * C_in + offs_c)[:, None] * C_out + offs_n[None, :]
+        tl.atomic_add(dw_ptr + dw_off, acc, mask=(offs_c < C_in)[:, None] & n_ok[None, :])
     if do_db:
         first = tl.arange(0, 16) == 0
         tl.atomic_add(db_ptr + offs_n[None, :] + 0 * tl.arange(0, 16)[:, None], dbacc,
@@ -344,6 +405,11 @@ _TABLE = {
     ("bwd_weight", "heavy", "lp"): [(64, 64, 64, 8, 3), (32, 64, 64, 4, 3)],
     ("bwd_weight", "plain", "fp32"): [(32, 32, 32, 8, 2)],
     ("bwd_weight", "heavy", "fp32"): [(32, 32, 32, 8, 2)],
+    # 'flat': (tap, channel) flattened into one reduction index for small C_in (the RGB input layer)
+    ("fwd", "flat", "lp"): [(64, 64, 32, 8, 3)],
+    ("fwd", "flat", "fp32"): [(32, 64, 16, 4, 2)],
+    ("bwd_weight", "flat", "lp"): [(64, 64, 64, 8, 3), (32, 64, 64, 4, 3)],
+    ("bwd_weight", "flat", "fp32"): [(32, 32, 32, 8, 2)],
 }
 #: per-architecture tables (the same today: no GPU was available to tune them apart)
 _CONFIGS = {arch: _TABLE for arch in ("sm_80", "sm_90")}
@@ -363,6 +429,8 @@ def _klass(dtype: torch.dtype) -> str:
 
 
 def _variant(kind: str, consts: dict) -> str:
+    if consts.get("FLAT"):
+        return "flat"
     if kind == "fwd":
         heavy = consts["HAS_CACHE"] or consts["HAS_RES"] or consts["STORE_PRE"]
     elif kind == "bwd_input":
@@ -407,12 +475,17 @@ def _sig(names: List[str], types: Dict[str, str]) -> Dict[str, str]:
 
 
 _VARIANT_CONSTS = {
-    ("fwd", "plain"): dict(REPLICATE=True, HAS_CACHE=False, HAS_BIAS=True, HAS_RES=False, ACT=0, STORE_PRE=False),
-    ("fwd", "heavy"): dict(REPLICATE=True, HAS_CACHE=True, HAS_BIAS=True, HAS_RES=True, ACT=1, STORE_PRE=True),
+    ("fwd", "plain"): dict(REPLICATE=True, HAS_CACHE=False, HAS_BIAS=True, HAS_RES=False, ACT=0, STORE_PRE=False,
+                           FLAT=False),
+    ("fwd", "heavy"): dict(REPLICATE=True, HAS_CACHE=True, HAS_BIAS=True, HAS_RES=True, ACT=1, STORE_PRE=True,
+                           FLAT=False),
+    ("fwd", "flat"): dict(REPLICATE=True, HAS_CACHE=True, HAS_BIAS=True, HAS_RES=True, ACT=1, STORE_PRE=True,
+                          FLAT=True),
     ("bwd_input", "plain"): dict(ROW_LIST=False),
     ("bwd_input", "heavy"): dict(ROW_LIST=True),
-    ("bwd_weight", "plain"): dict(REPLICATE=False, HAS_CACHE=False, HAS_BIAS=True),
-    ("bwd_weight", "heavy"): dict(REPLICATE=True, HAS_CACHE=True, HAS_BIAS=True),
+    ("bwd_weight", "plain"): dict(REPLICATE=False, HAS_CACHE=False, HAS_BIAS=True, FLAT=False),
+    ("bwd_weight", "heavy"): dict(REPLICATE=True, HAS_CACHE=True, HAS_BIAS=True, FLAT=False),
+    ("bwd_weight", "flat"): dict(REPLICATE=True, HAS_CACHE=True, HAS_BIAS=True, FLAT=True),
 }
 
 
@@ -477,6 +550,16 @@ def _memory_format(x: torch.Tensor):
     return torch.contiguous_format
 
 
+#: input channels up to which the kernels flatten (tap, channel) into one reduction index
+FLAT_MAX_C_IN = 8
+
+
+def _flat(C_in: int, has_cache: bool) -> bool:
+    """Flatten (tap, channel) for small C_in; independent of the cache so that a streamed chunk accumulates
+    in the same order as the one-call output (bitwise-equal slices)."""
+    return C_in <= FLAT_MAX_C_IN
+
+
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     """(C_out, C_in, kt, kh, kw) -> (kt*kh*kw, C_in, C_out) contiguous (a copy of the weight only)."""
     c_out, c_in = weight.shape[:2]
@@ -509,7 +592,7 @@ def causal_conv3d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
             *x.stride(), *c.stride(), *rs, *y.stride(), stride, dilation, time_pad)
     consts = dict(KT=KT, KH=KH, KW=KW, REPLICATE=bool(replicate), HAS_CACHE=has_cache, HAS_BIAS=bias is not None,
                   HAS_RES=residual is not None, ACT=1 if activation == "silu" else 0, STORE_PRE=bool(store_pre),
-                  IEEE=x.dtype == torch.float32)
+                  IEEE=x.dtype == torch.float32, FLAT=_flat(C_in, has_cache))
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C_out, meta["BLOCK_N"]))
@@ -603,8 +686,9 @@ def causal_conv3d_bwd(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ca
             c = cache if has_cache else x
             args_base = (x, c, g, dw32, db32, M, C_in, H, W, C_out, T_out, c.shape[2] if has_cache else 0)
             strides = (*x.stride(), *c.stride(), *g.stride(), stride, dilation, time_pad)
+            flat = _flat(C_in, has_cache)
             consts = dict(KT=KT, KH=KH, KW=KW, REPLICATE=bool(replicate), HAS_CACHE=has_cache,
-                          HAS_BIAS=has_bias, IEEE=ieee)
+                          HAS_BIAS=has_bias, IEEE=ieee, FLAT=flat)
             if KERNELS_INTERPRETED:
                 splits = 1
             else:
@@ -616,7 +700,8 @@ def causal_conv3d_bwd(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ca
             splits = triton.cdiv(M, rows_per_split)
 
             def grid(meta):
-                return (taps * triton.cdiv(C_in, meta["BLOCK_K"]), triton.cdiv(C_out, meta["BLOCK_N"]), splits)
+                rows = triton.cdiv(taps * C_in, meta["BLOCK_K"]) if flat else taps * triton.cdiv(C_in, meta["BLOCK_K"])
+                return (rows, triton.cdiv(C_out, meta["BLOCK_N"]), splits)
             _launch("bwd_weight", _causal_conv3d_bwd_weight_kernel, grid, args_base + (rows_per_split,) + strides,
                     consts, x.dtype, x.device)
         dw = dw32.reshape(KT, KH, KW, C_in, C_out).permute(4, 3, 0, 1, 2).to(weight.dtype) \

@@ -74,9 +74,9 @@ def test_reference_matches_oracle():
 
 GRAD_CASES = [
     ((3, 3, 3), 1, 1, "constant", (1, 5, 6, 4, 5, 6)),
-    ((3, 3, 3), 1, 1, "replicate", (2, 4, 5, 4, 6, 5)),
+    ((3, 3, 3), 1, 1, "replicate", (2, 10, 5, 4, 6, 5)),  # C_in > 8: per-tap kernels; <= 8: flattened
     ((3, 5, 3), 2, 1, "replicate", (1, 3, 4, 6, 7, 5)),
-    ((3, 3, 3), 1, 2, "replicate", (1, 4, 4, 5, 5, 5)),
+    ((3, 3, 3), 1, 2, "replicate", (1, 9, 4, 5, 5, 5)),
     ((3, 1, 1), 2, 2, "constant", (1, 17, 18, 6, 5, 5)),
 ]
 

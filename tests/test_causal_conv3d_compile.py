@@ -27,5 +27,5 @@ def test_config_compiles_without_stack(key, index, arch):
     result = compile_config(entry, entry.configs[index], arch)
     assert result.problems == [], result.problems
     assert result.stack_bytes == 0, f"{result.stack_bytes} B of stack (spilled registers)"
-    if "silu" not in key:
-        assert result.mma, "the GEMM kernels use tensor cores"
+    if "silu" not in key and "fp32" not in entry.configs[index].label:
+        assert result.mma, "the fp16/bf16 GEMM kernels use tensor cores (fp32 runs IEEE fp32 dots)"

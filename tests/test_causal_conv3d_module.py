@@ -60,29 +60,30 @@ def test_module_without_bias_and_dtype_kwargs():
 
 
 STREAMS = [
-    # (kernel, stride, dilation, chunk lengths)
-    ((3, 3, 3), 1, 1, [1, 4, 4]),
-    ((3, 3, 3), 2, 1, [2, 4, 2]),
-    ((3, 3, 3), 1, 2, [1, 1, 3, 2]),
-    ((5, 3, 3), 1, 1, [2, 1, 3]),
-    ((1, 3, 3), 2, 1, [2, 4]),  # no cache frames (time_pad = -1)
+    # (kernel, stride, dilation, chunk lengths, input channels: <= 8 takes the flattened-(tap, channel) kernels)
+    ((3, 3, 3), 1, 1, [1, 4, 4], 10),
+    ((3, 3, 3), 1, 1, [1, 4, 4], 4),
+    ((3, 3, 3), 2, 1, [2, 4, 2], 10),
+    ((3, 3, 3), 1, 2, [1, 1, 3, 2], 4),
+    ((5, 3, 3), 1, 1, [2, 1, 3], 12),
+    ((1, 3, 3), 2, 1, [2, 4], 4),  # no cache frames (time_pad = -1)
 ]
 
 
 @pytest.mark.parametrize("pad_mode", ["constant", "replicate"])
-@pytest.mark.parametrize("k,stride,dilation,chunks", STREAMS,
-                         ids=[f"k{s[0][0]}-s{s[1]}-d{s[2]}-{'+'.join(map(str, s[3]))}" for s in STREAMS])
-def test_streaming_matches_one_call(k, stride, dilation, chunks, pad_mode, dtype, poison):
+@pytest.mark.parametrize("k,stride,dilation,chunks,ci", STREAMS,
+                         ids=[f"k{s[0][0]}-s{s[1]}-d{s[2]}-{'+'.join(map(str, s[3]))}-c{s[4]}" for s in STREAMS])
+def test_streaming_matches_one_call(k, stride, dilation, chunks, ci, pad_mode, dtype, poison):
     torch.manual_seed(1)
-    m = CausalConv3d(4, 5, k, pad_mode=pad_mode, stride=stride, dilation=dilation).to(dtype)
-    x = randn(1, 4, sum(chunks), 5, 6, dtype=dtype)
+    m = CausalConv3d(ci, 5, k, pad_mode=pad_mode, stride=stride, dilation=dilation).to(dtype)
+    x = randn(1, ci, sum(chunks), 5, 6, dtype=dtype)
     n_cache = max(dilation * (k[0] - 1) + 1 - stride, 0)
     with fastsora.use_backend("triton"), torch.no_grad():
         full = m(x)
         outs, cache, t0 = [], None, 0
         for n in chunks:
             y, cache = m(x[:, :, t0:t0 + n], cache=cache, return_cache=True)
-            assert cache.shape == (1, 4, n_cache, 5, 6), "the cache keeps only the frames the next chunk needs"
+            assert cache.shape == (1, ci, n_cache, 5, 6), "the cache keeps only the frames the next chunk needs"
             outs.append(y)
             t0 += n
     # exactly the slices of the one-call output (same kernel, same accumulation order)
