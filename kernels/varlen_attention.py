@@ -102,7 +102,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
 
     k_base = K + k_start.to(tl.int64) * stride_kt + hk.to(tl.int64) * stride_kh
     v_base = V + k_start.to(tl.int64) * stride_vt + hk.to(tl.int64) * stride_vh
-    kT_off = offs_n[None, :] * stride_kt + offs_d[:, None]
+    k_off = offs_n[:, None] * stride_kt + offs_d[None, :]
     v_off = offs_n[:, None] * stride_vt + offs_d[None, :]
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -123,12 +123,12 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
     # blocks with no masking
     for start_n in range(0, full_end, BLOCK_N):
         if EVEN_D:
-            kT = tl.load(k_base + kT_off)
+            k = tl.load(k_base + k_off)
             v = tl.load(v_base + v_off)
         else:
-            kT = tl.load(k_base + kT_off, mask=mask_d[:, None], other=0.0)
+            k = tl.load(k_base + k_off, mask=mask_d[None, :], other=0.0)
             v = tl.load(v_base + v_off, mask=mask_d[None, :], other=0.0)
-        s = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
@@ -142,9 +142,9 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
     for start_n in range(full_end, hi, BLOCK_N):
         cols = start_n + offs_n
         mask_n = cols < seqlen_k
-        kT = tl.load(k_base + kT_off, mask=mask_n[None, :] & mask_d[:, None], other=0.0)
+        k = tl.load(k_base + k_off, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
         v = tl.load(v_base + v_off, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        s = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         visible = mask_n[None, :]
         if IS_CAUSAL:
             visible = visible & (cols[None, :] <= offs_m[:, None] + diag)
@@ -236,7 +236,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
         full_start = lo
     q_base = Q + q_start.to(tl.int64) * stride_qt
     do_base = DO + q_start.to(tl.int64) * stride_dot
-    qT_off = offs_m[None, :] * stride_qt + offs_d[:, None]
+    q_off = offs_m[:, None] * stride_qt + offs_d[None, :]
     do_off = offs_m[:, None] * stride_dot + offs_d[None, :]
     # Two flat loops over (query head of the GQA group, query block) pairs: nested loops made ptxas keep the
     # outer loop's state on the stack.
@@ -252,18 +252,18 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
         mask_m = rows < seqlen_q
         q_ptr = q_base + hq * stride_qh + start_m.to(tl.int64) * stride_qt
         do_ptr = do_base + hq * stride_doh + start_m.to(tl.int64) * stride_dot
-        qT = tl.load(q_ptr + qT_off, mask=mask_m[None, :] & mask_d[:, None], other=0.0)
+        q = tl.load(q_ptr + q_off, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
         do = tl.load(do_ptr + do_off, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
         lse = tl.load(lse_base + hq * stride_lh + rows, mask=mask_m, other=float("inf")) * 1.4426950408889634
         delta = tl.load(delta_base + hq * stride_lh + rows, mask=mask_m, other=0.0)
-        sT = tl.dot(k, qT, input_precision=DOT_PREC) * qk_scale
+        sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
         pT = tl.math.exp2(sT - lse[None, :])
         if IS_CAUSAL:
             pT = tl.where((offs_n[:, None] <= rows[None, :] + diag) & mask_n[:, None], pT, 0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PREC)
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
     # blocks where every key of the block is visible (all of them when not causal)
     n_full = (seqlen_q - full_start + BLOCK_M - 1) // BLOCK_M
     for it in range(0, group * n_full):
@@ -275,20 +275,20 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
         q_ptr = q_base + hq * stride_qh + start_m.to(tl.int64) * stride_qt
         do_ptr = do_base + hq * stride_doh + start_m.to(tl.int64) * stride_dot
         if EVEN_D:
-            qT = tl.load(q_ptr + qT_off, mask=mask_m[None, :], other=0.0)
+            q = tl.load(q_ptr + q_off, mask=mask_m[:, None], other=0.0)
             do = tl.load(do_ptr + do_off, mask=mask_m[:, None], other=0.0)
         else:
-            qT = tl.load(q_ptr + qT_off, mask=mask_m[None, :] & mask_d[:, None], other=0.0)
+            q = tl.load(q_ptr + q_off, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
             do = tl.load(do_ptr + do_off, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
         lse = tl.load(lse_base + hq * stride_lh + rows, mask=mask_m, other=float("inf")) * 1.4426950408889634
         delta = tl.load(delta_base + hq * stride_lh + rows, mask=mask_m, other=0.0)
-        sT = tl.dot(k, qT, input_precision=DOT_PREC) * qk_scale
+        sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
         pT = tl.math.exp2(sT - lse[None, :])
         pT = tl.where(mask_n[:, None], pT, 0.0)  # keys past the sequence end (their rows are not stored)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PREC)
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
 
     dk = dk * sm_scale
     tl.store(DK + rows_k[:, None] * stride_dkt + hk.to(tl.int64) * stride_dkh + offs_d[None, :],
@@ -334,8 +334,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
 
     k_base = K + k_start.to(tl.int64) * stride_kt + hk.to(tl.int64) * stride_kh
     v_base = V + k_start.to(tl.int64) * stride_vt + hk.to(tl.int64) * stride_vh
-    kT_off = offs_n[None, :] * stride_kt + offs_d[:, None]
-    vT_off = offs_n[None, :] * stride_vt + offs_d[:, None]
+    k_off = offs_n[:, None] * stride_kt + offs_d[None, :]
+    v_off = offs_n[:, None] * stride_vt + offs_d[None, :]
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     diag = bottom_right * (seqlen_k - seqlen_q)
@@ -350,31 +350,31 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
 
     for start_n in range(0, full_end, BLOCK_N):
         if EVEN_D:
-            kT = tl.load(k_base + kT_off)
-            vT = tl.load(v_base + vT_off)
+            k = tl.load(k_base + k_off)
+            v = tl.load(v_base + v_off)
         else:
-            kT = tl.load(k_base + kT_off, mask=mask_d[:, None], other=0.0)
-            vT = tl.load(v_base + vT_off, mask=mask_d[:, None], other=0.0)
-        s = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
+            k = tl.load(k_base + k_off, mask=mask_d[None, :], other=0.0)
+            v = tl.load(v_base + v_off, mask=mask_d[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         p = tl.math.exp2(s - lse[:, None])
-        dp = tl.dot(do, vT, input_precision=DOT_PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PREC)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
         k_base += BLOCK_N * stride_kt
         v_base += BLOCK_N * stride_vt
     for start_n in range(full_end, hi, BLOCK_N):
         cols = start_n + offs_n
         mask_n = cols < seqlen_k
-        kT = tl.load(k_base + kT_off, mask=mask_n[None, :] & mask_d[:, None], other=0.0)
-        vT = tl.load(v_base + vT_off, mask=mask_n[None, :] & mask_d[:, None], other=0.0)
-        s = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
+        k = tl.load(k_base + k_off, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        v = tl.load(v_base + v_off, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         visible = mask_n[None, :]
         if IS_CAUSAL:
             visible = visible & (cols[None, :] <= offs_m[:, None] + diag)
         p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, vT, input_precision=DOT_PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PREC)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
         k_base += BLOCK_N * stride_kt
         v_base += BLOCK_N * stride_vt
 
