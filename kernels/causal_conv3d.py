@@ -13,9 +13,10 @@ into a load by index arithmetic:
 * streaming: frames tv < 0 come from a second base pointer, the cache (B, C_in, Tc, H, W), at frame tv + Tc.
 
 Grad input of the replicate mode: an input pixel p on a border receives the gradient of every padded position v
-that clamps to it. The main grad-input launch sums the direct term (v = p) for every pixel; two more launches
-recompute border pixels (all of frame 0 when time is replicated, then the spatial border pixels) summing over
-every v that clamps to p, and overwrite them. No padded gradient buffer is built.
+that clamps to it. The main grad-input launch sums the direct term (v = p) for every pixel; more launches
+recompute border pixels (all of frame 0 when time is replicated, then the spatial border pixels grouped by
+the halo they need: edge rows, edge columns, corners) summing over every v that clamps to p, and overwrite
+them. No padded gradient buffer is built.
 
 All offsets are int64. fp32 inputs use IEEE fp32 dots (no tf32); fp16/bf16 accumulate in fp32.
 """
@@ -616,18 +617,43 @@ def silu_backward(dy: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return dz
 
 
-def _border_rows(B: int, T: int, H: int, W: int, skip_frame0: bool, device: torch.device) -> torch.Tensor:
-    """Flat (b, t, h, w) indices of the spatial border pixels (h or w at an edge) of every frame."""
+def _border_groups(B: int, T: int, H: int, W: int, ph: int, pw: int, split_frame0: bool, device: torch.device
+                   ) -> List[Tuple[torch.Tensor, bool, bool, bool]]:
+    """The spatial border pixels grouped by the halo they need, so each grad-input launch loops over the
+    padded positions its rows really have: [(flat (b, t, h, w) indices, frame-0 rows?, h halo?, w halo?)].
+
+    Groups: top/bottom rows (h halo only), left/right columns (w halo only), corners (both); each split into
+    frame 0 and the other frames when frame 0 also has a time halo."""
     h = torch.arange(H, device=device)
     w = torch.arange(W, device=device)
-    edge = ((h == 0) | (h == H - 1))[:, None] | ((w == 0) | (w == W - 1))[None, :]
-    hw = edge.flatten().nonzero().flatten()
-    t0 = 1 if skip_frame0 else 0
-    bt = torch.arange(B, device=device)[:, None] * T + torch.arange(t0, T, device=device)[None, :]
-    return (bt.flatten()[:, None] * (H * W) + hw[None, :]).flatten().to(torch.int64)
+    n_border = (H * W - max(H - 2, 0) * max(W - 2, 0)) * B * T
+    if n_border < GROUP_MIN_ROWS:
+        # few rows: one launch over all of them with the full halo (launches cost more than masked work)
+        edge = ((h == 0) | (h == H - 1))[:, None] | ((w == 0) | (w == W - 1))[None, :]
+        hw = edge.flatten().nonzero().flatten()
+        bt = torch.arange(B * T, device=device)
+        return [((bt[:, None] * (H * W) + hw[None, :]).flatten().to(torch.int64), True, True, True)]
+    h_edge = (((h == 0) | (h == H - 1)) & (ph > 0))[:, None].expand(H, W)
+    w_edge = (((w == 0) | (w == W - 1)) & (pw > 0))[None, :].expand(H, W)
+    groups = []
+    for need_h, need_w in ((True, False), (False, True), (True, True)):
+        sel = (h_edge == need_h) & (w_edge == need_w)
+        hw = sel.flatten().nonzero().flatten()
+        if hw.numel() == 0:
+            continue
+        frame_sets = ((True, range(0, 1)), (False, range(1, T))) if split_frame0 else ((False, range(0, T)),)
+        for frame0, ts in frame_sets:
+            if len(ts) == 0:
+                continue
+            bt = torch.arange(B, device=device)[:, None] * T + torch.arange(ts.start, ts.stop, device=device)[None, :]
+            rows = (bt.flatten()[:, None] * (H * W) + hw[None, :]).flatten().to(torch.int64)
+            groups.append((rows, frame0, need_h, need_w))
+    return groups
 
 
-_BORDER_CACHE: Dict[tuple, torch.Tensor] = {}
+_BORDER_CACHE: Dict[tuple, list] = {}
+#: below this many border pixels the replicate grad-input border pass is one launch instead of one per group
+GROUP_MIN_ROWS = 4096
 
 
 def causal_conv3d_bwd(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, cache: Optional[torch.Tensor],
@@ -665,18 +691,19 @@ def causal_conv3d_bwd(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ca
             # 2) frame 0 with the time halo (replicate in time): overwrite
             if halo_t > 0:
                 run(None, B * H * W, 1, halo_t, 0, 0)
-            # 3) spatial border pixels with the full halo: overwrite
+            # 3) spatial border pixels with their full halo (time halo too on frame 0): overwrite
             if halo_h > 0 or halo_w > 0:
-                key = (B, T, H, W, x.device)
-                rows = _BORDER_CACHE.get(key)
-                if rows is None:
-                    rows = _border_rows(B, T, H, W, False, x.device)
+                key = (B, T, H, W, halo_h, halo_w, halo_t > 0, GROUP_MIN_ROWS, x.device)
+                groups = _BORDER_CACHE.get(key)
+                if groups is None:
+                    groups = _border_groups(B, T, H, W, halo_h, halo_w, halo_t > 0, x.device)
                     if len(_BORDER_CACHE) > 64:
                         _BORDER_CACHE.clear()
-                    _BORDER_CACHE[key] = rows
-                if rows.numel():
-                    # flat indices are over (B, T, H, W); the time halo applies to t == 0 rows only
-                    run(rows, rows.numel(), T, halo_t, halo_h, halo_w)
+                    _BORDER_CACHE[key] = groups
+                for rows, frame0, need_h, need_w in groups:
+                    # flat indices over (B, T, H, W); the time halo applies to t == 0 rows only
+                    run(rows, rows.numel(), T, halo_t if frame0 else 0, halo_h if need_h else 0,
+                        halo_w if need_w else 0)
     if need_weight:
         taps = KT * KH * KW
         dw32 = torch.zeros((taps, C_in, C_out), dtype=torch.float32, device=x.device)

@@ -114,6 +114,21 @@ def test_replicate_border_gradient_accumulates(device, poison):
     assert_close(gx[0, :, :, 0, 0], want, torch.float32)
 
 
+@pytest.mark.parametrize("grouped", [False, True])
+def test_replicate_border_groups(grouped, monkeypatch, device, poison):
+    """The replicate grad-input border pass, as one launch (small clips) or one launch per border group
+    (edge rows, edge columns, corners; frame 0 apart): both give the float64 gradient."""
+    import fastsora.kernels.causal_conv3d as K
+
+    monkeypatch.setattr(K, "GROUP_MIN_ROWS", 0 if grouped else 10 ** 9)
+    x, wt, bs, _ = _inputs(1, 10, 4, 3, 5, 6, (2, 3, 5), torch.float32, device, requires_grad=True)
+    with fastsora.use_backend("triton"):
+        gx, = grads(causal_conv3d(x, wt, bs, pad_mode="replicate"), [x])
+    x64, w64, b64 = to_float64((x, wt, bs))
+    assert_close(gx, grads(_oracle(x64, w64.detach(), b64.detach(), pad_mode="replicate"), [x64])[0],
+                 torch.float32)
+
+
 @pytest.mark.parametrize("layout", ["channels_last", "noncontiguous", "permuted"])
 def test_layouts(layout, device, poison):
     dtype = torch.float32
