@@ -262,3 +262,60 @@ def test_gpu_int64_offsets():
     want = ref.causal_conv3d(tail, wt.float(), None)
     # the last image rows see the same inputs in the crop except the top border of the crop
     assert_close(y[:, :, :, -15:].float(), want[:, :, :, -15:], torch.float16)
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+_CONFIGS = dict(kt=st.integers(1, 3), kh=st.sampled_from([1, 3]), kw=st.sampled_from([1, 3, 5]),
+                stride=st.integers(1, 2), dilation=st.integers(1, 2),
+                pad_mode=st.sampled_from(["constant", "replicate"]), ci=st.integers(1, 12),
+                co=st.integers(1, 9), t=st.integers(2, 5), h=st.integers(1, 6), w=st.integers(1, 6),
+                bias=st.booleans(), cl=st.booleans())
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(**_CONFIGS)
+def test_random_configs_forward(kt, kh, kw, stride, dilation, pad_mode, ci, co, t, h, w, bias, cl):
+    """Random small configurations (1-pixel images, 1 channel, even kt, both layouts) against the oracle."""
+    x, wt, bs, _ = _inputs(1, ci, co, t, h, w, (kt, kh, kw), torch.float32, "cpu" if not torch.cuda.is_available()
+                           else "cuda", bias=bias)
+    if cl:
+        x = channels_last(x)
+    with fastsora.use_backend("triton"):
+        y = causal_conv3d(x, wt, bs, stride=stride, dilation=dilation, pad_mode=pad_mode)
+    assert_close(y, _oracle(x, wt, bs, stride=stride, dilation=dilation, pad_mode=pad_mode), torch.float32)
+
+
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(**_CONFIGS)
+def test_random_configs_gradients(kt, kh, kw, stride, dilation, pad_mode, ci, co, t, h, w, bias, cl):
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x, wt, bs, _ = _inputs(1, ci, co, t, h, w, (kt, kh, kw), torch.float32, dev, bias=bias, requires_grad=True)
+    if cl:
+        x = channels_last(x)
+    leaves = [x, wt] + ([bs] if bias else [])
+    kw_ = dict(stride=stride, dilation=dilation, pad_mode=pad_mode)
+    with fastsora.use_backend("triton"):
+        got = grads(causal_conv3d(x, wt, bs, **kw_), leaves)
+    l64 = to_float64(leaves)
+    want = grads(_oracle(l64[0], l64[1], l64[2] if bias else None, **kw_), l64)
+    assert_close(got, want, torch.float32, name="grads")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pad_mode", ["constant", "replicate"])
+def test_gpu_streaming_bf16_channels_last(pad_mode):
+    """CogVideoX-like chunks (1 + 8 + 8 frames) in bf16 channels_last_3d: bitwise the one-call slices."""
+    from fastsora.nn import CausalConv3d
+
+    dev = torch.device("cuda")
+    m = CausalConv3d(128, 128, 3, pad_mode=pad_mode).to(dev, torch.bfloat16)
+    x = channels_last(randn(1, 128, 17, 60, 90, dtype=torch.bfloat16, device=dev))
+    with torch.no_grad(), fastsora.use_backend("triton"):
+        full = m(x)
+        y1, c = m(x[:, :, :1], return_cache=True)
+        y2, c = m(x[:, :, 1:9], cache=c, return_cache=True)
+        y3, c = m(x[:, :, 9:], cache=c, return_cache=True)
+    torch.testing.assert_close(torch.cat([y1, y2, y3], 2), full, rtol=0, atol=0)
+    assert_close(full, _oracle(x, m.conv.weight, m.conv.bias, pad_mode=pad_mode), torch.bfloat16)
