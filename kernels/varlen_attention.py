@@ -398,20 +398,20 @@ def block_d_for(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-#: (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and padded head dim, the same for sm_80 and sm_90.
-#: Chosen from AOT compiles (registers / stack / shared memory) with the alignment Triton's JIT specialises
-#: for 16-byte aligned pointers and strides; not yet tuned on a GPU. For dkdv, BLOCK_N is the key block a
-#: program owns and BLOCK_M the query rows per step.
+#: (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and padded head dim, the same for sm_80 and sm_90:
+#: for each slot the largest candidate that compiles (AOT, both archs, all four variants) with no spill and no
+#: stack frame. Not yet tuned on a GPU. For dkdv, BLOCK_N is the key block a program owns and BLOCK_M the
+#: query rows per step.
 _TILES_16BIT = {
-    "fwd": {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 8, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)},
-    "dkdv": {16: (32, 128, 8, 2), 32: (32, 128, 8, 2), 64: (32, 64, 8, 2), 128: (32, 32, 8, 2), 256: (32, 32, 8, 1)},
-    "dq": {16: (128, 32, 8, 2), 32: (128, 32, 8, 2), 64: (128, 32, 8, 2), 128: (128, 32, 8, 2), 256: (32, 32, 8, 1)},
+    "fwd": {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 8, 3), 128: (64, 32, 8, 2), 256: (32, 32, 8, 2)},
+    "dkdv": {16: (32, 128, 8, 2), 32: (32, 128, 8, 2), 64: (32, 64, 8, 2), 128: (32, 32, 8, 2), 256: (16, 16, 8, 1)},
+    "dq": {16: (128, 32, 4, 3), 32: (128, 32, 4, 3), 64: (128, 32, 8, 2), 128: (64, 32, 8, 2), 256: (32, 32, 8, 1)},
 }
 #: float32 runs exact ("ieee") dots on the FMA units: small tiles.
 _TILES_FP32 = {
-    "fwd": {16: (32, 32, 4, 2), 32: (32, 32, 4, 2), 64: (16, 32, 4, 1), 128: (16, 16, 4, 1), 256: (16, 16, 4, 1)},
-    "dkdv": {16: (16, 32, 4, 1), 32: (16, 32, 4, 1), 64: (16, 32, 4, 1), 128: (16, 16, 4, 1), 256: (16, 16, 4, 1)},
-    "dq": {16: (16, 32, 4, 1), 32: (16, 32, 4, 1), 64: (16, 32, 4, 1), 128: (16, 16, 4, 1), 256: (16, 16, 4, 1)},
+    "fwd": {16: (16, 32, 4, 1), 32: (32, 32, 4, 2), 64: (16, 16, 4, 1), 128: (16, 16, 4, 1), 256: (16, 16, 4, 1)},
+    "dkdv": {16: (16, 16, 4, 1), 32: (16, 16, 8, 1), 64: (16, 32, 4, 1), 128: (16, 16, 4, 1), 256: (16, 16, 8, 1)},
+    "dq": {16: (16, 32, 4, 1), 32: (32, 32, 4, 2), 64: (32, 32, 4, 2), 128: (16, 16, 4, 1), 256: (16, 16, 4, 1)},
 }
 
 
