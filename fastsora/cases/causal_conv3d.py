@@ -85,7 +85,8 @@ def _check_cases(device) -> Sequence[Case]:
                   layout="noncontiguous"),
         ]
     return [
-        _case("k3 5->6 constant", 1, 5, 6, 4, 5, 6),
+        _case("k3 10->6 constant", 1, 10, 6, 4, 5, 6),
+        _case("k3 12->5 replicate dil2", 1, 12, 5, 5, 5, 6, dilation=2, pad_mode="replicate"),
         _case("k3 4->7 replicate stride2 silu+res cl3d", 1, 4, 7, 4, 5, 5, stride=2, pad_mode="replicate",
               activation="silu", residual=True, layout="channels_last"),
         _case("k(3,5,1) 3->5 dil2 nobias noncontig", 2, 3, 5, 5, 6, 5, k=(3, 5, 1), dilation=2, bias=False,
@@ -234,8 +235,10 @@ def _stream_reference(x, w, b, chunks, stride, pad_mode):
 
 def _stream_check_cases(device) -> Sequence[Case]:
     if device.type == "cuda":
-        return [_stream_case("cogvideox-like 128 [1,8,8] 60x90", 1, 128, 128, [1, 8, 8], 60, 90)]
+        return [_stream_case("cogvideox-like 128 [1,8,8] 60x90", 1, 128, 128, [1, 8, 8], 60, 90),
+                _stream_case("rgb 3->64 k7 [1,4,4] 64x64", 1, 3, 64, [1, 4, 4], 64, 64, k=7)]
     return [_stream_case("k3 4->5 [1,2,3] replicate", 1, 4, 5, [1, 2, 3], 5, 6),
+            _stream_case("k3 10->5 [1,2,3] replicate", 1, 10, 5, [1, 2, 3], 5, 6),
             _stream_case("k3 4->5 [2,4] constant stride2", 1, 4, 5, [2, 4], 5, 5, pad_mode="constant", stride=2)]
 
 
