@@ -264,3 +264,20 @@ def test_torch_compile_fullgraph_training(backend):
         y_e = f(x)
         gx_e, gw_e = torch.autograd.grad(y_e.square().sum(), [x, m.conv.weight])
     assert_close([y, gx, gw], [y_e, gx_e, gw_e], torch.float32)
+
+
+def test_torch_compile_streaming():
+    """A compiled streaming step (cache in, cache out) gives the eager chunks."""
+    torch._dynamo.reset()
+    m = CausalConv3d(3, 4, 3, pad_mode="replicate")
+    x = randn(1, 3, 5, 5, 5)
+
+    def step(chunk, cache):
+        return m(chunk, cache=cache, return_cache=True)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    with torch.no_grad(), fastsora.use_backend("torch"):
+        y1, c1 = m(x[:, :, :1], return_cache=True)
+        y2, c2 = step(x[:, :, 1:], c1)
+        y2c, c2c = compiled(x[:, :, 1:], c1)
+    assert_close([y2c, c2c], [y2, c2], torch.float32)
