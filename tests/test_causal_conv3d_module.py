@@ -90,7 +90,8 @@ def test_streaming_matches_one_call(k, stride, dilation, chunks, ci, pad_mode, d
     torch.testing.assert_close(torch.cat(outs, 2), full, rtol=0, atol=0)
     from fastsora.reference.causal_conv3d import causal_conv3d as ref_conv
 
-    expect = ref_conv(to_float64(x), to_float64(m.conv.weight), to_float64(m.conv.bias), stride=stride, dilation=dilation,
+    expect = ref_conv(to_float64(x), to_float64(m.conv.weight), to_float64(m.conv.bias), stride=stride,
+                      dilation=dilation,
                       pad_mode=pad_mode, streaming=True)
     assert_close(full, expect, dtype)
 

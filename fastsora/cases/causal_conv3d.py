@@ -7,7 +7,7 @@ streamed video a CogVideoX-style ``torch.cat`` frame cache.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -191,7 +191,7 @@ def _stream_case(label, b, ci, co, chunks, h, w, k=3, pad_mode="replicate", stri
                 meta={"chunks": tuple(chunks)})
 
 
-def _stream_fastsora(x, w, b, chunks, stride, pad_mode) -> torch.Tensor:
+def _stream_fastsora(x, w, b, chunks, stride, pad_mode) -> List[torch.Tensor]:
     from fastsora.ops.causal_conv3d import causal_conv3d
     from fastsora.reference.causal_conv3d import next_cache
 
@@ -204,7 +204,7 @@ def _stream_fastsora(x, w, b, chunks, stride, pad_mode) -> torch.Tensor:
     return outs
 
 
-def _stream_cat(x, w, b, chunks, stride, pad_mode) -> torch.Tensor:
+def _stream_cat(x, w, b, chunks, stride, pad_mode) -> List[torch.Tensor]:
     """CogVideoX-style: keep the last frames, torch.cat them to the chunk, F.pad space, F.conv3d."""
     kt, kh, kw = w.shape[2:]
     tp = (kt - 1) + 1 - stride
@@ -269,6 +269,7 @@ register_op(OpSpec(
     check_cases=_stream_check_cases,
     tolerance=TOL,
     bench_cases=_stream_bench_cases,
-    bench_impls={"fastsora": _stream_impl(_stream_fastsora), "torch.cat cache+F.pad+F.conv3d": _stream_impl(_stream_cat)},
+    bench_impls={"fastsora": _stream_impl(_stream_fastsora),
+                 "torch.cat cache+F.pad+F.conv3d": _stream_impl(_stream_cat)},
     bench_modes=("fwd",),
 ))

@@ -12,7 +12,7 @@ autograd (backward op ``fastsora::causal_conv3d_backward``), so it works under `
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
