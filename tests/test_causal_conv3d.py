@@ -319,3 +319,33 @@ def test_gpu_streaming_bf16_channels_last(pad_mode):
         y3, c = m(x[:, :, 9:], cache=c, return_cache=True)
     torch.testing.assert_close(torch.cat([y1, y2, y3], 2), full, rtol=0, atol=0)
     assert_close(full, _oracle(x, m.conv.weight, m.conv.bias, pad_mode=pad_mode), torch.bfloat16)
+
+
+def test_cuda_launch_path_with_split_weight_gradient(monkeypatch, poison):
+    """The CUDA launchers (autotuner objects, META grids, per-variant config tables, the grad weight split
+    over M with fp32 atomics) run here in the interpreter with one-config tables and a fake SM count."""
+    if torch.cuda.is_available():
+        pytest.skip("exercised for real on CUDA")
+    import types
+
+    import fastsora.kernels.causal_conv3d as K
+
+    tile = (256, 32, 32, 4, 1)
+    table = {key: [tile] for key in K._TABLE}
+    monkeypatch.setattr(K, "KERNELS_INTERPRETED", False)
+    monkeypatch.setattr(K, "_CONFIGS", {"sm_90": table})
+    monkeypatch.setattr(K, "_arch", lambda device: "sm_90")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(
+        multi_processor_count=132))
+    K._tuned.cache_clear()
+    try:
+        for ci, mode in ((10, "replicate"), (3, "constant")):  # per-tap and flattened kernels
+            x, wt, bs, _ = _inputs(1, ci, 6, 4, 24, 24, (3, 3, 3), torch.float32, "cpu", requires_grad=True)
+            with fastsora.use_backend("triton"):
+                y = causal_conv3d(x, wt, bs, pad_mode=mode)
+                got = grads(y, [x, wt, bs])
+            l64 = to_float64((x, wt, bs))
+            y64 = _oracle(*l64, pad_mode=mode)
+            assert_close([y, *got], [y64, *grads(y64, list(l64))], torch.float32)
+    finally:
+        K._tuned.cache_clear()
