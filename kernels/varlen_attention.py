@@ -484,15 +484,19 @@ def _register() -> None:
                                            "stride_delh", "total_q", "head_dim")})
             sig.update(BLOCK_M="constexpr", BLOCK_D="constexpr")
             pre.append(KernelConfig(f"preprocess {dt} D={block_d}", sig,
-                                    dict(BLOCK_M=_pre_block_m(block_d), BLOCK_D=block_d), 4, 1))
+                                    dict(BLOCK_M=_pre_block_m_cuda(block_d), BLOCK_D=block_d), 4, 1))
     register_kernel("varlen_attention", _fwd_kernel, fwd)
     register_kernel("varlen_attention", _bwd_preprocess_kernel, pre)
     register_kernel("varlen_attention", _bwd_dkdv_kernel, dkdv)
     register_kernel("varlen_attention", _bwd_dq_kernel, dq)
 
 
+def _pre_block_m_cuda(block_d: int) -> int:
+    return max(8, 2048 // block_d)
+
+
 def _pre_block_m(block_d: int) -> int:
-    return 64 if KERNELS_INTERPRETED else max(16, 8192 // block_d // 2)
+    return 64 if KERNELS_INTERPRETED else _pre_block_m_cuda(block_d)
 
 
 _register()
