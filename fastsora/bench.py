@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 from fastsora.backend import use_backend
-from fastsora.registry import OPS, Case, OpSpec, load_all
+from fastsora.registry import Case, OpSpec, select_ops
 
 #: FLOPs of a backward pass relative to the forward (flash-attn counts 2.5 for attention; cases override
 #: through ``Case.meta['bwd_flops_factor']``).
@@ -217,14 +217,8 @@ def bench_plan(device: torch.device, ops: Optional[Sequence[str]] = None,
                modes: Optional[Sequence[str]] = None) -> List[BenchItem]:
     """Every (op, case, dtype, mode, impl) point registered for ``device`` (default dtype: bf16 on CUDA,
     fp32 on CPU). Shared by ``fastsora bench`` and the pytest-benchmark suites in benchmarks/."""
-    load_all()
-    names = list(ops) if ops else sorted(OPS)
-    unknown = [n for n in names if n not in OPS]
-    if unknown:
-        raise SystemExit(f"fastsora bench: unknown op(s) {unknown}; registered: {sorted(OPS)}")
     plan = []
-    for name in names:
-        spec = OPS[name]
+    for spec in select_ops(ops, "fastsora bench"):
         op_dtypes = dtypes or ((torch.bfloat16,) if device.type == "cuda" else (torch.float32,))
         for case in spec.bench_cases(device):
             for dtype in op_dtypes:

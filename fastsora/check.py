@@ -11,7 +11,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from fastsora.backend import use_backend
-from fastsora.registry import OPS, OpSpec, load_all
+from fastsora.registry import OpSpec, select_ops
 from fastsora.testing import poisoned_outputs, relative_error, to_float64
 
 
@@ -59,12 +59,7 @@ def check_op(spec: OpSpec, device: torch.device, dtypes: Optional[Sequence[torch
 
 
 def run_checks(device: torch.device, ops: Optional[Sequence[str]] = None) -> List[CheckRow]:
-    load_all()
-    names = list(ops) if ops else sorted(OPS)
-    unknown = [n for n in names if n not in OPS]
-    if unknown:
-        raise SystemExit(f"fastsora check: unknown op(s) {unknown}; registered: {sorted(OPS)}")
     rows = []
-    for name in names:
-        rows.extend(check_op(OPS[name], device))
+    for spec in select_ops(ops, "fastsora check"):
+        rows.extend(check_op(spec, device))
     return rows

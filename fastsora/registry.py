@@ -117,3 +117,15 @@ def load_all() -> None:
         for info in pkgutil.iter_modules(pkg.__path__):
             if not info.name.startswith("_") and info.name != "utils":
                 importlib.import_module(f"{package}.{info.name}")
+
+
+def select_ops(names: Optional[Sequence[str]], command: str) -> List[OpSpec]:
+    """The registered ops called ``names`` (all when empty), after loading every family; an unknown name
+    ends ``command`` with the list of registered ones."""
+    load_all()
+    names = list(names) if names else sorted(OPS)
+    unknown = [n for n in names if n not in OPS]
+    if unknown:
+        raise SystemExit(f"{command}: unknown op(s) {unknown}; registered: {sorted(OPS)}")
+    return [OPS[n] for n in names]
+
