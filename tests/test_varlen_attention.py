@@ -263,3 +263,23 @@ def test_random_packs(seed, device, poison):
     mode = rng.choice([0, 1, 2])
     q, k, v, cu_q, cu_k = make(lq, lk, hq, hkv, d, torch.float32, device, rng.randint(0, 3), rng.randint(0, 3), seed)
     check_against_reference(q, k, v, cu_q, cu_k, mode, rng.choice([None, 0.2]))
+
+
+def test_registered_configs_cover_every_cuda_launch():
+    """`fastsora compile` builds exactly what the CUDA launchers can pick (tiles, warps, stages, constexprs)."""
+    from fastsora.registry import KERNELS
+
+    names = {"fwd": "_fwd_kernel", "dkdv": "_bwd_dkdv_kernel", "dq": "_bwd_dq_kernel"}
+    for kind, name in names.items():
+        configs = KERNELS[f"varlen_attention.{name}"].configs
+        seen = {(c.constexprs["BLOCK_D"], c.constexprs["IS_CAUSAL"], c.constexprs["EVEN_D"], c.constexprs["BLOCK_M"],
+                 c.constexprs["BLOCK_N"], c.num_warps, c.num_stages, c.signature["Q"]) for c in configs}
+        for dt, ptr in ((torch.float16, "*fp16"), (torch.bfloat16, "*bf16"), (torch.float32, "*fp32")):
+            for block_d in kern.BLOCK_DS:
+                bm, bn, w, s = kern._cuda_tiles(kind, kern._DTYPES[dt], block_d)
+                for causal in (False, True):
+                    for even in (False, True):
+                        assert (block_d, causal, even, bm, bn, w, s, ptr) in seen, (kind, dt, block_d, causal, even)
+    pre = KERNELS["varlen_attention._bwd_preprocess_kernel"].configs
+    assert {(c.constexprs["BLOCK_D"], c.constexprs["BLOCK_M"]) for c in pre} == \
+        {(d, kern._pre_block_m_cuda(d)) for d in kern.BLOCK_DS}
