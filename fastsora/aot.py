@@ -75,6 +75,9 @@ def _compile_by_address(family: str, module: str, name: str, config: KernelConfi
     import importlib
 
     kernel = getattr(importlib.import_module(module), name)
+    if _is_interpreted(kernel):
+        raise RuntimeError(f"{module}.{name} was imported under TRITON_INTERPRET=1 in the compile process "
+                           "(by the __main__ script?); import kernels inside functions, not at script top level")
     return _compile(family, kernel, config, arch)
 
 
@@ -139,6 +142,17 @@ def compile_many(jobs: Sequence[Tuple[KernelEntry, KernelConfig, str]], workers:
     return results
 
 
+def _alignment_attrs(kernel, config: KernelConfig) -> dict:
+    """The divisibility-by-16 hints Triton's JIT would attach at launch (see KernelConfig.divisible_by_16)."""
+    names = config.divisible_by_16
+    if names is None:
+        names = [n for n, t in config.signature.items() if t.startswith("*")]
+    unknown = [n for n in names if n not in config.signature or config.signature[n] == "constexpr"]
+    if unknown:
+        raise ValueError(f"divisible_by_16 names {unknown}, which are not runtime arguments of the kernel")
+    return {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in names}
+
+
 def _compile(family: str, kernel, config: KernelConfig, arch: str) -> CompileResult:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -146,7 +160,7 @@ def _compile(family: str, kernel, config: KernelConfig, arch: str) -> CompileRes
     result = CompileResult(kernel=f"{family}.{kernel.fn.__name__}", config=config.label, arch=arch, ok=False)
     try:
         src = triton.compiler.ASTSource(fn=kernel, signature=dict(config.signature),
-                                        constexprs=dict(config.constexprs))
+                                        constexprs=dict(config.constexprs), attrs=_alignment_attrs(kernel, config))
         compiled = triton.compile(src, target=GPUTarget("cuda", ARCHS[arch]["cc"], 32),
                                   options={"num_warps": config.num_warps, "num_stages": config.num_stages})
     except Exception as exc:  # report every failure as a row, the caller decides the exit code

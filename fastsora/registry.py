@@ -26,6 +26,11 @@ class KernelConfig:
     ``signature`` maps every argument of the kernel, in order, to a Triton type string ('*fp16', '*fp32',
     'i32', 'i64', 'fp32', ...) or 'constexpr'; ``constexprs`` gives the value of each constexpr argument
     (tile sizes, dtype switches). ``label`` names the config in tables (e.g. 'fwd fp16 D=64 BM=128 BN=64').
+
+    ``divisible_by_16`` names the arguments compiled as multiples of 16, as Triton's JIT specialises them
+    at launch (pointers 16-byte aligned, integers divisible by 16). None (the default) means every pointer
+    argument, which is what the JIT sees for tensors torch allocated; list integer arguments (strides,
+    head dims) the launcher guarantees too, or pass () to check the unaligned variant.
     """
 
     label: str
@@ -33,6 +38,7 @@ class KernelConfig:
     constexprs: Dict[str, Any]
     num_warps: int = 4
     num_stages: int = 2
+    divisible_by_16: Optional[Tuple[str, ...]] = None
 
 
 @dataclass

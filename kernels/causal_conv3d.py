@@ -409,7 +409,7 @@ _TABLE = {
     # 'flat': (tap, channel) flattened into one reduction index for small C_in (the RGB input layer)
     ("fwd", "flat", "lp"): [(64, 64, 32, 8, 3)],
     ("fwd", "flat", "fp32"): [(32, 64, 16, 4, 2)],
-    ("bwd_weight", "flat", "lp"): [(64, 64, 64, 8, 3), (32, 64, 64, 4, 3)],
+    ("bwd_weight", "flat", "lp"): [(64, 64, 64, 8, 3), (32, 64, 32, 4, 3)],
     ("bwd_weight", "flat", "fp32"): [(32, 32, 32, 8, 2)],
 }
 #: per-architecture tables (the same today: no GPU was available to tune them apart)

@@ -103,6 +103,17 @@ def test_compile_reports_resources(arch):
     assert not res.mma
 
 
+def test_compile_passes_the_alignment_the_jit_would_see():
+    entry = KernelEntry("test", scaled_add_kernel, [])
+    sig = {"x_ptr": "*fp16", "y_ptr": "*fp16", "out_ptr": "*fp16", "alpha": "fp32", "n": "i32", "BLOCK": "constexpr"}
+    aligned = compile_config(entry, KernelConfig("aligned", sig, {"BLOCK": 1024}), "sm_90")
+    unaligned = compile_config(entry, KernelConfig("unaligned", sig, {"BLOCK": 1024}, divisible_by_16=()), "sm_90")
+    assert aligned.ok and unaligned.ok
+    assert aligned.registers < unaligned.registers  # vectorised 16-byte loads need the alignment hint
+    wrong = compile_config(entry, KernelConfig("bad", sig, {"BLOCK": 1024}, divisible_by_16=("BLOCK",)), "sm_90")
+    assert not wrong.ok and "divisible_by_16" in wrong.error
+
+
 def test_compile_resolves_jit_helpers_the_kernel_calls():
     # under the interpreter both the kernel and its helper are InterpretedFunctions
     entry = KernelEntry("test", calls_helper_kernel, [])
