@@ -72,6 +72,35 @@ def _seq_range(CU, seq, batch, total):
 
 
 @triton.jit
+def _query_block_key_range(blk, diag, seqlen_k, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
+    """Key range of query block ``blk``: [0, full_end) needs no mask (whole BLOCK_N tiles every row of the
+    block sees), [full_end, hi) is masked; causal rows i see keys j <= i + diag."""
+    if IS_CAUSAL:
+        # keys every row of this block sees: j <= blk*BLOCK_M + diag; any row: j < (blk+1)*BLOCK_M + diag
+        full_end = tl.minimum(blk * BLOCK_M + diag + 1, seqlen_k)
+        hi = tl.minimum((blk + 1) * BLOCK_M + diag, seqlen_k)
+    else:
+        full_end = seqlen_k
+        hi = seqlen_k
+    full_end = tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N
+    hi = tl.maximum(hi, 0)
+    return full_end, hi
+
+
+@triton.jit
+def _load_full_kv_tile(k_ptrs, v_ptrs, mask_d, EVEN_D: tl.constexpr):
+    """K and V tiles whose key rows are all in range (only padded head-dim columns are masked)."""
+    if EVEN_D:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=mask_d[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
+    return k, v
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                 stride_qt, stride_qh, stride_kt, stride_kh,
                 stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
@@ -110,24 +139,11 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     diag = bottom_right * (seqlen_k - seqlen_q)
-    if IS_CAUSAL:
-        # keys every row of this block sees: j <= blk*BLOCK_M + diag; any row: j < (blk+1)*BLOCK_M + diag
-        full_end = tl.minimum(blk * BLOCK_M + diag + 1, seqlen_k)
-        hi = tl.minimum((blk + 1) * BLOCK_M + diag, seqlen_k)
-    else:
-        full_end = seqlen_k
-        hi = seqlen_k
-    full_end = tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N
-    hi = tl.maximum(hi, 0)
+    full_end, hi = _query_block_key_range(blk, diag, seqlen_k, IS_CAUSAL, BLOCK_M, BLOCK_N)
 
     # blocks with no masking
     for start_n in range(0, full_end, BLOCK_N):
-        if EVEN_D:
-            k = tl.load(k_base + k_off)
-            v = tl.load(v_base + v_off)
-        else:
-            k = tl.load(k_base + k_off, mask=mask_d[None, :], other=0.0)
-            v = tl.load(v_base + v_off, mask=mask_d[None, :], other=0.0)
+        k, v = _load_full_kv_tile(k_base + k_off, v_base + v_off, mask_d, EVEN_D)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2(m_i - m_new)
@@ -339,22 +355,10 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     diag = bottom_right * (seqlen_k - seqlen_q)
-    if IS_CAUSAL:
-        full_end = tl.minimum(blk * BLOCK_M + diag + 1, seqlen_k)
-        hi = tl.minimum((blk + 1) * BLOCK_M + diag, seqlen_k)
-    else:
-        full_end = seqlen_k
-        hi = seqlen_k
-    full_end = tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N
-    hi = tl.maximum(hi, 0)
+    full_end, hi = _query_block_key_range(blk, diag, seqlen_k, IS_CAUSAL, BLOCK_M, BLOCK_N)
 
     for start_n in range(0, full_end, BLOCK_N):
-        if EVEN_D:
-            k = tl.load(k_base + k_off)
-            v = tl.load(v_base + v_off)
-        else:
-            k = tl.load(k_base + k_off, mask=mask_d[None, :], other=0.0)
-            v = tl.load(v_base + v_off, mask=mask_d[None, :], other=0.0)
+        k, v = _load_full_kv_tile(k_base + k_off, v_base + v_off, mask_d, EVEN_D)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
