@@ -7,6 +7,7 @@ inputs (CUDA: the caching allocator's peak; CPU: the profiler's allocation timel
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -81,7 +82,11 @@ def median_ms(fn: Callable[[], Any], device: torch.device, min_runs: int = 3, bu
 
 
 def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int:
-    """Bytes one call of ``fn`` allocates at its peak beyond what was allocated before it."""
+    """Bytes one call of ``fn`` allocates at its peak beyond what was allocated before it.
+
+    ``fn`` runs once first, so one-time costs (autotuning, thread pools, lazy library set-up) are not
+    counted."""
+    fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
@@ -89,41 +94,37 @@ def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int:
         fn()
         torch.cuda.synchronize(device)
         return int(torch.cuda.max_memory_allocated(device) - base)
-    rss_peak = _resident_peak_bytes(fn)
+    # the profiler's memory timeline sees every tensor created and destroyed, also inside custom ops
     from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                                  with_stack=True) as prof:
         fn()
-    # allocations inside an op are folded into that op's self usage (temporaries it frees again are not
-    # seen); frees outside ops are '[memory]' rows
-    deltas = sorted((e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
-                    for e in prof.events())
     current = peak = 0
-    for _, delta in deltas:
-        current += delta
+    for _, action, (key, _version), size in prof._memory_profile().timeline:
+        if key.device.type != "cpu":
+            continue
+        if action == Action.CREATE:
+            current += size
+        elif action == Action.DESTROY:
+            current -= size
         peak = max(peak, current)
-    # both are lower bounds (the profiler misses temporaries freed inside an op, resident memory misses
-    # allocations served from memory the process already holds): report the larger
-    return int(max(peak, rss_peak or 0))
+    return int(peak)
 
 
-def _resident_peak_bytes(fn: Callable[[], Any]) -> Optional[int]:
-    """Growth of the resident-set high-water mark over one call (Linux: /proc/self/clear_refs resets it)."""
-    def status(field: str) -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-        raise KeyError(field)
-
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 (the profiler's C++ side prints a line at every start and stop)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        before = status("VmRSS")
-        fn()
-        return max(0, status("VmHWM") - before)
-    except (OSError, KeyError):
-        return None
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def measured_peaks(device: torch.device, dtype: torch.dtype) -> Dict[str, float]:
