@@ -33,8 +33,8 @@ def to_float64(tree: Any) -> Any:
             return tree.detach().to("cpu", torch.float64).requires_grad_(tree.requires_grad)
         return tree.cpu()
     if isinstance(tree, (list, tuple)):
-        return type(tree)(to_float64(t) for t in tree) if not hasattr(tree, "_fields") else \
-            type(tree)(*(to_float64(t) for t in tree))
+        items = [to_float64(t) for t in tree]
+        return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)  # namedtuples take *args
     if isinstance(tree, dict):
         return {k: to_float64(v) for k, v in tree.items()}
     return tree
