@@ -72,6 +72,25 @@ def _seq_range(CU, seq, batch, total):
 
 
 @triton.jit
+def _program_block(CU, pid, batch, total, BLOCK: tl.constexpr):
+    """Program ``pid``'s work item over the blocks of the rows packed by ``CU``: its sequence, its block index
+    within the sequence, the sequence's start and length. Programs past the sequence's last block get
+    blk * BLOCK >= length (they exit)."""
+    seq = _find_seq(CU, pid, batch, BLOCK)
+    start, end = _seq_range(CU, seq, batch, total)
+    blk = pid - (start // BLOCK + seq)
+    return seq, blk, start, end - start
+
+
+@triton.jit
+def _seq_extent(CU, seq, batch):
+    """Start and length of sequence ``seq`` in offsets ``CU`` (length 0 for the past-the-end pseudo-sequence)."""
+    start = tl.load(CU + seq)
+    end = tl.load(CU + tl.minimum(seq + 1, batch))
+    return start, tl.where(seq < batch, end - start, 0)
+
+
+@triton.jit
 def _query_block_key_range(blk, diag, seqlen_k, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr):
     """Key range of query block ``blk``: [0, full_end) needs no mask (whole BLOCK_N tiles every row of the
@@ -107,17 +126,11 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                 total_q, batch, group, head_dim, qk_scale, bottom_right,
                 IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
-    pid = tl.program_id(0)
     hq = tl.program_id(1)
-    seq = _find_seq(CU_Q, pid, batch, BLOCK_M)
-    q_start, q_end = _seq_range(CU_Q, seq, batch, total_q)
-    blk = pid - (q_start // BLOCK_M + seq)
-    seqlen_q = q_end - q_start
+    seq, blk, q_start, seqlen_q = _program_block(CU_Q, tl.program_id(0), batch, total_q, BLOCK_M)
     if blk * BLOCK_M >= seqlen_q:
         return
-    k_start = tl.load(CU_K + seq)
-    k_end = tl.load(CU_K + tl.minimum(seq + 1, batch))
-    seqlen_k = tl.where(seq < batch, k_end - k_start, 0)
+    k_start, seqlen_k = _seq_extent(CU_K, seq, batch)
     hk = hq // group
 
     offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -214,17 +227,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
                      total_k, batch, group, head_dim, qk_scale, sm_scale, bottom_right,
                      IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
-    pid = tl.program_id(0)
     hk = tl.program_id(1)
-    seq = _find_seq(CU_K, pid, batch, BLOCK_N)
-    k_start, k_end = _seq_range(CU_K, seq, batch, total_k)
-    blk = pid - (k_start // BLOCK_N + seq)
-    seqlen_k = k_end - k_start
+    seq, blk, k_start, seqlen_k = _program_block(CU_K, tl.program_id(0), batch, total_k, BLOCK_N)
     if blk * BLOCK_N >= seqlen_k:
         return
-    q_start = tl.load(CU_Q + seq)
-    q_end = tl.load(CU_Q + tl.minimum(seq + 1, batch))
-    seqlen_q = tl.where(seq < batch, q_end - q_start, 0)
+    q_start, seqlen_q = _seq_extent(CU_Q, seq, batch)
 
     offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -321,17 +328,11 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
                    total_q, batch, group, head_dim, qk_scale, sm_scale, bottom_right,
                    IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
-    pid = tl.program_id(0)
     hq = tl.program_id(1)
-    seq = _find_seq(CU_Q, pid, batch, BLOCK_M)
-    q_start, q_end = _seq_range(CU_Q, seq, batch, total_q)
-    blk = pid - (q_start // BLOCK_M + seq)
-    seqlen_q = q_end - q_start
+    seq, blk, q_start, seqlen_q = _program_block(CU_Q, tl.program_id(0), batch, total_q, BLOCK_M)
     if blk * BLOCK_M >= seqlen_q:
         return
-    k_start = tl.load(CU_K + seq)
-    k_end = tl.load(CU_K + tl.minimum(seq + 1, batch))
-    seqlen_k = tl.where(seq < batch, k_end - k_start, 0)
+    k_start, seqlen_k = _seq_extent(CU_K, seq, batch)
     hk = hq // group
 
     offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
