@@ -39,6 +39,24 @@ from fastsora.registry import KernelConfig, register_kernel
 
 
 @triton.jit
+def _mma(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b, in exact fp32 ("ieee") when IEEE, else the default (tf32 for fp32 inputs on GPUs)."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _decode_position(m, T, H, W):
+    """Flat position m = ((b*T + t)*H + h)*W + w (int32) -> (b as int64, t, h, w)."""
+    w = m % W
+    r = m // W
+    h = r % H
+    r = r // H
+    return (r // T).to(tl.int64), r % T, h, w
+
+
+@triton.jit
 def _x_rows(x_ptr, c_ptr, xb, cb, tv, hv, wv, row_ok, H, W, Tc, sxc, sxt, sxh, sxw, scc, sct, sch, scw,
             REPLICATE: tl.constexpr, HAS_CACHE: tl.constexpr):
     """Per-row base pointers, channel strides and masks of the (virtually) padded input at padded coordinates
@@ -138,12 +156,7 @@ def _causal_conv3d_fwd_kernel(
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < M
-    w_o = offs_m % W
-    r = offs_m // W
-    h_o = r % H
-    r = r // H
-    t_o = r % T_out
-    b64 = (r // T_out).to(tl.int64)
+    b64, t_o, h_o, w_o = _decode_position(offs_m, T_out, H, W)
     xb = b64 * sxb
     cb = b64 * scb
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -157,10 +170,7 @@ def _causal_conv3d_fwd_kernel(
                              pad_t, sxc, sxt, sxh, sxw, scc, sct, sch, scw, KT, KH, KW, REPLICATE, HAS_CACHE)
             wt = tl.load(w_ptr + offs_f[:, None] * C_out + offs_n[None, :],
                          mask=(offs_f < KT * KH * KW * C_in)[:, None] & n_ok[None, :], other=0.0)
-            if IEEE:
-                acc = tl.dot(a, wt, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, wt, acc)
+            acc = _mma(a, wt, acc, IEEE)
     else:
         for tap in range(KT * KH * KW):
             i = tap // (KH * KW)
@@ -177,10 +187,7 @@ def _causal_conv3d_fwd_kernel(
                 a = _x_tile(rows, cs, ok, offs_c, C_in)
                 wt = tl.load(w_ptr + (w_row + offs_c)[:, None] * C_out + offs_n[None, :],
                              mask=(offs_c < C_in)[:, None] & n_ok[None, :], other=0.0)
-                if IEEE:
-                    acc = tl.dot(a, wt, acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(a, wt, acc)
+                acc = _mma(a, wt, acc, IEEE)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     mask = row_ok[:, None] & n_ok[None, :]
@@ -238,12 +245,7 @@ def _causal_conv3d_bwd_weight_kernel(
     for m0 in range(0, rows_per_split, BLOCK_M):
         offs_m = m_begin + m0 + tl.arange(0, BLOCK_M)
         row_ok = offs_m < m_end
-        w_o = offs_m % W
-        r = offs_m // W
-        h_o = r % H
-        r = r // H
-        t_o = r % T_out
-        b64 = (r // T_out).to(tl.int64)
+        b64, t_o, h_o, w_o = _decode_position(offs_m, T_out, H, W)
         if FLAT:
             a = _x_flat_tile(x_ptr, c_ptr, b64 * sxb, b64 * scb, t_o, h_o, w_o, row_ok, offs_f, C_in, H, W, Tc,
                              stride_t, dil_t, pad_t, sxc, sxt, sxh, sxw, scc, sct, sch, scw, KT, KH, KW, REPLICATE,
@@ -258,16 +260,10 @@ def _causal_conv3d_bwd_weight_kernel(
         g_off = (b64 * sgb + t_o.to(tl.int64) * sgt + h_o.to(tl.int64) * sgh + w_o.to(tl.int64) * sgw)[:, None] \
             + (n64 * sgc)[None, :]
         g = tl.load(g_ptr + g_off, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
-        if IEEE:
-            acc = tl.dot(tl.trans(a), g, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(tl.trans(a), g, acc)
+        acc = _mma(tl.trans(a), g, acc, IEEE)
         if do_db:
             ones = tl.full((16, BLOCK_M), 1.0, g.dtype)
-            if IEEE:
-                dbacc = tl.dot(ones, g, dbacc, input_precision="ieee")
-            else:
-                dbacc = tl.dot(ones, g, dbacc)
+            dbacc = _mma(ones, g, dbacc, IEEE)
     if FLAT:
         dw_off = offs_f[:, None] * C_out + offs_n[None, :]
         tl.atomic_add(dw_ptr + dw_off, acc, mask=(offs_f < KT * KH * KW * C_in)[:, None] & n_ok[None, :])
@@ -306,12 +302,7 @@ def _causal_conv3d_bwd_input_kernel(
         flat = tl.load(rows_ptr + offs_r, mask=row_ok, other=0).to(tl.int32)
     else:
         flat = offs_r
-    w_i = flat % W
-    r = flat // W
-    h_i = r % H
-    r = r // H
-    t_i = r % T_rows
-    b64 = (r // T_rows).to(tl.int64)
+    b64, t_i, h_i, w_i = _decode_position(flat, T_rows, H, W)
     gb = b64 * sgb
     lo_t = tl.where(t_i == 0, t_i - halo_t, t_i)
     lo_h = tl.where(h_i == 0, h_i - halo_h, h_i)
@@ -347,10 +338,7 @@ def _causal_conv3d_bwd_input_kernel(
                             mask=ok[:, None] & n_ok[None, :], other=0.0)
                 wt = tl.load(w_ptr + (w_row + offs_c)[None, :] * C_out + offs_n[:, None],
                              mask=n_ok[:, None] & c_ok[None, :], other=0.0)
-                if IEEE:
-                    acc = tl.dot(g, wt, acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(g, wt, acc)
+                acc = _mma(g, wt, acc, IEEE)
     x_off = (b64 * sxb + t_i.to(tl.int64) * sxt + h_i.to(tl.int64) * sxh + w_i.to(tl.int64) * sxw)[:, None] \
         + (offs_c.to(tl.int64) * sxc)[None, :]
     tl.store(dx_ptr + x_off, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & c_ok[None, :])
