@@ -15,7 +15,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 from fastsora.registry import KernelConfig, KernelEntry
 
-#: Max dynamic shared memory per block (bytes) and the register file limit per thread.
+#: Per-architecture limits: the most shared memory one block may use (bytes, dynamic + static).
 ARCHS = {
     "sm_80": {"cc": 80, "smem": 163 * 1024, "name": "A100"},
     "sm_90": {"cc": 90, "smem": 227 * 1024, "name": "H100"},
