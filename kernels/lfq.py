@@ -270,36 +270,31 @@ def _sig(names, types):
     return dict(zip(names, types))
 
 
+def _quantize_configs(kind, names, types_of):
+    """The CUDA configs of one quantize kernel ('fwd' or 'bwd'): every input dtype x every BLOCK_D the
+    launcher picks; ``types_of(ty)`` gives the signature types for input dtype ``ty``."""
+    return [KernelConfig(f"quantize {kind} {ty} BLOCK_D={bd}", _sig(names, types_of(ty)),
+                         dict(BLOCK_T=_quant_block_t(bd), BLOCK_D=bd),
+                         num_warps=_CUDA_QUANT["num_warps"], num_stages=_CUDA_QUANT["num_stages"])
+            for ty in _TL_DTYPE.values() for bd in sorted({_block_d(d) for d in range(1, MAX_BITS + 1)})]
+
+
 def _quantize_fwd_configs():
     names = ["x_ptr", "out_ptr", "idx_ptr", "pos_ptr", "neg_ptr", "ew_ptr", "cw_ptr", "part_ptr", "T", "C", "D",
              "stride_xt", "stride_xc", "stride_xd", "code_value", "logit_scale", "straight_through",
              "with_entropy", "BLOCK_T", "BLOCK_D"]
-    configs = []
-    for ty in _TL_DTYPE.values():
-        types = [f"*{ty}", f"*{ty}", "*i64", "*fp32", "*fp32", "*fp32", "*fp32", "*fp32", "i32", "i32", "i32",
-                 "i64", "i64", "i64", "fp32", "fp32", "i32", "i32"] + ["constexpr"] * 2
-        for bd in sorted({_block_d(d) for d in range(1, MAX_BITS + 1)}):
-            configs.append(KernelConfig(
-                f"quantize fwd {ty} BLOCK_D={bd}", _sig(names, types),
-                dict(BLOCK_T=_quant_block_t(bd), BLOCK_D=bd),
-                num_warps=_CUDA_QUANT["num_warps"], num_stages=_CUDA_QUANT["num_stages"]))
-    return configs
+    return _quantize_configs("fwd", names, lambda ty: [
+        f"*{ty}", f"*{ty}", "*i64", "*fp32", "*fp32", "*fp32", "*fp32", "*fp32", "i32", "i32", "i32",
+        "i64", "i64", "i64", "fp32", "fp32", "i32", "i32"] + ["constexpr"] * 2)
 
 
 def _quantize_bwd_configs():
     names = ["x_ptr", "gout_ptr", "gpos_ptr", "gneg_ptr", "ew_ptr", "cw_ptr", "coef_ptr", "dx_ptr", "T", "C", "D",
              "stride_xt", "stride_xc", "stride_xd", "stride_gt", "stride_gc", "stride_gd", "code_value",
              "logit_scale", "has_gout", "has_gp", "BLOCK_T", "BLOCK_D"]
-    configs = []
-    for ty in _TL_DTYPE.values():
-        types = [f"*{ty}", f"*{ty}", "*fp32", "*fp32", "*fp32", "*fp32", "*fp32", f"*{ty}", "i32", "i32", "i32",
-                 "i64", "i64", "i64", "i64", "i64", "i64", "fp32", "fp32", "i32", "i32"] + ["constexpr"] * 2
-        for bd in sorted({_block_d(d) for d in range(1, MAX_BITS + 1)}):
-            configs.append(KernelConfig(
-                f"quantize bwd {ty} BLOCK_D={bd}", _sig(names, types),
-                dict(BLOCK_T=_quant_block_t(bd), BLOCK_D=bd),
-                num_warps=_CUDA_QUANT["num_warps"], num_stages=_CUDA_QUANT["num_stages"]))
-    return configs
+    return _quantize_configs("bwd", names, lambda ty: [
+        f"*{ty}", f"*{ty}", "*fp32", "*fp32", "*fp32", "*fp32", "*fp32", f"*{ty}", "i32", "i32", "i32",
+        "i64", "i64", "i64", "i64", "i64", "i64", "fp32", "fp32", "i32", "i32"] + ["constexpr"] * 2)
 
 
 def _pair_blocks():
