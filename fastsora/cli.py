@@ -86,7 +86,8 @@ def cmd_compile(args) -> int:
         return 2
     families = set(args.families or [])
     jobs = [(entry, config, arch) for key, entry in sorted(KERNELS.items())
-            if not families or entry.family in families for config in entry.configs for arch in args.arch]
+            if not families or entry.family in families for config in entry.configs for arch in args.arch
+            if config.built_for(arch)]
     done = []
 
     def report(result):

@@ -31,6 +31,9 @@ class KernelConfig:
     at launch (pointers 16-byte aligned, integers divisible by 16). None (the default) means every pointer
     argument, which is what the JIT sees for tensors torch allocated; list integer arguments (strides,
     head dims) the launcher guarantees too, or pass () to check the unaligned variant.
+
+    ``archs`` names the architectures ('sm_80', 'sm_90') whose launcher may pick the config; `fastsora
+    compile` builds it for those only. None (the default) means every architecture.
     """
 
     label: str
@@ -39,6 +42,10 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     divisible_by_16: Optional[Tuple[str, ...]] = None
+    archs: Optional[Tuple[str, ...]] = None
+
+    def built_for(self, arch: str) -> bool:
+        return self.archs is None or arch in self.archs
 
 
 @dataclass
