@@ -25,8 +25,9 @@ j <= i + bottom_right * (Lk - Lq) (flash-attn 2: bottom-right; xformers' BlockDi
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -41,6 +42,14 @@ LOG2E = 1.4426950408889634
 # --------------------------------------------------------------------------------------------------------------
 # device helpers
 # --------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rows8(stride_t, stride_h):
+    """Token and head strides arrive in units of 8 elements (the launcher guarantees multiples of 8): scaled
+    here, the compiler knows every row start is 16-byte aligned and vectorises the loads, whatever the JIT
+    specialised the integer arguments to."""
+    return stride_t * 8, stride_h * 8
 
 
 @triton.jit
@@ -126,6 +135,10 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                 total_q, batch, group, head_dim, qk_scale, bottom_right,
                 IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    stride_qt, stride_qh = _rows8(stride_qt, stride_qh)
+    stride_kt, stride_kh = _rows8(stride_kt, stride_kh)
+    stride_vt, stride_vh = _rows8(stride_vt, stride_vh)
+    stride_ot, stride_oh = _rows8(stride_ot, stride_oh)
     hq = tl.program_id(1)
     seq, blk, q_start, seqlen_q = _program_block(CU_Q, tl.program_id(0), batch, total_q, BLOCK_M)
     if blk * BLOCK_M >= seqlen_q:
@@ -206,6 +219,8 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
 @triton.jit
 def _bwd_preprocess_kernel(O, DO, DELTA, stride_ot, stride_oh, stride_dot, stride_doh,
                            stride_delh, total_q, head_dim, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    stride_ot, stride_oh = _rows8(stride_ot, stride_oh)
+    stride_dot, stride_doh = _rows8(stride_dot, stride_doh)
     pid = tl.program_id(0)
     h = tl.program_id(1)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -227,6 +242,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
                      total_k, batch, group, head_dim, qk_scale, sm_scale, bottom_right,
                      IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    stride_qt, stride_qh = _rows8(stride_qt, stride_qh)
+    stride_kt, stride_kh = _rows8(stride_kt, stride_kh)
+    stride_vt, stride_vh = _rows8(stride_vt, stride_vh)
+    stride_dot, stride_doh = _rows8(stride_dot, stride_doh)
+    stride_dkt, stride_dkh = _rows8(stride_dkt, stride_dkh)
+    stride_dvt, stride_dvh = _rows8(stride_dvt, stride_dvh)
     hk = tl.program_id(1)
     seq, blk, k_start, seqlen_k = _program_block(CU_K, tl.program_id(0), batch, total_k, BLOCK_N)
     if blk * BLOCK_N >= seqlen_k:
@@ -328,6 +349,11 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
                    total_q, batch, group, head_dim, qk_scale, sm_scale, bottom_right,
                    IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    stride_qt, stride_qh = _rows8(stride_qt, stride_qh)
+    stride_kt, stride_kh = _rows8(stride_kt, stride_kh)
+    stride_vt, stride_vh = _rows8(stride_vt, stride_vh)
+    stride_dot, stride_doh = _rows8(stride_dot, stride_doh)
+    stride_dqt, stride_dqh = _rows8(stride_dqt, stride_dqh)
     hq = tl.program_id(1)
     seq, blk, q_start, seqlen_q = _program_block(CU_Q, tl.program_id(0), batch, total_q, BLOCK_M)
     if blk * BLOCK_M >= seqlen_q:
@@ -403,97 +429,155 @@ def block_d_for(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-#: (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and padded head dim, the same for sm_80 and sm_90:
-#: for each slot the largest candidate that compiles (AOT, both archs, all four variants) with no spill and no
-#: stack frame. Not yet tuned on a GPU. For dkdv, BLOCK_N is the key block a program owns and BLOCK_M the
-#: query rows per step.
-_TILES_16BIT = {
-    "fwd": {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 8, 3), 128: (64, 32, 8, 2), 256: (32, 32, 8, 2)},
-    "dkdv": {16: (32, 128, 8, 2), 32: (32, 128, 8, 2), 64: (32, 64, 8, 2), 128: (32, 32, 8, 2), 256: (16, 16, 8, 1)},
-    "dq": {16: (128, 32, 4, 3), 32: (128, 32, 4, 3), 64: (128, 32, 8, 2), 128: (64, 32, 8, 2), 256: (32, 32, 8, 1)},
+#: Autotune candidates on CUDA: (BLOCK_M, BLOCK_N, num_warps, num_stages) per architecture, kernel, dtype class
+#: ('16bit' = fp16/bf16 with tensor-core dots, 'fp32' = exact "ieee" dots on the FMA units) and padded head dim.
+#: For dkdv, BLOCK_N is the key block a program owns and BLOCK_M the query rows per step. Every candidate
+#: compiles for its architecture, in all four variants (causal or not, power-of-two or padded D), with no spill
+#: and no stack frame under triton 3.4, 3.6 and 3.9 (AOT with the JIT's alignment hints) - except fp32 on sm_90 at
+#: D = 128 (forward, dQ) and D = 256 (dQ): no candidate was clean under 3.4 (8-24 B stack frames), so these are
+#: clean under 3.6 and 3.9 only (fp32 is the exact path, not the fast one). Not yet timed on a GPU:
+#: the autotuner times the candidates at the first launch of each key (``_TUNE_KEY``) and keeps the fastest.
+_CANDIDATES = {
+    "sm_80": {
+        "16bit": {
+            "fwd": {16: [(64, 64, 4, 3)],
+                    32: [(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
+                    64: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
+                    128: [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 8, 2)],
+                    256: [(32, 32, 8, 2)]},
+            "dkdv": {16: [(64, 128, 8, 2), (32, 64, 4, 2)],
+                     32: [(32, 128, 8, 2), (32, 64, 4, 2)],
+                     64: [(16, 64, 8, 2)],
+                     128: [(16, 64, 8, 2), (32, 32, 8, 2)],
+                     256: [(16, 32, 8, 1), (16, 16, 8, 1)]},
+            "dq": {16: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+                   32: [(128, 32, 4, 3), (128, 64, 8, 3)],
+                   64: [(128, 32, 8, 2), (64, 32, 4, 2)],
+                   128: [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 8, 2)],
+                   256: [(32, 32, 8, 1), (16, 32, 8, 1), (16, 16, 4, 1)]},
+        },
+        "fp32": {
+            "fwd": {16: [(16, 32, 4, 1)], 32: [(32, 32, 4, 2), (32, 32, 4, 1)], 64: [(32, 32, 4, 1)],
+                    128: [(32, 32, 8, 1), (32, 16, 4, 1), (16, 16, 8, 1)],
+                    256: [(32, 32, 8, 1), (32, 16, 4, 1), (16, 16, 8, 1)]},
+            "dkdv": {16: [(16, 32, 4, 1), (16, 16, 4, 1)], 32: [(16, 32, 4, 1)], 64: [(16, 32, 4, 1), (16, 16, 4, 1)],
+                     128: [(16, 16, 4, 1), (16, 16, 8, 2)], 256: [(16, 32, 8, 1), (16, 16, 8, 2)]},
+            "dq": {16: [(16, 32, 4, 1), (16, 16, 4, 1)], 32: [(32, 32, 4, 1)],
+                   64: [(32, 32, 8, 1), (32, 32, 4, 2), (32, 32, 4, 1)], 128: [(32, 32, 8, 1)],
+                   256: [(32, 32, 8, 1), (16, 16, 8, 1)]},
+        },
+    },
+    "sm_90": {
+        "16bit": {
+            "fwd": {16: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+                    32: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+                    64: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+                    128: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 8, 2)],
+                    256: [(32, 32, 8, 2)]},
+            "dkdv": {16: [(32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2)],
+                     32: [(32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2)],
+                     64: [(32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 8, 2)],
+                     128: [(16, 64, 8, 2), (32, 32, 8, 2)],
+                     256: [(16, 32, 8, 1), (16, 16, 8, 1)]},
+            "dq": {16: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+                   32: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+                   64: [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2)],
+                   128: [(128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 8, 2)],
+                   256: [(32, 32, 8, 1), (16, 16, 4, 1)]},
+        },
+        "fp32": {
+            "fwd": {16: [(32, 32, 4, 1), (16, 32, 4, 1)], 32: [(32, 32, 4, 2), (32, 32, 4, 1)],
+                    64: [(32, 32, 4, 1), (16, 16, 4, 1)], 128: [(16, 32, 8, 2)], 256: [(16, 16, 8, 3)]},
+            "dkdv": {16: [(16, 32, 4, 1), (16, 16, 8, 1)], 32: [(16, 32, 4, 1)], 64: [(16, 32, 4, 1)],
+                     128: [(16, 16, 4, 1), (16, 16, 8, 2)], 256: [(16, 16, 8, 1)]},
+            "dq": {16: [(16, 32, 4, 1), (16, 16, 4, 1)], 32: [(32, 32, 4, 2)], 64: [(32, 32, 8, 1), (16, 16, 8, 1)],
+                   128: [(16, 32, 8, 2)], 256: [(16, 16, 8, 3)]},
+        },
+    },
 }
-#: float32 runs exact ("ieee") dots on the FMA units: small tiles.
-_TILES_FP32 = {
-    "fwd": {16: (16, 32, 4, 1), 32: (32, 32, 4, 2), 64: (16, 16, 4, 1), 128: (16, 16, 4, 1), 256: (16, 16, 4, 1)},
-    "dkdv": {16: (16, 16, 4, 1), 32: (16, 16, 8, 1), 64: (16, 32, 4, 1), 128: (16, 16, 4, 1), 256: (16, 16, 8, 1)},
-    "dq": {16: (16, 32, 4, 1), 32: (32, 32, 4, 2), 64: (32, 32, 4, 2), 128: (16, 16, 4, 1), 256: (16, 16, 4, 1)},
-}
+_KINDS = ("fwd", "dkdv", "dq")
 
 
-def _cuda_tiles(kind: str, dt: str, block_d: int) -> Tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) picked on CUDA, the same for sm_80 and sm_90."""
-    return (_TILES_FP32 if dt == "fp32" else _TILES_16BIT)[kind][block_d]
+def _arch(device: torch.device) -> str:
+    major, _ = torch.cuda.get_device_capability(device)
+    return "sm_90" if major >= 9 else "sm_80"
 
 
-def tiles(kind: str, dtype: torch.dtype, block_d: int) -> Tuple[int, int, int, int]:
-    if KERNELS_INTERPRETED:
-        bm, bn = INTERPRETER_TILES[kind]
-        return bm, bn, 4, 1
-    return _cuda_tiles(kind, _DTYPES[dtype], block_d)
+def _klass(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "16bit"
+
+
+def cuda_candidates(arch: str, kind: str, dtype: torch.dtype, block_d: int) -> List[Tuple[int, int, int, int]]:
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner may pick on ``arch`` ('sm_80' or 'sm_90')."""
+    return _CANDIDATES[arch][_klass(dtype)][kind][block_d]
 
 
 def _dot_prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _strides(n: int, t: str = "i32"):
-    return [t] * n
+
+
+_RUNTIME_ARGS = {
+    "fwd": ("Q", "K", "V", "O", "LSE", "CU_Q", "CU_K", "stride_qt", "stride_qh", "stride_kt", "stride_kh",
+            "stride_vt", "stride_vh", "stride_ot", "stride_oh", "stride_lh", "total_q", "batch", "group", "head_dim",
+            "qk_scale", "bottom_right"),
+    "dkdv": ("Q", "K", "V", "DO", "LSE", "DELTA", "DK", "DV", "CU_Q", "CU_K", "stride_qt", "stride_qh", "stride_kt",
+             "stride_kh", "stride_vt", "stride_vh", "stride_dot", "stride_doh", "stride_dkt", "stride_dkh",
+             "stride_dvt", "stride_dvh", "stride_lh", "total_k", "batch", "group", "head_dim", "qk_scale",
+             "sm_scale", "bottom_right"),
+    "dq": ("Q", "K", "V", "DO", "LSE", "DELTA", "DQ", "CU_Q", "CU_K", "stride_qt", "stride_qh", "stride_kt",
+           "stride_kh", "stride_vt", "stride_vh", "stride_dot", "stride_doh", "stride_dqt", "stride_dqh", "stride_lh",
+           "total_q", "batch", "group", "head_dim", "qk_scale", "sm_scale", "bottom_right"),
+}
+_CONSTEXPRS = ("IS_CAUSAL", "BLOCK_M", "BLOCK_N", "BLOCK_D", "EVEN_D", "DOT_PREC")
+
+
+def _signature(kind: str, dt: str) -> dict:
+    def arg_type(name: str) -> str:
+        if name in ("LSE", "DELTA"):
+            return "*fp32"
+        if name in ("CU_Q", "CU_K"):
+            return "*i32"
+        if name in ("qk_scale", "sm_scale"):
+            return "fp32"
+        return f"*{dt}" if name.isupper() else "i32"
+    sig = {n: arg_type(n) for n in _RUNTIME_ARGS[kind]}
+    sig.update({n: "constexpr" for n in _CONSTEXPRS})
+    return sig
 
 
 def _register() -> None:
-    fwd, dkdv, dq, pre = [], [], [], []
+    """Register every autotune candidate of every arch (a tile shared by both archs once, labelled with both)
+    in every variant, and the preprocess kernel, for `fastsora compile`."""
+    configs = {kind: [] for kind in _KINDS}
+    pre = []
     for torch_dt, dt in _DTYPES.items():
-        ptr = f"*{dt}"
         for block_d in BLOCK_DS:
-            for causal in (False, True):
-                for even_d in (True, False):
-                    common = dict(IS_CAUSAL=causal, BLOCK_D=block_d, EVEN_D=even_d, DOT_PREC=_dot_prec(torch_dt))
-                    tag = f"{dt} D={block_d}{'' if even_d else ' padded'}{' causal' if causal else ''}"
-                    bm, bn, w, s = _cuda_tiles("fwd", dt, block_d)
-                    sig = {n: ptr for n in ("Q", "K", "V", "O")}
-                    sig.update(LSE="*fp32", CU_Q="*i32", CU_K="*i32")
-                    sig.update({n: "i32" for n in ("stride_qt", "stride_qh", "stride_kt", "stride_kh",
-                                                   "stride_vt", "stride_vh", "stride_ot",
-                                                   "stride_oh", "stride_lh", "total_q", "batch",
-                                                   "group", "head_dim")})
-                    sig.update(qk_scale="fp32", bottom_right="i32")
-                    cx = dict(common, BLOCK_M=bm, BLOCK_N=bn)
-                    sig.update({n: "constexpr" for n in ("IS_CAUSAL", "BLOCK_M", "BLOCK_N", "BLOCK_D", "EVEN_D",
-                                                         "DOT_PREC")})
-                    fwd.append(KernelConfig(f"fwd {tag} BM={bm} BN={bn}", sig, cx, w, s))
-
-                    for kind, out_list in (("dkdv", dkdv), ("dq", dq)):
-                        bm, bn, w, s = _cuda_tiles(kind, dt, block_d)
-                        if kind == "dkdv":
-                            ptrs = ("Q", "K", "V", "DO", "LSE", "DELTA", "DK", "DV")
-                            strides = ("stride_qt", "stride_qh", "stride_kt", "stride_kh",
-                                       "stride_vt", "stride_vh", "stride_dot", "stride_doh",
-                                       "stride_dkt", "stride_dkh", "stride_dvt",
-                                       "stride_dvh", "stride_lh", "total_k")
-                        else:
-                            ptrs = ("Q", "K", "V", "DO", "LSE", "DELTA", "DQ")
-                            strides = ("stride_qt", "stride_qh", "stride_kt", "stride_kh",
-                                       "stride_vt", "stride_vh", "stride_dot", "stride_doh",
-                                       "stride_dqt", "stride_dqh", "stride_lh",
-                                       "total_q")
-                        sig = {n: ("*fp32" if n in ("LSE", "DELTA") else ptr) for n in ptrs}
-                        sig.update(CU_Q="*i32", CU_K="*i32")
-                        sig.update({n: "i32" for n in strides + ("batch", "group", "head_dim")})
-                        sig.update(qk_scale="fp32", sm_scale="fp32", bottom_right="i32")
-                        sig.update({n: "constexpr" for n in ("IS_CAUSAL", "BLOCK_M", "BLOCK_N", "BLOCK_D", "EVEN_D",
-                                                             "DOT_PREC")})
-                        out_list.append(KernelConfig(f"{kind} {tag} BM={bm} BN={bn}", sig,
-                                                     dict(common, BLOCK_M=bm, BLOCK_N=bn), w, s))
-            sig = {"O": ptr, "DO": ptr, "DELTA": "*fp32"}
+            for kind in _KINDS:
+                archs_of = {}
+                for arch in sorted(_CANDIDATES):
+                    for tile in cuda_candidates(arch, kind, torch_dt, block_d):
+                        archs_of.setdefault(tile, []).append(arch)
+                for (bm, bn, w, s), archs in archs_of.items():
+                    for causal in (False, True):
+                        for even_d in (True, False):
+                            cx = dict(IS_CAUSAL=causal, BLOCK_D=block_d, EVEN_D=even_d,
+                                      DOT_PREC=_dot_prec(torch_dt), BLOCK_M=bm, BLOCK_N=bn)
+                            tag = f"{dt} D={block_d}{'' if even_d else ' padded'}{' causal' if causal else ''}"
+                            configs[kind].append(KernelConfig(f"{'/'.join(archs)} {kind} {tag} BM={bm} BN={bn} "
+                                                              f"w{w} s{s}", _signature(kind, dt), cx, w, s,
+                                                              archs=tuple(archs)))
+            sig = {"O": f"*{dt}", "DO": f"*{dt}", "DELTA": "*fp32"}
             sig.update({n: "i32" for n in ("stride_ot", "stride_oh", "stride_dot", "stride_doh",
                                            "stride_delh", "total_q", "head_dim")})
             sig.update(BLOCK_M="constexpr", BLOCK_D="constexpr")
             pre.append(KernelConfig(f"preprocess {dt} D={block_d}", sig,
                                     dict(BLOCK_M=_pre_block_m_cuda(block_d), BLOCK_D=block_d), 4, 1))
-    register_kernel("varlen_attention", _fwd_kernel, fwd)
+    register_kernel("varlen_attention", _fwd_kernel, configs["fwd"])
     register_kernel("varlen_attention", _bwd_preprocess_kernel, pre)
-    register_kernel("varlen_attention", _bwd_dkdv_kernel, dkdv)
-    register_kernel("varlen_attention", _bwd_dq_kernel, dq)
+    register_kernel("varlen_attention", _bwd_dkdv_kernel, configs["dkdv"])
+    register_kernel("varlen_attention", _bwd_dq_kernel, configs["dq"])
 
 
 def _pre_block_m_cuda(block_d: int) -> int:
@@ -512,11 +596,48 @@ _register()
 # --------------------------------------------------------------------------------------------------------------
 
 
+_KERNELS = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}
+#: What the autotuner's choice depends on besides the tensors' dtypes. Sequence lengths are left out on
+#: purpose: packs change every step, and a re-tune per pack would cost more than it saves.
+_TUNE_KEY = ["group", "IS_CAUSAL", "BLOCK_D", "EVEN_D", "DOT_PREC"]
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(kind: str, arch: str, klass: str, block_d: int):
+    dtype = torch.float32 if klass == "fp32" else torch.float16
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+               for bm, bn, w, s in cuda_candidates(arch, kind, dtype, block_d)]
+    return triton.autotune(configs, key=_TUNE_KEY)(_KERNELS[kind])
+
+
+def _launch(kind: str, rows: int, batch: int, heads: int, args: tuple, consts: dict, dtype: torch.dtype,
+            device: torch.device) -> None:
+    """Launch kernel ``kind`` over the (sequence, block) items of ``rows`` packed rows and ``heads`` heads: one
+    fixed tile in the interpreter, the autotuned candidates of the device's architecture on CUDA. The
+    blocked side is BLOCK_N for dkdv (key blocks) and BLOCK_M otherwise (query blocks)."""
+    side = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
+    if KERNELS_INTERPRETED:
+        bm, bn = INTERPRETER_TILES[kind]
+        meta = {"BLOCK_M": bm, "BLOCK_N": bn}
+        _KERNELS[kind][(_grid_items(rows, batch, meta[side]), heads)](*args, **consts, **meta, num_warps=4,
+                                                                      num_stages=1)
+    else:
+        grid = lambda meta: (_grid_items(rows, batch, meta[side]), heads)  # noqa: E731
+        _tuned(kind, _arch(device), _klass(dtype), consts["BLOCK_D"])[grid](*args, **consts)
+
+
+def _consts(dtype: torch.dtype, head_dim: int, causal_mode: int) -> dict:
+    """The constexprs of the fwd/dkdv/dq kernels other than the tile."""
+    block_d = block_d_for(head_dim)
+    return dict(IS_CAUSAL=causal_mode != 0, BLOCK_D=block_d, EVEN_D=block_d == head_dim, DOT_PREC=_dot_prec(dtype))
+
+
 def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """A (tokens, heads, D) tensor whose head dim has unit stride and whose token and head strides are multiples
-    of 8 elements (16-byte aligned rows, so Triton's JIT specialises them for vectorised loads). Views of packed
-    projections pass through; anything else is copied (into a buffer with D padded to a multiple of 8)."""
-    if t.stride(-1) == 1 and t.stride(0) % 8 == 0 and t.stride(1) % 8 == 0:
+    """A (tokens, heads, D) tensor whose head dim has unit stride, whose data pointer is 16-byte aligned and
+    whose token and head strides are multiples of 8 elements (the kernels take them in units of 8, see _rows8:
+    every row start is then provably aligned and loads vectorise). Views of packed projections pass through;
+    anything else is copied (into a buffer with D padded to a multiple of 8)."""
+    if t.stride(-1) == 1 and t.stride(0) % 8 == 0 and t.stride(1) % 8 == 0 and t.data_ptr() % 16 == 0:
         return t
     d = t.shape[-1]
     d8 = (d + 7) // 8 * 8
@@ -537,8 +658,8 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
 
 
 def _st(t: torch.Tensor) -> Tuple[int, int]:
-    """(token stride, head stride) of a (tokens, heads, D) tensor."""
-    return t.stride(0), t.stride(1)
+    """(token stride, head stride) of an aligned (tokens, heads, D) tensor, in units of 8 elements (see _rows8)."""
+    return t.stride(0) // 8, t.stride(1) // 8
 
 
 def _grid_items(total: int, batch: int, block: int) -> int:
@@ -559,15 +680,11 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tenso
     if total_q == 0 or hq == 0:
         return _dense(out), lse
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
-    block_d = block_d_for(d)
-    bm, bn, w, s = tiles("fwd", q.dtype, block_d)
-    grid = (_grid_items(total_q, batch, bm), hq)
-    _fwd_kernel[grid](
+    _launch("fwd", total_q, batch, hq, (
         q, k, v, out, lse, cu_q, cu_k,
         *_st(q), *_st(k), *_st(v), *_st(out), lse.stride(0),
-        total_q, batch, hq // hkv, d, float(softmax_scale) * LOG2E, 1 if causal_mode == 1 else 0,
-        IS_CAUSAL=causal_mode != 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, EVEN_D=block_d == d,
-        DOT_PREC=_dot_prec(q.dtype), num_warps=w, num_stages=s)
+        total_q, batch, hq // hkv, d, float(softmax_scale) * LOG2E, 1 if causal_mode == 1 else 0),
+        _consts(q.dtype, d, causal_mode), q.dtype, q.device)
     return _dense(out), lse
 
 
@@ -597,19 +714,15 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             delta -= dlse.to(torch.float32)
     qk_scale = float(softmax_scale) * LOG2E
     br = 1 if causal_mode == 1 else 0
-    common = dict(IS_CAUSAL=causal_mode != 0, BLOCK_D=block_d, EVEN_D=block_d == d, DOT_PREC=_dot_prec(q.dtype))
+    common = _consts(q.dtype, d, causal_mode)
     if total_k > 0 and hkv > 0:
-        bm, bn, w, s = tiles("dkdv", q.dtype, block_d)
-        _bwd_dkdv_kernel[(_grid_items(total_k, batch, bn), hkv)](
+        _launch("dkdv", total_k, batch, hkv, (
             q, k, v, do, lse, delta, dk, dv, cu_q, cu_k,
             *_st(q), *_st(k), *_st(v), *_st(do), *_st(dk), *_st(dv), lse.stride(0),
-            total_k, batch, hq // hkv, d, qk_scale, float(softmax_scale), br,
-            BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, **common)
+            total_k, batch, hq // hkv, d, qk_scale, float(softmax_scale), br), common, q.dtype, q.device)
     if total_q > 0 and hq > 0:
-        bm, bn, w, s = tiles("dq", q.dtype, block_d)
-        _bwd_dq_kernel[(_grid_items(total_q, batch, bm), hq)](
+        _launch("dq", total_q, batch, hq, (
             q, k, v, do, lse, delta, dq, cu_q, cu_k,
             *_st(q), *_st(k), *_st(v), *_st(do), *_st(dq), lse.stride(0),
-            total_q, batch, hq // hkv, d, qk_scale, float(softmax_scale), br,
-            BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, **common)
+            total_q, batch, hq // hkv, d, qk_scale, float(softmax_scale), br), common, q.dtype, q.device)
     return _dense(dq), _dense(dk), _dense(dv)

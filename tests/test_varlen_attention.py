@@ -266,7 +266,8 @@ def test_random_packs(seed, device, poison):
 
 
 def test_registered_configs_cover_every_cuda_launch():
-    """`fastsora compile` builds exactly what the CUDA launchers can pick (tiles, warps, stages, constexprs)."""
+    """`fastsora compile` builds exactly what the CUDA autotuners can pick: every candidate of every arch
+    (tiles, warps, stages) in every variant (causal or not, padded D or not) and dtype."""
     from fastsora.registry import KERNELS
 
     names = {"fwd": "_fwd_kernel", "dkdv": "_bwd_dkdv_kernel", "dq": "_bwd_dq_kernel"}
@@ -274,12 +275,48 @@ def test_registered_configs_cover_every_cuda_launch():
         configs = KERNELS[f"varlen_attention.{name}"].configs
         seen = {(c.constexprs["BLOCK_D"], c.constexprs["IS_CAUSAL"], c.constexprs["EVEN_D"], c.constexprs["BLOCK_M"],
                  c.constexprs["BLOCK_N"], c.num_warps, c.num_stages, c.signature["Q"]) for c in configs}
+        wanted = set()
         for dt, ptr in ((torch.float16, "*fp16"), (torch.bfloat16, "*bf16"), (torch.float32, "*fp32")):
             for block_d in kern.BLOCK_DS:
-                bm, bn, w, s = kern._cuda_tiles(kind, kern._DTYPES[dt], block_d)
-                for causal in (False, True):
-                    for even in (False, True):
-                        assert (block_d, causal, even, bm, bn, w, s, ptr) in seen, (kind, dt, block_d, causal, even)
+                for arch in ("sm_80", "sm_90"):
+                    for bm, bn, w, s in kern.cuda_candidates(arch, kind, dt, block_d):
+                        wanted |= {(block_d, causal, even, bm, bn, w, s, ptr)
+                                   for causal in (False, True) for even in (False, True)}
+        assert seen == wanted, (kind, sorted(wanted - seen)[:3], sorted(seen - wanted)[:3])
     pre = KERNELS["varlen_attention._bwd_preprocess_kernel"].configs
     assert {(c.constexprs["BLOCK_D"], c.constexprs["BLOCK_M"]) for c in pre} == \
         {(d, kern._pre_block_m_cuda(d)) for d in kern.BLOCK_DS}
+
+
+def test_cuda_launch_path_autotunes_over_candidates(monkeypatch, poison):
+    """The CUDA launchers (autotuner objects over the arch's candidates, grids computed from the chosen
+    tile) run here in the interpreter with two small candidates per slot; both tiles give the reference."""
+    if torch.cuda.is_available():
+        pytest.skip("exercised for real on CUDA")
+    cands = {klass: {kind: {d: [(16, 32, 4, 1), (32, 16, 4, 1)] for d in kern.BLOCK_DS} for kind in kern._KINDS}
+             for klass in ("16bit", "fp32")}
+    monkeypatch.setattr(kern, "KERNELS_INTERPRETED", False)
+    monkeypatch.setattr(kern, "_CANDIDATES", {"sm_90": cands})
+    monkeypatch.setattr(kern, "_arch", lambda device: "sm_90")
+    grids = []
+    real = kern._grid_items
+    monkeypatch.setattr(kern, "_grid_items", lambda *a: grids.append(a) or real(*a))
+    kern._tuned.cache_clear()
+    timed = []
+
+    def fake_bench(kernel_call, quantiles):  # no GPU timer here: run the candidate, report the 2nd as fastest
+        kernel_call()
+        timed.append(1)
+        return [2.0 + len(timed) % 2] * len(quantiles)
+
+    try:
+        tuned = [kern._tuned(kind, "sm_90", "fp32", 32) for kind in kern._KINDS]
+        for t in tuned:
+            t.do_bench = fake_bench
+        q, k, v, cu_q, cu_k = make([37, 5, 0, 20], [11, 40, 3, 9], 4, 2, 24, torch.float32, "cpu", 3, 2)
+        check_against_reference(q, k, v, cu_q, cu_k, 1)
+        assert len(timed) == 6, "each kernel's two candidates are timed once"
+        assert all(t.best_config.kwargs == {"BLOCK_M": 32, "BLOCK_N": 16} for t in tuned)
+        assert {g[2] for g in grids} == {16, 32}, "grids follow the candidate being run"
+    finally:
+        kern._tuned.cache_clear()
