@@ -379,29 +379,40 @@ _TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 #: (bwd-input), K = channels reduced per step; bwd-weight: M = positions reduced, N = C_out, K = C_in.
 #: Variant 'heavy' = the launches with more live state (fwd: cache / residual / stored pre-activation;
 #: bwd-input: the border-row list; bwd-weight: cache or replicate clamping). Every tile listed here compiles
-#: with no spills and no stack frame on sm_80 and sm_90 (checked with cuobjdump), which rules out the
-#: 128x128 tiles: the gathered implicit-GEMM operands need a 64-bit pointer per element.
+#: for its architecture with no spills and no stack frame under triton 3.4, 3.6 and 3.9 (checked with
+#: cuobjdump; `bash scripts/compile_matrix.sh`), which rules out the 128x128 tiles: the gathered implicit-GEMM
+#: operands need a 64-bit pointer per element. The autotuner times the candidates of a key at its first launch.
 _TABLE = {
     ("fwd", "plain", "lp"): [(128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 8, 3)],
     ("fwd", "heavy", "lp"): [(64, 64, 32, 8, 3)],
     ("fwd", "plain", "fp32"): [(32, 64, 16, 4, 2)],
     ("fwd", "heavy", "fp32"): [(64, 64, 16, 8, 2), (32, 64, 16, 4, 2)],
-    ("bwd_input", "plain", "lp"): [(64, 128, 32, 8, 3), (64, 64, 32, 8, 3)],
-    ("bwd_input", "heavy", "lp"): [(64, 64, 32, 8, 3)],
-    ("bwd_input", "plain", "fp32"): [(64, 64, 16, 8, 2), (32, 32, 16, 4, 2)],
-    ("bwd_input", "heavy", "fp32"): [(32, 32, 16, 4, 2)],
-    ("bwd_weight", "plain", "lp"): [(64, 64, 64, 8, 3), (32, 64, 64, 4, 3)],
-    ("bwd_weight", "heavy", "lp"): [(64, 64, 64, 8, 3), (32, 64, 64, 4, 3)],
+    ("bwd_input", "plain", "lp"): [(64, 128, 32, 8, 3), (64, 64, 32, 8, 4), (64, 64, 32, 8, 3)],
+    ("bwd_input", "heavy", "lp"): [(64, 64, 32, 8, 4), (64, 64, 32, 8, 3)],
+    ("bwd_input", "plain", "fp32"): [(64, 64, 16, 8, 1), (32, 32, 16, 4, 1)],
+    ("bwd_input", "heavy", "fp32"): [(64, 64, 16, 8, 1), (32, 32, 16, 4, 1)],
+    ("bwd_weight", "plain", "lp"): [(64, 64, 64, 8, 4), (64, 64, 64, 8, 3), (64, 64, 32, 8, 4), (32, 64, 64, 4, 3)],
+    ("bwd_weight", "heavy", "lp"): [(64, 64, 64, 8, 4), (64, 64, 64, 8, 3), (64, 64, 32, 8, 4), (32, 64, 64, 4, 3)],
     ("bwd_weight", "plain", "fp32"): [(32, 32, 32, 8, 2)],
     ("bwd_weight", "heavy", "fp32"): [(32, 32, 32, 8, 2)],
     # 'flat': (tap, channel) flattened into one reduction index for small C_in (the RGB input layer)
     ("fwd", "flat", "lp"): [(64, 64, 32, 8, 3)],
     ("fwd", "flat", "fp32"): [(32, 64, 16, 4, 2)],
-    ("bwd_weight", "flat", "lp"): [(64, 64, 64, 8, 3), (32, 64, 32, 4, 3)],
+    ("bwd_weight", "flat", "lp"): [(64, 64, 32, 8, 3), (32, 64, 32, 4, 3)],
     ("bwd_weight", "flat", "fp32"): [(32, 32, 32, 8, 2)],
 }
-#: per-architecture tables (the same today: no GPU was available to tune them apart)
-_CONFIGS = {arch: _TABLE for arch in ("sm_80", "sm_90")}
+#: per-architecture tables: the common table, plus deeper pipelines where the H100's 227 KiB of shared memory
+#: allows them, with the entries where one architecture's compile spills replaced
+_CONFIGS = {
+    "sm_80": {**_TABLE,
+              ("bwd_input", "plain", "lp"): [(64, 128, 32, 8, 4), (64, 128, 32, 8, 3), (64, 64, 32, 8, 4),
+                                             (64, 64, 32, 8, 3)]},
+    "sm_90": {**_TABLE,
+              ("fwd", "plain", "lp"): [(128, 64, 32, 8, 4), (64, 128, 32, 8, 4), (128, 64, 32, 8, 3),
+                                       (64, 128, 32, 8, 3), (64, 64, 64, 8, 3)],
+              ("bwd_input", "plain", "fp32"): [(64, 32, 16, 8, 2)],
+              ("bwd_input", "heavy", "fp32"): [(32, 16, 16, 4, 1), (32, 32, 16, 2, 1)]},
+}
 #: one config in the interpreter: big tiles (the interpreter costs per loop iteration, not per element)
 _INTERP = (256, 32, 32, 4, 1)
 _INTERP_WGRAD = (256, 32, 32, 4, 1)
@@ -489,8 +500,8 @@ def _register() -> None:
                     bwd_weight=_causal_conv3d_bwd_weight_kernel)
     for kind, kernel in _KERNELS.items():
         names = argnames(kernel)
-        # a tile shared by several archs is registered once (`fastsora compile` builds every config for sm_80
-        # and sm_90), labelled with the archs whose autotuner may pick it
+        # a tile shared by several archs is registered once, labelled with (and built by `fastsora compile`
+        # for) the archs whose autotuner may pick it
         tiles: Dict[tuple, List[str]] = {}
         for arch, table in sorted(_CONFIGS.items()):
             for (k, variant, klass), rows in table.items():
@@ -499,7 +510,8 @@ def _register() -> None:
                         tiles.setdefault((variant, klass) + tuple(row), []).append(arch)
         configs = []
         for (variant, klass, bm, bn, bk, nw, ns), archs in tiles.items():
-            arch = "/".join(sorted(set(archs)))
+            archs = tuple(sorted(set(archs)))
+            arch = "/".join(archs)
             for dtype in ((torch.float16, torch.bfloat16) if klass == "lp" else (torch.float32,)):
                 t = _TL[dtype]
                 consts = {"KT": 3, "KH": 3, "KW": 3, "IEEE": dtype == torch.float32,
@@ -514,7 +526,7 @@ def _register() -> None:
                 for c in consts:
                     sig[c] = "constexpr"
                 configs.append(KernelConfig(f"{arch} {kind} {variant} {t} BM={bm} BN={bn} BK={bk} w{nw} s{ns}",
-                                            sig, consts, nw, ns))
+                                            sig, consts, nw, ns, archs=archs))
         register_kernel("causal_conv3d", kernel, configs)
     names = argnames(_silu_bwd_kernel)
     configs = []

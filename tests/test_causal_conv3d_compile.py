@@ -9,7 +9,7 @@ from fastsora.registry import KERNELS, load_all
 load_all()
 POINTS = [pytest.param(key, i, arch, id=f"{key}[{cfg.label}]-{arch}")
           for key in sorted(KERNELS) if key.startswith("causal_conv3d.")
-          for i, cfg in enumerate(KERNELS[key].configs) for arch in ARCHS]
+          for i, cfg in enumerate(KERNELS[key].configs) for arch in ARCHS if cfg.built_for(arch)]
 
 
 def test_all_kernels_registered():
@@ -29,3 +29,20 @@ def test_config_compiles_without_stack(key, index, arch):
     assert result.stack_bytes == 0, f"{result.stack_bytes} B of stack (spilled registers)"
     if "silu" not in key and "fp32" not in entry.configs[index].label:
         assert result.mma, "the fp16/bf16 GEMM kernels use tensor cores (fp32 runs IEEE fp32 dots)"
+
+
+def test_every_autotune_candidate_is_registered_for_its_arch():
+    """`fastsora compile` builds each candidate of each architecture's table, for that architecture."""
+    import fastsora.kernels.causal_conv3d as K
+
+    names = {"fwd": "_causal_conv3d_fwd_kernel", "bwd_input": "_causal_conv3d_bwd_input_kernel",
+             "bwd_weight": "_causal_conv3d_bwd_weight_kernel"}
+    for arch, table in K._CONFIGS.items():
+        for (kind, variant, klass), rows in table.items():
+            configs = KERNELS[f"causal_conv3d.{names[kind]}"].configs
+            for bm, bn, bk, nw, ns in rows:
+                dtypes = ("fp16", "bf16") if klass == "lp" else ("fp32",)
+                for t in dtypes:
+                    label = f" {kind} {variant} {t} BM={bm} BN={bn} BK={bk} w{nw} s{ns}"
+                    hits = [c for c in configs if c.label.endswith(label) and c.built_for(arch)]
+                    assert len(hits) == 1, (arch, label)
