@@ -234,8 +234,18 @@ MAX_BITS = 32
 #: Exact fp32 products in the code GEMMs: the entropies are compared with float64 to 1e-5.
 PRECISION = "ieee"
 _CUDA_QUANT = dict(ELEMENTS=512, num_warps=4, num_stages=1)   # BLOCK_T = ELEMENTS // BLOCK_D
-_CUDA_PAIR = dict(BLOCK_T=32, num_warps=8, num_stages=2)
-_CUDA_PAIR_BWD = dict(BLOCK_T=32, num_warps=8, num_stages=2)
+#: Launch settings on CUDA. Each compiles with no spill and no stack frame for every code tile it is used with,
+#: on sm_80 and sm_90, under triton 3.4, 3.6 and 3.9 (ptxas leaves small stack frames in some combinations
+#: even far below the register limit, and which ones differs between releases, hence the per-tile table).
+_CUDA_PAIR = dict(BLOCK_T=32, num_warps=4, num_stages=2)
+_CUDA_PAIR_BWD = dict(BLOCK_T=32, num_warps=4, num_stages=2)
+#: (BLOCK_A, BLOCK_B, BLOCK_BITS) -> settings of the pair backward where the default above spills
+_CUDA_PAIR_BWD_BY_TILE = {(32, 32, 8): dict(BLOCK_T=64, num_warps=4, num_stages=2),
+                          (64, 32, 16): dict(BLOCK_T=64, num_warps=8, num_stages=2)}
+
+
+def _pair_bwd_settings(block_a: int, block_b: int, bits: int) -> dict:
+    return _CUDA_PAIR_BWD_BY_TILE.get((block_a, block_b, bits), _CUDA_PAIR_BWD)
 
 
 def _block_d(d: int) -> int:
@@ -328,11 +338,14 @@ def _pair_bwd_configs():
              "NB", "stride_gc", "stride_ga", "stride_gb", "BLOCK_T", "BLOCK_A", "BLOCK_B", "BLOCK_BITS",
              "PRECISION"]
     types = ["*fp32"] * 6 + ["i32"] * 7 + ["i64"] * 3 + ["constexpr"] * 5
-    return [KernelConfig(f"code pair bwd BLOCK_A={ba} BLOCK_B={bb} BITS={bits}", _sig(names, types),
-                         dict(BLOCK_T=_CUDA_PAIR_BWD["BLOCK_T"], BLOCK_A=ba, BLOCK_B=bb, BLOCK_BITS=bits,
-                              PRECISION=PRECISION),
-                         num_warps=_CUDA_PAIR_BWD["num_warps"], num_stages=_CUDA_PAIR_BWD["num_stages"])
-            for ba, bb, bits in _pair_bwd_blocks()]
+    configs = []
+    for ba, bb, bits in _pair_bwd_blocks():
+        cfg = _pair_bwd_settings(ba, bb, bits)
+        configs.append(KernelConfig(f"code pair bwd BLOCK_A={ba} BLOCK_B={bb} BITS={bits} T={cfg['BLOCK_T']}",
+                                    _sig(names, types), dict(BLOCK_T=cfg["BLOCK_T"], BLOCK_A=ba, BLOCK_B=bb,
+                                                             BLOCK_BITS=bits, PRECISION=PRECISION),
+                                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+    return configs
 
 
 register_kernel("lfq", _lfq_quantize_fwd_kernel, _quantize_fwd_configs())
@@ -446,15 +459,16 @@ def code_pair_bwd(pos: torch.Tensor, neg: torch.Tensor, weight: Optional[torch.T
         return dpos, dneg
     w = _weights(weight, t, dev)
     g = grad_sums.to(torch.float32)
-    block_t = _block_t(t, _CUDA_PAIR_BWD["BLOCK_T"], 512)
-    grid = (triton.cdiv(t, block_t), c)
     # side A receives its bits' gradients, side B is contracted; G_AB is G or Gᵀ through the strides
     for off_a, na, off_b, nb, sa, sb in ((0, nh, nh, nl, g.stride(1), g.stride(2)),
                                          (nh, nl, 0, nh, g.stride(2), g.stride(1))):
         if na == 0:
             continue
-        _lfq_code_pair_bwd_kernel[grid](
+        block_a, block_b, bits = _code_block(na), _code_block(nb, _BWD_B_WIDEST), _block_bits(na)
+        cfg = _pair_bwd_settings(block_a, block_b, bits)
+        block_t = _block_t(t, cfg["BLOCK_T"], 512)
+        _lfq_code_pair_bwd_kernel[(triton.cdiv(t, block_t), c)](
             pos, neg, w, g, dpos, dneg, t, c, d, off_a, na, off_b, nb, g.stride(0), sa, sb,
-            BLOCK_T=block_t, BLOCK_A=_code_block(na), BLOCK_B=_code_block(nb, _BWD_B_WIDEST), BLOCK_BITS=_block_bits(na),
-            PRECISION=PRECISION, num_warps=_CUDA_PAIR_BWD["num_warps"], num_stages=_CUDA_PAIR_BWD["num_stages"])
+            BLOCK_T=block_t, BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_BITS=bits, PRECISION=PRECISION,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return dpos, dneg
