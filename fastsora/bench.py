@@ -233,6 +233,8 @@ def run_bench(device: torch.device, ops: Optional[Sequence[str]] = None,
               dtypes: Optional[Sequence[torch.dtype]] = None, modes: Optional[Sequence[str]] = None,
               progress: Callable[[int, int, str], None] = lambda i, n, s: None) -> Dict[str, Any]:
     """Run every plan point; ``progress(done, total, line)`` is called after each."""
+    from fastsora.kernels.utils import autotune_picks  # after the CLI decided on the interpreter
+
     plan = bench_plan(device, ops, dtypes, modes)
     peaks = {str(d).removeprefix("torch."): measured_peaks(device, d) for d in {p.dtype for p in plan}}
     rows = []
@@ -247,6 +249,8 @@ def run_bench(device: torch.device, ops: Optional[Sequence[str]] = None,
         "interpreter_note": None if device.type == "cuda" else
         "CPU: fastsora is timed on its torch backend; Triton kernels run only in the interpreter here and are not timed",
         "measured_peaks": peaks, "results": rows,
+        # on CUDA: the config each Triton autotuner chose per key, to trim the candidate tables
+        "autotune_picks": autotune_picks(),
     }
 
 

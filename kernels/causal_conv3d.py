@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from fastsora.kernels import KERNELS_INTERPRETED
-from fastsora.kernels.utils import new_output
+from fastsora.kernels.utils import autotuned, new_output
 from fastsora.registry import KernelConfig, register_kernel
 
 # ----------------------------------------------------------------------------------------------------------
@@ -453,7 +453,7 @@ def _tuned(kind: str, variant: str, arch: str, klass: str):
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=nw, num_stages=ns)
                for bm, bn, bk, nw, ns in _CONFIGS[arch][(kind, variant, klass)]]
     extra = {"reset_to_zero": ["dw_ptr", "db_ptr"]} if kind == "bwd_weight" else {}
-    return triton.autotune(configs, key=_KEYS[kind], **extra)(_KERNELS[kind])
+    return autotuned(f"causal_conv3d {kind} {variant} {arch} {klass}", _KERNELS[kind], configs, _KEYS[kind], **extra)
 
 
 def _launch(kind: str, kernel, grid, args: tuple, consts: dict, dtype: torch.dtype, device: torch.device):

@@ -1,10 +1,12 @@
-"""Host-side helpers shared by the launchers: output allocation (NaN-poisoned under test) and launch checks."""
+"""Host-side helpers shared by the launchers: output allocation (NaN-poisoned under test), launch checks and
+the record of the autotuners they build."""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from typing import Any, Dict, Iterator, Sequence
 
 import torch
+import triton
 
 _poison = False
 
@@ -36,3 +38,20 @@ def new_output(shape: Sequence[int], dtype: torch.dtype, device: torch.device, *
 
 def new_output_like(t: torch.Tensor, **kwargs) -> torch.Tensor:
     return new_output(t.shape, kwargs.pop("dtype", t.dtype), t.device, **kwargs)
+
+
+#: every autotuner a launcher built, by name (what `fastsora bench` reports the picks of)
+AUTOTUNERS: Dict[str, Any] = {}
+
+
+def autotuned(name: str, kernel, configs: Sequence[Any], key: Sequence[str], **options):
+    """``triton.autotune(configs, key, **options)(kernel)``, recorded under ``name``."""
+    tuner = triton.autotune(list(configs), key=list(key), **options)(kernel)
+    AUTOTUNERS[name] = tuner
+    return tuner
+
+
+def autotune_picks() -> Dict[str, Dict[str, str]]:
+    """{autotuner name: {tuning key: chosen config}} for every recorded autotuner that has tuned a key."""
+    return {name: {str(k): str(cfg) for k, cfg in tuner.cache.items()}
+            for name, tuner in sorted(AUTOTUNERS.items()) if getattr(tuner, "cache", None)}

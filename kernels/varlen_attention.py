@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from fastsora.kernels import KERNELS_INTERPRETED
-from fastsora.kernels.utils import new_output
+from fastsora.kernels.utils import autotuned, new_output
 from fastsora.registry import KernelConfig, register_kernel
 
 LOG2E = 1.4426950408889634
@@ -607,7 +607,7 @@ def _tuned(kind: str, arch: str, klass: str, block_d: int):
     dtype = torch.float32 if klass == "fp32" else torch.float16
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
                for bm, bn, w, s in cuda_candidates(arch, kind, dtype, block_d)]
-    return triton.autotune(configs, key=_TUNE_KEY)(_KERNELS[kind])
+    return autotuned(f"varlen_attention {kind} {arch} {klass} D={block_d}", _KERNELS[kind], configs, _TUNE_KEY)
 
 
 def _launch(kind: str, rows: int, batch: int, heads: int, args: tuple, consts: dict, dtype: torch.dtype,

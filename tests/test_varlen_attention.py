@@ -318,5 +318,10 @@ def test_cuda_launch_path_autotunes_over_candidates(monkeypatch, poison):
         assert len(timed) == 6, "each kernel's two candidates are timed once"
         assert all(t.best_config.kwargs == {"BLOCK_M": 32, "BLOCK_N": 16} for t in tuned)
         assert {g[2] for g in grids} == {16, 32}, "grids follow the candidate being run"
+        from fastsora.kernels.utils import autotune_picks
+        picks = autotune_picks()
+        for kind in kern._KINDS:
+            chosen = list(picks[f"varlen_attention {kind} sm_90 fp32 D=32"].values())
+            assert chosen == [str(tuned[kern._KINDS.index(kind)].best_config)], (kind, chosen)
     finally:
         kern._tuned.cache_clear()
