@@ -325,3 +325,22 @@ def test_cuda_launch_path_autotunes_over_candidates(monkeypatch, poison):
             assert chosen == [str(tuned[kern._KINDS.index(kind)].best_config)], (kind, chosen)
     finally:
         kern._tuned.cache_clear()
+
+
+def test_misaligned_views_are_copied_to_aligned_rows(device):
+    """The kernels take strides in units of 8 elements and assume 16-byte aligned rows: a view whose strides
+    are multiples of 8 but whose data pointer is not 16-byte aligned is copied, and the result is unchanged."""
+    t, h, d = 37, 2, 16
+    buf = torch.randn(t * h * d + 8, dtype=torch.float16, device=device)
+    view = buf[4:4 + t * h * d].view(t, h, d)   # 8-byte offset for fp16
+    assert view.stride() == (h * d, d, 1) and view.data_ptr() % 16 == 8
+    fixed = kern._aligned(view)
+    assert fixed.data_ptr() % 16 == 0 and torch.equal(fixed, view)
+    aligned = buf[8:8 + t * h * d].view(t, h, d)
+    assert kern._aligned(aligned).data_ptr() == aligned.data_ptr(), "aligned views pass through"
+    cu = offsets([20, 17], device)
+    with use_backend("triton"):
+        out = varlen_attention(view, view, view, cu, cu)
+        fresh = view.clone()  # a new, aligned allocation
+        ref = varlen_attention(fresh, fresh, fresh, cu, cu)
+    assert torch.equal(out, ref)
