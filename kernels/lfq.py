@@ -240,7 +240,9 @@ _CUDA_QUANT = dict(ELEMENTS=512, num_warps=4, num_stages=1)   # BLOCK_T = ELEMEN
 _CUDA_PAIR = dict(BLOCK_T=32, num_warps=4, num_stages=2)
 _CUDA_PAIR_BWD = dict(BLOCK_T=32, num_warps=4, num_stages=2)
 #: (BLOCK_A, BLOCK_B, BLOCK_BITS) -> settings of the pair backward where the default above spills
-_CUDA_PAIR_BWD_BY_TILE = {(32, 32, 8): dict(BLOCK_T=64, num_warps=4, num_stages=2),
+_CUDA_PAIR_BWD_BY_TILE = {(16, 16, 2): dict(BLOCK_T=16, num_warps=4, num_stages=2),
+                          (16, 16, 4): dict(BLOCK_T=16, num_warps=4, num_stages=2),
+                          (32, 32, 8): dict(BLOCK_T=64, num_warps=4, num_stages=2),
                           (64, 32, 16): dict(BLOCK_T=64, num_warps=8, num_stages=2)}
 
 
