@@ -716,7 +716,9 @@ def causal_conv3d_bwd(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ca
             flat = _flat(C_in, has_cache)
             consts = dict(KT=KT, KH=KH, KW=KW, REPLICATE=bool(replicate), HAS_CACHE=has_cache,
                           HAS_BIAS=has_bias, IEEE=ieee, FLAT=flat)
-            if KERNELS_INTERPRETED:
+            if KERNELS_INTERPRETED or torch.are_deterministic_algorithms_enabled():
+                # one program per weight tile reduces every position: each element has one writer, so the
+                # fp32 atomics add in a fixed order and the result is bit-reproducible
                 splits = 1
             else:
                 sms = torch.cuda.get_device_properties(x.device).multi_processor_count

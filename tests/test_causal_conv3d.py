@@ -351,3 +351,45 @@ def test_cuda_launch_path_with_split_weight_gradient(monkeypatch, poison):
             assert_close([y, *got], [y64, *grads(y64, list(l64))], torch.float32)
     finally:
         K._tuned.cache_clear()
+
+
+def test_deterministic_algorithms_run_grad_weight_unsplit(monkeypatch):
+    """On CUDA grad weight is split over positions with fp32 atomics (not bit-reproducible); under
+    torch.use_deterministic_algorithms(True) it runs unsplit (one writer per element). Checked here through the
+    CUDA launcher with a fake SM count; the gradients match the reference either way."""
+    if torch.cuda.is_available():
+        pytest.skip("the split is exercised for real on CUDA")
+    import types
+
+    import fastsora.kernels.causal_conv3d as K
+
+    tile = (256, 32, 32, 4, 1)
+    monkeypatch.setattr(K, "KERNELS_INTERPRETED", False)
+    monkeypatch.setattr(K, "_CONFIGS", {"sm_90": {key: [tile] for key in K._TABLE}})
+    monkeypatch.setattr(K, "_arch", lambda device: "sm_90")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(
+        multi_processor_count=132))
+    splits = []
+    real_launch = K._launch
+
+    def spy(kind, kernel, grid, *rest):
+        if kind == "bwd_weight":
+            splits.append(grid({"BLOCK_M": 256, "BLOCK_N": 32, "BLOCK_K": 32})[2])
+        return real_launch(kind, kernel, grid, *rest)
+
+    monkeypatch.setattr(K, "_launch", spy)
+    K._tuned.cache_clear()
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        for deterministic in (False, True):
+            torch.use_deterministic_algorithms(deterministic)
+            x, wt, bs, _ = _inputs(1, 8, 6, 4, 24, 24, (3, 3, 3), torch.float32, "cpu", requires_grad=True)
+            with fastsora.use_backend("triton"):
+                got = grads(causal_conv3d(x, wt, bs), [x, wt, bs])
+            l64 = to_float64((x, wt, bs))
+            want = grads(_oracle(*l64), list(l64))
+            assert_close(got, want, torch.float32)
+        assert splits[0] > 1 and splits[1] == 1, splits
+    finally:
+        torch.use_deterministic_algorithms(was)
+        K._tuned.cache_clear()
