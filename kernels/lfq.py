@@ -243,7 +243,14 @@ _CUDA_PAIR_BWD = dict(BLOCK_T=32, num_warps=4, num_stages=2)
 _CUDA_PAIR_BWD_BY_TILE = {(16, 16, 2): dict(BLOCK_T=16, num_warps=4, num_stages=2),
                           (16, 16, 4): dict(BLOCK_T=16, num_warps=4, num_stages=2),
                           (32, 32, 8): dict(BLOCK_T=64, num_warps=4, num_stages=2),
+                          (64, 32, 8): dict(BLOCK_T=64, num_warps=8, num_stages=2),
                           (64, 32, 16): dict(BLOCK_T=64, num_warps=8, num_stages=2)}
+#: (MODE, BLOCK_H, BLOCK_L) -> settings of the pair forward where the default above spills
+_CUDA_PAIR_BY_TILE = {(2, 32, 32): dict(BLOCK_T=64, num_warps=4, num_stages=2)}
+
+
+def _pair_settings(mode: int, block_h: int, block_l: int) -> dict:
+    return _CUDA_PAIR_BY_TILE.get((mode, block_h, block_l), _CUDA_PAIR)
 
 
 def _pair_bwd_settings(block_a: int, block_b: int, bits: int) -> dict:
@@ -329,10 +336,15 @@ def _pair_configs():
     names = ["pos_ptr", "neg_ptr", "w_ptr", "n_ptr", "g_ptr", "out_ptr", "T", "C", "D", "NH", "NL",
              "stride_oc", "stride_oh", "stride_ol", "MODE", "BLOCK_T", "BLOCK_H", "BLOCK_L", "PRECISION"]
     types = ["*fp32"] * 6 + ["i32"] * 5 + ["i64"] * 3 + ["constexpr"] * 5
-    return [KernelConfig(f"code pair mode={mode} BLOCK_H={bh} BLOCK_L={bl}", _sig(names, types),
-                         dict(MODE=mode, BLOCK_T=_CUDA_PAIR["BLOCK_T"], BLOCK_H=bh, BLOCK_L=bl, PRECISION=PRECISION),
-                         num_warps=_CUDA_PAIR["num_warps"], num_stages=_CUDA_PAIR["num_stages"])
-            for mode in (0, 1, 2) for bh, bl in _pair_blocks()]
+    configs = []
+    for mode in (0, 1, 2):
+        for bh, bl in _pair_blocks():
+            cfg = _pair_settings(mode, bh, bl)
+            configs.append(KernelConfig(f"code pair mode={mode} BLOCK_H={bh} BLOCK_L={bl} T={cfg['BLOCK_T']}",
+                                        _sig(names, types), dict(MODE=mode, BLOCK_T=cfg["BLOCK_T"], BLOCK_H=bh,
+                                                                 BLOCK_L=bl, PRECISION=PRECISION),
+                                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+    return configs
 
 
 def _pair_bwd_configs():
@@ -442,10 +454,11 @@ def code_pair(pos: torch.Tensor, neg: torch.Tensor, weight: Optional[torch.Tenso
     n = count.to(torch.float32).reshape(1).contiguous()
     g = grad.to(torch.float32).contiguous() if grad is not None else n
     so = (0, 0, 0) if mode == 0 else out.stride()
+    cfg = _pair_settings(mode, bh, bl)
     _lfq_code_pair_kernel[grid](
         pos, neg, _weights(weight, t, pos.device), n, g, out, t, c, d, nh, nl, so[0], so[1], so[2],
-        MODE=mode, BLOCK_T=_block_t(t, _CUDA_PAIR["BLOCK_T"], 512), BLOCK_H=bh, BLOCK_L=bl, PRECISION=PRECISION,
-        num_warps=_CUDA_PAIR["num_warps"], num_stages=_CUDA_PAIR["num_stages"])
+        MODE=mode, BLOCK_T=_block_t(t, cfg["BLOCK_T"], 512), BLOCK_H=bh, BLOCK_L=bl, PRECISION=PRECISION,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
 
