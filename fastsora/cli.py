@@ -95,13 +95,20 @@ def cmd_compile(args) -> int:
         if args.verbose:
             _progress_bar(len(done), len(jobs), f"{result.kernel} [{result.config}] {result.arch}")
 
+    import triton
+
     results = compile_many(jobs, args.jobs, on_result=report)
+    known = [config.stack_frame_known(r.problems, triton.__version__) for r, (_, config, _) in zip(results, jobs)]
     rows = [(r.kernel, r.config, r.arch, r.registers, r.spill_bytes, r.shared_bytes,
-             "wgmma" if r.wgmma else ("mma" if r.mma else "-"), "; ".join(r.problems) or "ok") for r in results]
+             "wgmma" if r.wgmma else ("mma" if r.mma else "-"),
+             ("known under this triton: " if k else "") + "; ".join(r.problems) or "ok")
+            for r, k in zip(results, known)]
     print(_table(("kernel", "config", "arch", "regs", "spill B", "smem B", "tensor cores", "result"), rows)
           if rows else "no kernels registered")
-    bad = [r for r in results if r.problems]
-    print(f"\n{len(results) - len(bad)}/{len(results)} configs clean")
+    bad = [r for r, k in zip(results, known) if r.problems and not k]
+    clean = sum(1 for r in results if not r.problems)
+    print(f"\n{clean}/{len(results)} configs clean" + (f", {sum(known)} known stack frames under triton "
+                                                       f"{triton.__version__}" if any(known) else ""))
     return 1 if bad or not results else 0
 
 

@@ -496,6 +496,8 @@ _CANDIDATES = {
     },
 }
 _KINDS = ("fwd", "dkdv", "dq")
+#: (arch, dtype class, kernel, padded D) whose candidates keep a small stack frame under triton 3.4 (see above)
+_STACK_UNDER_TRITON_3_4 = {("sm_90", "fp32", "fwd", 128), ("sm_90", "fp32", "dq", 128), ("sm_90", "fp32", "dq", 256)}
 
 
 def _arch(device: torch.device) -> str:
@@ -565,9 +567,11 @@ def _register() -> None:
                             cx = dict(IS_CAUSAL=causal, BLOCK_D=block_d, EVEN_D=even_d,
                                       DOT_PREC=_dot_prec(torch_dt), BLOCK_M=bm, BLOCK_N=bn)
                             tag = f"{dt} D={block_d}{'' if even_d else ' padded'}{' causal' if causal else ''}"
+                            known = ("3.4",) if any((a, _klass(torch_dt), kind, block_d) in _STACK_UNDER_TRITON_3_4
+                                                    for a in archs) else ()
                             configs[kind].append(KernelConfig(f"{'/'.join(archs)} {kind} {tag} BM={bm} BN={bn} "
                                                               f"w{w} s{s}", _signature(kind, dt), cx, w, s,
-                                                              archs=tuple(archs)))
+                                                              archs=tuple(archs), known_stack_under=known))
             sig = {"O": f"*{dt}", "DO": f"*{dt}", "DELTA": "*fp32"}
             sig.update({n: "i32" for n in ("stride_ot", "stride_oh", "stride_dot", "stride_doh",
                                            "stride_delh", "total_q", "head_dim")})

@@ -2,6 +2,7 @@
 shared memory within the architecture's limit (what the interpreter cannot see). The same check as
 ``fastsora compile``, one test per (kernel, config, arch): about 3 minutes on 2 cores."""
 import pytest
+import triton
 
 from fastsora.aot import compile_config
 from fastsora.registry import KERNELS, load_all
@@ -21,8 +22,11 @@ def test_every_family_registers_kernels():
 @pytest.mark.parametrize("key,index,arch", POINTS)
 def test_kernel_config_compiles_clean(key, index, arch):
     entry = KERNELS[key]
-    result = compile_config(entry, entry.configs[index], arch)
-    assert result.problems == [], f"{key} [{entry.configs[index].label}] on {arch}: {result.problems}"
+    config = entry.configs[index]
+    result = compile_config(entry, config, arch)
+    if config.stack_frame_known(result.problems, triton.__version__):
+        pytest.xfail(f"documented stack frame under triton {triton.__version__}: {result.problems}")
+    assert result.problems == [], f"{key} [{config.label}] on {arch}: {result.problems}"
 
 
 def test_configs_name_known_archs():
@@ -32,3 +36,18 @@ def test_configs_name_known_archs():
     for key, entry in KERNELS.items():
         for cfg in entry.configs:
             assert cfg.archs is None or (cfg.archs and set(cfg.archs) <= set(KNOWN)), (key, cfg.label, cfg.archs)
+
+
+def test_known_stack_frames_are_excused_only_where_documented():
+    from fastsora.registry import KernelConfig
+
+    cfg = KernelConfig("x", {"a": "i32"}, {}, known_stack_under=("3.4",))
+    frame = ["stack frame 8 B (spilled registers)"]
+    assert cfg.stack_frame_known(frame, "3.4.0")
+    assert not cfg.stack_frame_known(frame, "3.6.0"), "only the listed release"
+    assert not cfg.stack_frame_known(frame + ["spills 8 B"], "3.4.0"), "never real spills or other problems"
+    assert not cfg.stack_frame_known([], "3.4.0")
+    assert not KernelConfig("y", {"a": "i32"}, {}).stack_frame_known(frame, "3.4.0")
+    listed = [(key, c.label) for key, e in KERNELS.items() for c in e.configs if c.known_stack_under]
+    assert all(key.startswith("varlen_attention.") and " fp32 " in label and label.startswith("sm_90 ")
+               for key, label in listed), listed
