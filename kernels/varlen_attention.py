@@ -235,6 +235,40 @@ def _bwd_preprocess_kernel(O, DO, DELTA, stride_ot, stride_oh, stride_dot, strid
 
 
 @triton.jit
+def _dkdv_query_block(it, n_blocks, first, hk, group, offs_m, seqlen_q, q_base, do_base, lse_base, delta_base,
+                      q_off, do_off, mask_d, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh,
+                      MASK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Item ``it`` of a dK/dV program's flat loop over (query head of the GQA group, query block from
+    ``first``): its rows, Q and dO tiles (head-dim columns masked when MASK_D), log2-scaled LSE and Δ."""
+    g = it // n_blocks
+    start_m = first + (it - g * n_blocks) * BLOCK_M
+    hq = (hk * group + g).to(tl.int64)
+    rows = start_m + offs_m
+    mask_m = rows < seqlen_q
+    q_ptr = q_base + hq * stride_qh + start_m.to(tl.int64) * stride_qt
+    do_ptr = do_base + hq * stride_doh + start_m.to(tl.int64) * stride_dot
+    if MASK_D:
+        q = tl.load(q_ptr + q_off, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        do = tl.load(do_ptr + do_off, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    else:
+        q = tl.load(q_ptr + q_off, mask=mask_m[:, None], other=0.0)
+        do = tl.load(do_ptr + do_off, mask=mask_m[:, None], other=0.0)
+    lse = tl.load(lse_base + hq * stride_lh + rows, mask=mask_m, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(delta_base + hq * stride_lh + rows, mask=mask_m, other=0.0)
+    return rows, q, do, lse, delta
+
+
+@triton.jit
+def _dkdv_accumulate(pT, q, v, do, delta, dk, dv, DOT_PREC: tl.constexpr):
+    """dV += Pᵀ dO and dK += dSᵀ Q for one query block (P already masked; dS = P ∘ (dP − Δ))."""
+    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
+    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+    dsT = pT * (dpT - delta[None, :])
+    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
                      stride_qt, stride_qh, stride_kt, stride_kh,
                      stride_vt, stride_vh, stride_dot, stride_doh,
@@ -289,50 +323,24 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
     # diagonal blocks (causal only): mask by position
     n_diag = (full_start - lo + BLOCK_M - 1) // BLOCK_M
     for it in range(0, group * n_diag):
-        g = it // n_diag
-        start_m = lo + (it - g * n_diag) * BLOCK_M
-        hq = (hk * group + g).to(tl.int64)
-        rows = start_m + offs_m
-        mask_m = rows < seqlen_q
-        q_ptr = q_base + hq * stride_qh + start_m.to(tl.int64) * stride_qt
-        do_ptr = do_base + hq * stride_doh + start_m.to(tl.int64) * stride_dot
-        q = tl.load(q_ptr + q_off, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        do = tl.load(do_ptr + do_off, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        lse = tl.load(lse_base + hq * stride_lh + rows, mask=mask_m, other=float("inf")) * 1.4426950408889634
-        delta = tl.load(delta_base + hq * stride_lh + rows, mask=mask_m, other=0.0)
+        rows, q, do, lse, delta = _dkdv_query_block(
+            it, n_diag, lo, hk, group, offs_m, seqlen_q, q_base, do_base, lse_base, delta_base, q_off, do_off,
+            mask_d, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh, True, BLOCK_M)
         sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
         pT = tl.math.exp2(sT - lse[None, :])
         if IS_CAUSAL:
             pT = tl.where((offs_n[:, None] <= rows[None, :] + diag) & mask_n[:, None], pT, 0.0)
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-        dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
+        dk, dv = _dkdv_accumulate(pT, q, v, do, delta, dk, dv, DOT_PREC)
     # blocks where every key of the block is visible (all of them when not causal)
     n_full = (seqlen_q - full_start + BLOCK_M - 1) // BLOCK_M
     for it in range(0, group * n_full):
-        g = it // n_full
-        start_m = full_start + (it - g * n_full) * BLOCK_M
-        hq = (hk * group + g).to(tl.int64)
-        rows = start_m + offs_m
-        mask_m = rows < seqlen_q
-        q_ptr = q_base + hq * stride_qh + start_m.to(tl.int64) * stride_qt
-        do_ptr = do_base + hq * stride_doh + start_m.to(tl.int64) * stride_dot
-        if EVEN_D:
-            q = tl.load(q_ptr + q_off, mask=mask_m[:, None], other=0.0)
-            do = tl.load(do_ptr + do_off, mask=mask_m[:, None], other=0.0)
-        else:
-            q = tl.load(q_ptr + q_off, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-            do = tl.load(do_ptr + do_off, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        lse = tl.load(lse_base + hq * stride_lh + rows, mask=mask_m, other=float("inf")) * 1.4426950408889634
-        delta = tl.load(delta_base + hq * stride_lh + rows, mask=mask_m, other=0.0)
+        rows, q, do, lse, delta = _dkdv_query_block(
+            it, n_full, full_start, hk, group, offs_m, seqlen_q, q_base, do_base, lse_base, delta_base, q_off,
+            do_off, mask_d, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh, not EVEN_D, BLOCK_M)
         sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
         pT = tl.math.exp2(sT - lse[None, :])
         pT = tl.where(mask_n[:, None], pT, 0.0)  # keys past the sequence end (their rows are not stored)
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-        dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
+        dk, dv = _dkdv_accumulate(pT, q, v, do, delta, dk, dv, DOT_PREC)
 
     dk = dk * sm_scale
     tl.store(DK + rows_k[:, None] * stride_dkt + hk.to(tl.int64) * stride_dkh + offs_d[None, :],
