@@ -616,9 +616,8 @@ _TUNE_KEY = ["group", "IS_CAUSAL", "BLOCK_D", "EVEN_D", "DOT_PREC"]
 
 @functools.lru_cache(maxsize=None)
 def _tuned(kind: str, arch: str, klass: str, block_d: int):
-    dtype = torch.float32 if klass == "fp32" else torch.float16
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-               for bm, bn, w, s in cuda_candidates(arch, kind, dtype, block_d)]
+               for bm, bn, w, s in _CANDIDATES[arch][klass][kind][block_d]]
     return autotuned(f"varlen_attention {kind} {arch} {klass} D={block_d}", _KERNELS[kind], configs, _TUNE_KEY)
 
 

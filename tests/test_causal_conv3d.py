@@ -323,42 +323,12 @@ def test_gpu_streaming_bf16_channels_last(pad_mode):
     assert_close(full, _oracle(x, m.conv.weight, m.conv.bias, pad_mode=pad_mode), torch.bfloat16)
 
 
-def test_cuda_launch_path_with_split_weight_gradient(monkeypatch, poison):
-    """The CUDA launchers (autotuner objects, META grids, per-variant config tables, the grad weight split
-    over M with fp32 atomics) run here in the interpreter with one-config tables and a fake SM count."""
+@pytest.fixture
+def fake_cuda_launchers(monkeypatch):
+    """The causal_conv3d module with its CUDA launchers switched on in the interpreter: one-config tables for a
+    pretend sm_90 with 132 SMs (no GPU timer is needed: one config is never timed)."""
     if torch.cuda.is_available():
         pytest.skip("exercised for real on CUDA")
-    import types
-
-    import fastsora.kernels.causal_conv3d as K
-
-    tile = (256, 32, 32, 4, 1)
-    table = {key: [tile] for key in K._TABLE}
-    monkeypatch.setattr(K, "KERNELS_INTERPRETED", False)
-    monkeypatch.setattr(K, "_CONFIGS", {"sm_90": table})
-    monkeypatch.setattr(K, "_arch", lambda device: "sm_90")
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(
-        multi_processor_count=132))
-    K._tuned.cache_clear()
-    try:
-        for ci, mode in ((10, "replicate"), (3, "constant")):  # per-tap and flattened kernels
-            x, wt, bs, _ = _inputs(1, ci, 6, 4, 24, 24, (3, 3, 3), torch.float32, "cpu", requires_grad=True)
-            with fastsora.use_backend("triton"):
-                y = causal_conv3d(x, wt, bs, pad_mode=mode)
-                got = grads(y, [x, wt, bs])
-            l64 = to_float64((x, wt, bs))
-            y64 = _oracle(*l64, pad_mode=mode)
-            assert_close([y, *got], [y64, *grads(y64, list(l64))], torch.float32)
-    finally:
-        K._tuned.cache_clear()
-
-
-def test_deterministic_algorithms_run_grad_weight_unsplit(monkeypatch):
-    """On CUDA grad weight is split over positions with fp32 atomics (not bit-reproducible); under
-    torch.use_deterministic_algorithms(True) it runs unsplit (one writer per element). Checked here through the
-    CUDA launcher with a fake SM count; the gradients match the reference either way."""
-    if torch.cuda.is_available():
-        pytest.skip("the split is exercised for real on CUDA")
     import types
 
     import fastsora.kernels.causal_conv3d as K
@@ -369,6 +339,29 @@ def test_deterministic_algorithms_run_grad_weight_unsplit(monkeypatch):
     monkeypatch.setattr(K, "_arch", lambda device: "sm_90")
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(
         multi_processor_count=132))
+    K._tuned.cache_clear()
+    yield K
+    K._tuned.cache_clear()
+
+
+def test_cuda_launch_path_with_split_weight_gradient(fake_cuda_launchers, poison):
+    """The CUDA launchers (autotuner objects, META grids, per-variant config tables, the grad weight split
+    over M with fp32 atomics) run here in the interpreter with one-config tables and a fake SM count."""
+    for ci, mode in ((10, "replicate"), (3, "constant")):  # per-tap and flattened kernels
+        x, wt, bs, _ = _inputs(1, ci, 6, 4, 24, 24, (3, 3, 3), torch.float32, "cpu", requires_grad=True)
+        with fastsora.use_backend("triton"):
+            y = causal_conv3d(x, wt, bs, pad_mode=mode)
+            got = grads(y, [x, wt, bs])
+        l64 = to_float64((x, wt, bs))
+        y64 = _oracle(*l64, pad_mode=mode)
+        assert_close([y, *got], [y64, *grads(y64, list(l64))], torch.float32)
+
+
+def test_deterministic_algorithms_run_grad_weight_unsplit(fake_cuda_launchers, monkeypatch):
+    """On CUDA grad weight is split over positions with fp32 atomics (not bit-reproducible); under
+    torch.use_deterministic_algorithms(True) it runs unsplit (one writer per element). Checked here through the
+    CUDA launcher with a fake SM count; the gradients match the reference either way."""
+    K = fake_cuda_launchers
     splits = []
     real_launch = K._launch
 
@@ -378,7 +371,6 @@ def test_deterministic_algorithms_run_grad_weight_unsplit(monkeypatch):
         return real_launch(kind, kernel, grid, *rest)
 
     monkeypatch.setattr(K, "_launch", spy)
-    K._tuned.cache_clear()
     was = torch.are_deterministic_algorithms_enabled()
     try:
         for deterministic in (False, True):
@@ -392,4 +384,3 @@ def test_deterministic_algorithms_run_grad_weight_unsplit(monkeypatch):
         assert splits[0] > 1 and splits[1] == 1, splits
     finally:
         torch.use_deterministic_algorithms(was)
-        K._tuned.cache_clear()
