@@ -90,6 +90,24 @@ def noncontiguous(t: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return view.requires_grad_(t.requires_grad)
 
 
+def spread_past_int32(t: torch.Tensor) -> torch.Tensor:
+    """The same values as a view whose slices along dim 0 lie about 2^30 elements apart inside one storage of
+    more than 2^31 elements, so the last slices sit past 2^31: an offset computed in int32 would wrap there.
+
+    The storage is left uninitialised except under the view (on CPU its untouched pages cost no memory). The
+    dim-0 stride stays below 2^31 and is a multiple of 8 elements, so no kernel launcher copies the view for
+    alignment; ``t`` needs at least 3 slices along dim 0."""
+    if t.shape[0] < 3:
+        raise ValueError(f"spread_past_int32: t needs at least 3 slices along dim 0; got shape {tuple(t.shape)}")
+    inner = t[0].numel()
+    gap = (2 ** 31 // (t.shape[0] - 1) + 8 + inner) // 8 * 8
+    storage = torch.empty(gap * (t.shape[0] - 1) + inner, dtype=t.dtype, device=t.device)
+    view = storage.as_strided(t.shape, (gap,) + tuple(t[0].contiguous().stride()))
+    view.copy_(t.detach())
+    assert view.storage_offset() + (t.shape[0] - 1) * gap >= 2 ** 31 and gap < 2 ** 31
+    return view.requires_grad_(t.requires_grad)
+
+
 def _flatten(tree: TensorTree) -> Iterable[torch.Tensor]:
     if tree is None:
         return []

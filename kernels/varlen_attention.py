@@ -646,9 +646,11 @@ def _consts(dtype: torch.dtype, head_dim: int, causal_mode: int) -> dict:
 def _aligned(t: torch.Tensor) -> torch.Tensor:
     """A (tokens, heads, D) tensor whose head dim has unit stride, whose data pointer is 16-byte aligned and
     whose token and head strides are multiples of 8 elements (the kernels take them in units of 8, see _rows8:
-    every row start is then provably aligned and loads vectorise). Views of packed projections pass through;
-    anything else is copied (into a buffer with D padded to a multiple of 8)."""
-    if t.stride(-1) == 1 and t.stride(0) % 8 == 0 and t.stride(1) % 8 == 0 and t.data_ptr() % 16 == 0:
+    every row start is then provably aligned and loads vectorise) and below 2^31 (_rows8 scales them in int32;
+    the offsets they multiply are int64). Views of packed projections pass through; anything else is copied
+    (into a buffer with D padded to a multiple of 8)."""
+    if t.stride(-1) == 1 and t.stride(0) % 8 == 0 and t.stride(1) % 8 == 0 and t.data_ptr() % 16 == 0 \
+            and max(t.stride(0), t.stride(1)) < 2 ** 31:
         return t
     d = t.shape[-1]
     d8 = (d + 7) // 8 * 8

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 import fastsora
 from fastsora.ops.causal_conv3d import causal_conv3d
 from fastsora.reference import causal_conv3d as ref
-from fastsora.testing import TOLERANCE, assert_close, channels_last, grads, noncontiguous, randn, to_float64
+from fastsora.testing import (TOLERANCE, assert_close, channels_last, grads, noncontiguous, randn,
+                              spread_past_int32, to_float64)
 
 
 def _inputs(b, ci, co, t, h, w, k, dtype, device, bias=True, residual=False, stride=1, requires_grad=False):
@@ -95,6 +96,25 @@ def test_gradients(k, stride, dilation, pad_mode, shape, dtype, device, poison):
     want = grads(y64, [x64, w64, b64])
     for name, g, r in zip(("x", "weight", "bias"), got, want):
         assert g.dtype == dtype
+        assert_close(g, r, dtype, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("pad_mode", ["constant", "replicate"])
+def test_offsets_past_2_31_elements(pad_mode, dtype, device, poison):
+    """x and the residual are views whose last batch lies past 2^31 elements of their storage (read in place,
+    no copy): forward and every gradient must match the oracle there. With int32 offsets the third batch's
+    loads wrap (wrong values, or a fault in the interpreter)."""
+    x, wt, bs, rs = _inputs(3, 3, 4, 3, 4, 5, (3, 3, 3), dtype, device, residual=True)
+    x, rs = spread_past_int32(x).requires_grad_(), spread_past_int32(rs).requires_grad_()
+    wt.requires_grad_()
+    bs.requires_grad_()
+    with fastsora.use_backend("triton"):
+        y = causal_conv3d(x, wt, bs, pad_mode=pad_mode, residual=rs)
+        got = grads(y, [x, wt, bs, rs])
+    x64, w64, b64, r64 = to_float64((x, wt, bs, rs))
+    y64 = _oracle(x64, w64, b64, r64, pad_mode=pad_mode)
+    assert_close(y, y64, dtype)
+    for name, g, r in zip(("x", "weight", "bias", "residual"), got, grads(y64, [x64, w64, b64, r64])):
         assert_close(g, r, dtype, name=f"grad {name}")
 
 

@@ -7,7 +7,7 @@ import fastsora.kernels.lfq as K
 from fastsora import BackendError, use_backend
 from fastsora.ops.lfq import lfq, lfq_code_sums, lfq_codebook_entropy, lfq_entropy_of_sums, lfq_quantize
 from fastsora.reference.lfq import brute_force_entropies
-from fastsora.testing import noncontiguous, relative_error
+from fastsora.testing import noncontiguous, relative_error, spread_past_int32
 
 TAU = 100.0
 
@@ -137,6 +137,25 @@ def test_noncontiguous_input(backend):
     assert torch.equal(a.out, b.out) and torch.equal(a.indices, b.indices)
     assert relative_error(b.codebook_entropy, a.codebook_entropy) <= 1e-6
     assert relative_error(gb, ga) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_offsets_past_2_31_elements(poison, dtype):
+    """x is a view whose later tokens lie past 2^31 elements of its storage: the Triton path reads it in place
+    and every output and gradient equals the torch path's on a compact copy (int32 offsets would wrap)."""
+    x, w = _inputs(19, 2, 7, 0.02, masked=True, seed=13, dtype=dtype)
+    xs = spread_past_int32(x.detach()).requires_grad_()
+    with use_backend("torch"):
+        a = lfq(x, 1.0, TAU, entropy_weight=w)
+        ga = torch.autograd.grad(a.out.float().sum() + a.codebook_entropy.sum() + a.commitment, x)[0]
+    with use_backend("triton"):
+        b = lfq(xs, 1.0, TAU, entropy_weight=w)
+        gb = torch.autograd.grad(b.out.float().sum() + b.codebook_entropy.sum() + b.commitment, xs)[0]
+    assert torch.equal(b.out, a.out) and torch.equal(b.indices, a.indices)
+    for u, v in zip((b.per_sample_entropy, b.codebook_entropy, b.commitment),
+                    (a.per_sample_entropy, a.codebook_entropy, a.commitment)):
+        assert relative_error(u, v) <= 1e-5
+    assert relative_error(gb, ga) <= (1e-5 if dtype == torch.float32 else 2e-3)
 
 
 def test_triton_path_uses_the_kernels(monkeypatch):

@@ -11,7 +11,7 @@ import fastsora.kernels.varlen_attention as kern
 from fastsora import use_backend
 from fastsora.ops.varlen_attention import _attention, varlen_attention
 from fastsora.reference.varlen_attention import varlen_attention as ref_attention
-from fastsora.testing import TOLERANCE, assert_close, grads, relative_error, to_float64
+from fastsora.testing import TOLERANCE, assert_close, grads, relative_error, spread_past_int32, to_float64
 
 ops_mod = importlib.import_module("fastsora.ops.varlen_attention")
 GRAD_TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -65,6 +65,9 @@ CASES = {
     "cross top-left mqa d24 scale": ([9, 34], [40, 5], 3, 1, 24, 2, 0, 0, 0.37),
     "noncausal cross d96": ([20, 3], [45, 1], 2, 2, 96, 0, 0, 4, 1.3),
     "self causal d20 (D not a multiple of 8: padded copy)": ([9, 20], None, 2, 2, 20, 1, 0, 0, None),
+    "cross causal-br gqa d128": ([33, 0, 5], [20, 3, 40], 2, 1, 128, 1, 0, 0, None),
+    "self causal d160 (padded to 256)": ([17, 2], None, 1, 1, 160, 1, 0, 0, None),
+    "noncausal cross d256": ([17, 2], [9, 30], 2, 2, 256, 0, 0, 0, None),
 }
 
 
@@ -344,3 +347,28 @@ def test_misaligned_views_are_copied_to_aligned_rows(device):
         fresh = view.clone()  # a new, aligned allocation
         ref = varlen_attention(fresh, fresh, fresh, cu, cu)
     assert torch.equal(out, ref)
+
+
+def test_offsets_past_2_31_elements(dtype, device, poison):
+    """q, k and v are views whose later tokens lie past 2^31 elements of their storages (read in place): the
+    forward, LSE and every gradient must match the reference. With int32 row offsets those loads wrap."""
+    lens_q, lens_k = [5, 0, 17, 3], [9, 4, 11, 1]
+    q, k, v, cu_q, cu_k = make(lens_q, lens_k, 2, 1, 40, dtype, device, seed=11)
+    q, k, v = (spread_past_int32(t) for t in (q, k, v))
+    assert kern._aligned(q).data_ptr() == q.data_ptr(), "the launcher must read the view in place"
+    check_against_reference(q, k, v, cu_q, cu_k, 1)
+
+
+def test_strides_of_2_31_elements_or_more_are_copied(device):
+    """_rows8 scales the token stride in int32: a stride of 2^31 elements or more is copied to a compact buffer
+    (and the result is unchanged)."""
+    h, d = 2, 16
+    storage = torch.empty(2 ** 31 + 8 + h * d, dtype=torch.float16, device=device)
+    view = storage.as_strided((2, h, d), (2 ** 31 + 8, d, 1))
+    view.copy_(torch.randn(2, h, d, dtype=torch.float16))
+    assert kern._aligned(view).stride(0) < 2 ** 31
+    cu = offsets([2], device)
+    with use_backend("triton"):
+        out = varlen_attention(view, view, view, cu, cu)
+        want = varlen_attention(view.clone(), view.clone(), view.clone(), cu, cu)
+    assert torch.equal(out, want)
