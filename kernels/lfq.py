@@ -4,13 +4,18 @@
   indices (MSB first), the per-bit probabilities σ(±z) (z = logit_scale·x) and per-program partial sums of
   the (weighted) per-sample entropy Σ_i h(σ(z_i)) and of the (weighted) squared commitment error.
 * ``_lfq_quantize_bwd_kernel``: the elementwise gradient of all of the above w.r.t. x.
-* ``_lfq_code_pair_kernel``: one (hi-code tile × lo-code tile) block of S = (w·P_hi)ᵀ P_lo, the hi/lo
-  probability tables built on the fly from the per-bit probabilities (never stored), with an epilogue that
-  either reduces the tile to its share of the entropy -Σ a·log a (a = S/N, MODE 0: the 2^D distribution is
-  never stored), writes dH/dS = -g·(log a + 1)/N (MODE 1, backward) or writes S itself (MODE 2).
-* ``_lfq_code_pair_bwd_kernel``: gradients of <S, G> w.r.t. the per-bit probabilities of one side of the
-  split (hi or lo, chosen by the launch arguments): dP_A = w·P_B·G_ABᵀ, then through the products to bits.
+* ``_lfq_code_table_kernel``: the per-token probability tables of one side of the hi/lo bit split,
+  P[t, j] = Π_i p_i(bit i of j) over that side's bits (the hi table weighted by w): O(T·2^(D/2)) floats,
+  the same memory as the torch path.
+* ``_lfq_code_pair_kernel``: one (hi-code tile × lo-code tile) block of S = Σ_t P_hi[t]ᵀ P_lo[t] over all
+  tokens, with an epilogue that either reduces the tile to its share of the entropy -Σ a·log a (a = S/N,
+  MODE 0: the 2^D distribution is never stored), writes dH/dS = -g·(log a + 1)/N (MODE 1, backward) or
+  writes S itself (MODE 2).
+* ``_lfq_code_pair_bwd_kernel``: the gradient of <S, G> w.r.t. one side's table, dP_A = (w·) P_B·G_ABᵀ.
+* ``_lfq_code_table_bwd_kernel``: from dP_A through the table's products to that side's per-bit
+  probabilities.
 
+The code GEMMs run on tensor cores as three tf32 products (``_dot_f32``, "3xtf32"), accurate to about fp32.
 Tiles over codes are at least 16 wide (``tl.dot`` needs M, N, K >= 16); codes beyond 2^bits are masked, so
 small codebooks (D = 1..8) use the same kernels.
 """
@@ -128,21 +133,70 @@ def _lfq_quantize_bwd_kernel(x_ptr, gout_ptr, gpos_ptr, gneg_ptr, ew_ptr, cw_ptr
 
 
 @triton.jit
-def _side_products(pos_ptr, neg_ptr, base, mask_t, codes, first_bit, n_bits, P):
-    """P[t, j] *= Π_k p_k(bit k of code j), bits first_bit.. first_bit+n_bits-1 (MSB first)."""
-    for i in range(0, n_bits):
-        p1 = tl.load(pos_ptr + base + first_bit + i, mask=mask_t, other=0.0)
-        p0 = tl.load(neg_ptr + base + first_bit + i, mask=mask_t, other=0.0)
-        bit = (codes >> (n_bits - 1 - i)) & 1
-        P = P * tl.where(bit[None, :] == 1, p1[:, None], p0[:, None])
-    return P
+def _tf32_round(x):
+    """x rounded to the nearest value with a 10-bit mantissa (exactly representable in tf32)."""
+    return ((x.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _lfq_code_pair_kernel(pos_ptr, neg_ptr, w_ptr, n_ptr, g_ptr, out_ptr, T, C, D, NH, NL,
-                          stride_oc, stride_oh, stride_ol,
+def _dot_f32(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a·b for fp32 tiles. PRECISION "3xtf32": three tensor-core tf32 products of the operands split as
+    x = big + small (both rounded to tf32 here, so the hardware's tf32 conversion is exact and the interpreter's
+    fp32 matmul reproduces the result): a·b ≈ a_big·b_big + a_big·b_small + a_small·b_big, relative error per
+    product about 2^-21. Anything else is passed to tl.dot as its input_precision ("ieee": exact fp32 FMAs)."""
+    if PRECISION == "3xtf32":
+        a_big = _tf32_round(a)
+        b_big = _tf32_round(b)
+        a_small = _tf32_round(a - a_big)
+        b_small = _tf32_round(b - b_big)
+        acc = tl.dot(a_small, b_big, acc, input_precision="tf32")
+        acc = tl.dot(a_big, b_small, acc, input_precision="tf32")
+        return tl.dot(a_big, b_big, acc, input_precision="tf32")
+    else:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _bit_factor(pos_ptr, neg_ptr, offs, mask, code_bit):
+    """The probability of each token's bit at ``offs`` taking the value ``code_bit`` (0 or 1, broadcast)."""
+    p1 = tl.load(pos_ptr + offs, mask=mask, other=0.0)
+    p0 = tl.load(neg_ptr + offs, mask=mask, other=0.0)
+    return tl.where(code_bit == 1, p1, p0)
+
+
+@triton.jit
+def _lfq_code_table_kernel(pos_ptr, neg_ptr, w_ptr, tab_ptr, T, C, D, OFF, NB, n_fix, stride_tc, stride_tt,
+                           weighted, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr):
+    """One [BLOCK_T tokens × BLOCK_J codes] block of codebook c's table over the NB bits OFF..OFF+NB-1:
+    tab[c, t, j] = (w_t if weighted) · Π_i p_{OFF+i}(bit i of j, MSB first). The block's codes share their
+    first n_fix = NB - log2(BLOCK_J) bits (at least 0): their factors are one per token, not per code."""
+    pid_t = tl.program_id(0).to(tl.int64)
+    pid_j = tl.program_id(1)
+    c = tl.program_id(2)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+    mask_t = offs_t < T
+    j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    valid_j = j < (1 << NB)
+    w = tl.load(w_ptr + offs_t, mask=mask_t, other=0.0).to(tl.float32)
+    row = tl.where(weighted != 0, w, tl.where(mask_t, 1.0, 0.0))
+    base = (offs_t * C + c) * D + OFF
+    j0 = pid_j * BLOCK_J
+    for i in range(0, n_fix):
+        row *= _bit_factor(pos_ptr, neg_ptr, base + i, mask_t, (j0 >> (NB - 1 - i)) & 1)
+    P = tl.where(valid_j[None, :], row[:, None], 0.0)
+    for i in range(n_fix, NB):
+        P = P * _bit_factor(pos_ptr, neg_ptr, base[:, None] + i, mask_t[:, None], ((j >> (NB - 1 - i)) & 1)[None, :])
+    offs = c.to(tl.int64) * stride_tc + offs_t[:, None] * stride_tt + j[None, :]
+    tl.store(tab_ptr + offs, P, mask=mask_t[:, None] & valid_j[None, :])
+
+
+@triton.jit
+def _lfq_code_pair_kernel(hi_ptr, lo_ptr, n_ptr, g_ptr, out_ptr, T, NH, NL, stride_hc, stride_ht, stride_lc,
+                          stride_lt, stride_oc, stride_oh, stride_ol,
                           MODE: tl.constexpr, BLOCK_T: tl.constexpr,
                           BLOCK_H: tl.constexpr, BLOCK_L: tl.constexpr, PRECISION: tl.constexpr):
+    """One (hi-code tile × lo-code tile) block of S = Σ_t hi[c, t, :]ᵀ lo[c, t, :] over all tokens (the tables
+    of _lfq_code_table_kernel, hi weighted), then the epilogue chosen by MODE."""
     c = tl.program_id(0)
     pid_h = tl.program_id(1)
     pid_l = tl.program_id(2)
@@ -150,17 +204,20 @@ def _lfq_code_pair_kernel(pos_ptr, neg_ptr, w_ptr, n_ptr, g_ptr, out_ptr, T, C, 
     jl = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     valid_h = jh < (1 << NH)
     valid_l = jl < (1 << NL)
+    # a scalar 64-bit pointer per table advances over the token blocks; offsets inside a block fit in int32
+    rows = tl.arange(0, BLOCK_T)
+    hi_block = hi_ptr + c.to(tl.int64) * stride_hc
+    lo_block = lo_ptr + c.to(tl.int64) * stride_lc
+    hi_offs = rows[:, None] * stride_ht + jh[None, :]
+    lo_offs = rows[:, None] * stride_lt + jl[None, :]
     acc = tl.full([BLOCK_H, BLOCK_L], 0.0, tl.float32)
     for t0 in range(0, T, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
-        mask_t = offs_t < T
-        base = (offs_t * C + c) * D
-        w = tl.load(w_ptr + offs_t, mask=mask_t, other=0.0).to(tl.float32)
-        p_hi = tl.where(valid_h[None, :], w[:, None], 0.0)
-        p_hi = _side_products(pos_ptr, neg_ptr, base, mask_t, jh, 0, NH, p_hi)
-        p_lo = tl.where(mask_t[:, None] & valid_l[None, :], 1.0, 0.0)
-        p_lo = _side_products(pos_ptr, neg_ptr, base, mask_t, jl, NH, NL, p_lo)
-        acc += tl.dot(tl.trans(p_hi), p_lo, input_precision=PRECISION)
+        mask_t = (t0 + rows) < T
+        p_hi = tl.load(hi_block + hi_offs, mask=mask_t[:, None] & valid_h[None, :], other=0.0)
+        p_lo = tl.load(lo_block + lo_offs, mask=mask_t[:, None] & valid_l[None, :], other=0.0)
+        acc = _dot_f32(tl.trans(p_hi), p_lo, acc, PRECISION)
+        hi_block += BLOCK_T * stride_ht
+        lo_block += BLOCK_T * stride_lt
     valid = valid_h[:, None] & valid_l[None, :]
     o_offs = c.to(tl.int64) * stride_oc + jh[:, None].to(tl.int64) * stride_oh + jl[None, :] * stride_ol
     if MODE == 2:
@@ -181,48 +238,92 @@ def _lfq_code_pair_kernel(pos_ptr, neg_ptr, w_ptr, n_ptr, g_ptr, out_ptr, T, C, 
 
 
 @triton.jit
-def _lfq_code_pair_bwd_kernel(pos_ptr, neg_ptr, w_ptr, g_ptr, dpos_ptr, dneg_ptr, T, C, D,
-                              OFF_A, NA, OFF_B, NB, stride_gc, stride_ga, stride_gb,
-                              BLOCK_T: tl.constexpr, BLOCK_A: tl.constexpr,
-                              BLOCK_B: tl.constexpr, BLOCK_BITS: tl.constexpr, PRECISION: tl.constexpr):
+def _lfq_code_pair_bwd_kernel(tabb_ptr, w_ptr, g_ptr, dtab_ptr, T, NA, NB, stride_bc, stride_bt, stride_gc,
+                              stride_ga, stride_gb, stride_dc, stride_dt, weighted,
+                              BLOCK_T: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                              PRECISION: tl.constexpr):
+    """One [BLOCK_T tokens × BLOCK_A codes] block of the gradient of <S, G> w.r.t. side A's table:
+    dtab[c, t, ja] = (w_t if weighted) · Σ_jb tab_B[c, t, jb] · G_AB[c, ja, jb]. tab_B is side B's table
+    (_lfq_code_table_kernel); G_AB is G or Gᵀ through the strides; ``weighted`` multiplies by w when tab_B does
+    not carry it (side A = hi)."""
+    pid_t = tl.program_id(0).to(tl.int64)
+    pid_a = tl.program_id(1)
+    c = tl.program_id(2)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+    mask_t = offs_t < T
+    ja = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    valid_a = ja < (1 << NA)
+    b_rows = tabb_ptr + c.to(tl.int64) * stride_bc + offs_t[:, None] * stride_bt
+    g_rows = g_ptr + c.to(tl.int64) * stride_gc + ja[:, None].to(tl.int64) * stride_ga
+    acc = tl.full([BLOCK_T, BLOCK_A], 0.0, tl.float32)
+    for b0 in range(0, 1 << NB, BLOCK_B):
+        jb = b0 + tl.arange(0, BLOCK_B)
+        valid_b = jb < (1 << NB)
+        p_b = tl.load(b_rows + jb[None, :], mask=mask_t[:, None] & valid_b[None, :], other=0.0)
+        g = tl.load(g_rows + jb[None, :].to(tl.int64) * stride_gb, mask=valid_a[:, None] & valid_b[None, :],
+                    other=0.0).to(tl.float32)
+        acc = _dot_f32(p_b, tl.trans(g), acc, PRECISION)
+    w = tl.load(w_ptr + offs_t, mask=mask_t, other=0.0).to(tl.float32)
+    acc = acc * tl.where(weighted != 0, w, 1.0)[:, None]
+    offs = c.to(tl.int64) * stride_dc + offs_t[:, None] * stride_dt + ja[None, :]
+    tl.store(dtab_ptr + offs, acc, mask=mask_t[:, None] & valid_a[None, :])
+
+
+@triton.jit
+def _lfq_code_table_bwd_kernel(dtab_ptr, pos_ptr, neg_ptr, dpos_ptr, dneg_ptr, T, C, D, OFF_A, NA, n_fix,
+                               stride_dc, stride_dt, BLOCK_T: tl.constexpr, BLOCK_A: tl.constexpr,
+                               BLOCK_BITS: tl.constexpr):
+    """Gradients w.r.t. the per-bit probabilities of bits OFF_A..OFF_A+NA-1 for one token block, from the
+    gradient dtab (C, T, 2^NA) of their unweighted table P_A[t, j] = Π_i p_i(bit i of j): dp_k(b)[t] =
+    Σ_{j: bit k of j = b} dtab[t, j] · Π_{i≠k} p_i(bit i of j). The codes of one BLOCK_A tile share their first
+    n_fix = NA - log2(BLOCK_A) bits (at least 0): only the other bits need per-code products, a shared bit
+    gets one row sum."""
     pid_t = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
     mask_t = offs_t < T
-    base = (offs_t * C + c) * D
-    w = tl.load(w_ptr + offs_t, mask=mask_t, other=0.0).to(tl.float32)
+    base = (offs_t * C + c) * D + OFF_A
     cols = tl.arange(0, BLOCK_BITS)
     acc_pos = tl.full([BLOCK_T, BLOCK_BITS], 0.0, tl.float32)
     acc_neg = tl.full([BLOCK_T, BLOCK_BITS], 0.0, tl.float32)
-    g_base = g_ptr + c.to(tl.int64) * stride_gc
+    d_rows = dtab_ptr + c.to(tl.int64) * stride_dc + offs_t[:, None] * stride_dt
     for a0 in range(0, 1 << NA, BLOCK_A):
         ja = a0 + tl.arange(0, BLOCK_A)
-        valid_a = ja < (1 << NA)
-        d_pa = tl.full([BLOCK_T, BLOCK_A], 0.0, tl.float32)
-        for b0 in range(0, 1 << NB, BLOCK_B):
-            jb = b0 + tl.arange(0, BLOCK_B)
-            valid_b = jb < (1 << NB)
-            p_b = tl.where(mask_t[:, None] & valid_b[None, :], 1.0, 0.0)
-            p_b = _side_products(pos_ptr, neg_ptr, base, mask_t, jb, OFF_B, NB, p_b)
-            g = tl.load(g_base + ja[:, None].to(tl.int64) * stride_ga + jb[None, :].to(tl.int64) * stride_gb,
-                        mask=valid_a[:, None] & valid_b[None, :], other=0.0).to(tl.float32)
-            d_pa += tl.dot(p_b, tl.trans(g), input_precision=PRECISION)
-        d_pa = d_pa * w[:, None]
-        d_pa = tl.where(valid_a[None, :], d_pa, 0.0)
-        for i in range(0, NA):
-            excl = d_pa
-            for k in range(0, NA):
-                p1 = tl.load(pos_ptr + base + OFF_A + k, mask=mask_t, other=0.0)
-                p0 = tl.load(neg_ptr + base + OFF_A + k, mask=mask_t, other=0.0)
-                bit_k = (ja >> (NA - 1 - k)) & 1
-                f = tl.where(bit_k[None, :] == 1, p1[:, None], p0[:, None])
-                excl = excl * tl.where(k == i, 1.0, f)
-            bit_i = ((ja >> (NA - 1 - i)) & 1)[None, :]
-            s_pos = _sum(tl.where(bit_i == 1, excl, 0.0), axis=1)
-            s_neg = _sum(tl.where(bit_i == 0, excl, 0.0), axis=1)
-            acc_pos += tl.where(cols[None, :] == i, s_pos[:, None], 0.0)
-            acc_neg += tl.where(cols[None, :] == i, s_neg[:, None], 0.0)
-    offs = base[:, None] + OFF_A + cols[None, :]
+        valid = mask_t[:, None] & (ja < (1 << NA))[None, :]
+        d_pa = tl.load(d_rows + ja[None, :], mask=valid, other=0.0)
+        fix_prod = tl.where(mask_t, 1.0, 0.0)
+        for i in range(0, n_fix):
+            fix_prod *= _bit_factor(pos_ptr, neg_ptr, base + i, mask_t, (a0 >> (NA - 1 - i)) & 1)
+        var_prod = tl.where(valid, 1.0, 0.0)
+        for i in range(n_fix, NA):
+            var_prod = var_prod * _bit_factor(pos_ptr, neg_ptr, base[:, None] + i, mask_t[:, None],
+                                              ((ja >> (NA - 1 - i)) & 1)[None, :])
+        # a shared bit k (value bit_k in every code of the tile): the row sum times the other shared bits' factors
+        row = _sum(d_pa * var_prod, axis=1)
+        for k in range(0, n_fix):
+            e = row
+            for i in range(0, n_fix):
+                f = _bit_factor(pos_ptr, neg_ptr, base + i, mask_t, (a0 >> (NA - 1 - i)) & 1)
+                e = e * tl.where(i == k, 1.0, f)
+            hit = cols[None, :] == k
+            bit_k = (a0 >> (NA - 1 - k)) & 1
+            acc_pos += tl.where(hit & (bit_k == 1), e[:, None], 0.0)
+            acc_neg += tl.where(hit & (bit_k == 0), e[:, None], 0.0)
+        # a varying bit k: dtab times the shared bits' factors and the varying bits' before k (carried in
+        # `pre`) and after k
+        pre = d_pa * fix_prod[:, None]
+        for k in range(n_fix, NA):
+            excl = pre
+            for i in range(k + 1, NA):
+                excl = excl * _bit_factor(pos_ptr, neg_ptr, base[:, None] + i, mask_t[:, None],
+                                          ((ja >> (NA - 1 - i)) & 1)[None, :])
+            bit_k = ((ja >> (NA - 1 - k)) & 1)[None, :]
+            pre = pre * _bit_factor(pos_ptr, neg_ptr, base[:, None] + k, mask_t[:, None], bit_k)
+            s_pos = _sum(tl.where(bit_k == 1, excl, 0.0), axis=1)
+            s_neg = _sum(tl.where(bit_k == 0, excl, 0.0), axis=1)
+            acc_pos += tl.where(cols[None, :] == k, s_pos[:, None], 0.0)
+            acc_neg += tl.where(cols[None, :] == k, s_neg[:, None], 0.0)
+    offs = base[:, None] + cols[None, :]
     m2 = mask_t[:, None] & (cols[None, :] < NA)
     tl.store(dpos_ptr + offs, acc_pos, mask=m2)
     tl.store(dneg_ptr + offs, acc_neg, mask=m2)
@@ -231,30 +332,39 @@ def _lfq_code_pair_bwd_kernel(pos_ptr, neg_ptr, w_ptr, g_ptr, dpos_ptr, dneg_ptr
 # ---------------------------------------------------------------------------------------------- configs
 #: Largest codebook dim the kernels take (indices are int64; each side of the split has <= 16 bits).
 MAX_BITS = 32
-#: Exact fp32 products in the code GEMMs: the entropies are compared with float64 to 1e-5.
-PRECISION = "ieee"
+#: Products in the code GEMMs (see _dot_f32): "3xtf32" runs them on tensor cores at about fp32 accuracy (the
+#: entropies and gradients stay within 1e-5 of float64, tested); "ieee" is exact fp32 on the FMA units.
+PRECISION = "3xtf32"
 _CUDA_QUANT = dict(ELEMENTS=512, num_warps=4, num_stages=1)   # BLOCK_T = ELEMENTS // BLOCK_D
 #: Launch settings on CUDA. Each compiles with no spill and no stack frame for every code tile it is used with,
 #: on sm_80 and sm_90, under triton 3.4, 3.6 and 3.9 (ptxas leaves small stack frames in some combinations
 #: even far below the register limit, and which ones differs between releases, hence the per-tile table).
+_CUDA_TABLE = dict(BLOCK_T=32, num_warps=4, num_stages=1)
 _CUDA_PAIR = dict(BLOCK_T=32, num_warps=4, num_stages=2)
-_CUDA_PAIR_BWD = dict(BLOCK_T=32, num_warps=4, num_stages=2)
-#: (BLOCK_A, BLOCK_B, BLOCK_BITS) -> settings of the pair backward where the default above spills
-_CUDA_PAIR_BWD_BY_TILE = {(16, 16, 2): dict(BLOCK_T=16, num_warps=4, num_stages=2),
-                          (16, 16, 4): dict(BLOCK_T=16, num_warps=4, num_stages=2),
-                          (32, 32, 8): dict(BLOCK_T=64, num_warps=4, num_stages=2),
-                          (64, 32, 8): dict(BLOCK_T=64, num_warps=8, num_stages=2),
-                          (64, 32, 16): dict(BLOCK_T=64, num_warps=8, num_stages=2)}
+_CUDA_PAIR_BWD = dict(BLOCK_T=64, num_warps=4, num_stages=2)
+_CUDA_TABLE_BWD = dict(BLOCK_T=64, num_warps=8, num_stages=1)
+#: Narrower code tiles where register pressure demands it (no spills on sm_80/sm_90): the contracted side of
+#: the pair backward, and the table backward (its per-code products grow with the tile's varying bits).
+_PAIR_BWD_B_WIDEST = 32
+_TABLE_BWD_WIDEST = 32
+#: (BLOCK_A, BLOCK_B) -> settings of the pair backward where the default above spills
+_CUDA_PAIR_BWD_BY_TILE = {(64, 32): dict(BLOCK_T=64, num_warps=8, num_stages=2)}
 #: (MODE, BLOCK_H, BLOCK_L) -> settings of the pair forward where the default above spills
-_CUDA_PAIR_BY_TILE = {(2, 32, 32): dict(BLOCK_T=64, num_warps=4, num_stages=2)}
+_CUDA_PAIR_BY_TILE = {(mode, 64, 64): dict(BLOCK_T=32, num_warps=8, num_stages=2) for mode in (0, 1, 2)}
 
 
 def _pair_settings(mode: int, block_h: int, block_l: int) -> dict:
     return _CUDA_PAIR_BY_TILE.get((mode, block_h, block_l), _CUDA_PAIR)
 
 
-def _pair_bwd_settings(block_a: int, block_b: int, bits: int) -> dict:
-    return _CUDA_PAIR_BWD_BY_TILE.get((block_a, block_b, bits), _CUDA_PAIR_BWD)
+def _pair_bwd_settings(block_a: int, block_b: int) -> dict:
+    return _CUDA_PAIR_BWD_BY_TILE.get((block_a, block_b), _CUDA_PAIR_BWD)
+
+
+
+def _table_block_j(bits: int) -> int:
+    """Codes per program of the table kernel: the whole row up to 64 codes (at least 16, masked)."""
+    return max(16, min(64, 1 << bits))
 
 
 def _block_d(d: int) -> int:
@@ -273,10 +383,6 @@ def _block_bits(n: int) -> int:
 def _code_block(bits: int, widest: int = 64) -> int:
     """Code-tile width: at least 16 (tl.dot needs 16), at most ``widest``; codes beyond 2^bits are masked."""
     return max(16, min(widest, 1 << bits))
-
-
-#: The backward's contracted side uses narrower tiles (register pressure: no spills on sm_80/sm_90).
-_BWD_B_WIDEST = 32
 
 
 def _block_t(n: int, cuda_value: int, interp_max: int) -> int:
@@ -322,20 +428,33 @@ def _pair_blocks():
 
 
 def _pair_bwd_blocks():
-    """Every (BLOCK_A, BLOCK_B, BLOCK_BITS) the launcher picks for both sides, D = 1..MAX_BITS."""
-    found = set()
+    """Every (BLOCK_A, BLOCK_B) of the pair backward and (BLOCK_A, BLOCK_BITS) of the table backward the
+    launcher picks for both sides, D = 1..MAX_BITS."""
+    pair, table = set(), set()
     for d in range(1, MAX_BITS + 1):
         nh, nl = d // 2, d - d // 2
         for na, nb in ((nh, nl), (nl, nh)):
             if na:
-                found.add((_code_block(na), _code_block(nb, _BWD_B_WIDEST), _block_bits(na)))
-    return sorted(found)
+                pair.add((_code_block(na), _code_block(nb, _PAIR_BWD_B_WIDEST)))
+                table.add((_code_block(na, _TABLE_BWD_WIDEST), _block_bits(na)))
+    return sorted(pair), sorted(table)
+
+
+def _table_configs():
+    names = ["pos_ptr", "neg_ptr", "w_ptr", "tab_ptr", "T", "C", "D", "OFF", "NB", "n_fix", "stride_tc",
+             "stride_tt", "weighted", "BLOCK_T", "BLOCK_J"]
+    types = ["*fp32"] * 4 + ["i32"] * 6 + ["i64", "i32", "i32"] + ["constexpr"] * 2
+    return [KernelConfig(f"code table BLOCK_J={bj}", _sig(names, types),
+                         dict(BLOCK_T=_CUDA_TABLE["BLOCK_T"], BLOCK_J=bj), num_warps=_CUDA_TABLE["num_warps"],
+                         num_stages=_CUDA_TABLE["num_stages"])
+            for bj in sorted({_table_block_j(b) for b in range(0, MAX_BITS // 2 + 1)})]
 
 
 def _pair_configs():
-    names = ["pos_ptr", "neg_ptr", "w_ptr", "n_ptr", "g_ptr", "out_ptr", "T", "C", "D", "NH", "NL",
-             "stride_oc", "stride_oh", "stride_ol", "MODE", "BLOCK_T", "BLOCK_H", "BLOCK_L", "PRECISION"]
-    types = ["*fp32"] * 6 + ["i32"] * 5 + ["i64"] * 3 + ["constexpr"] * 5
+    names = ["hi_ptr", "lo_ptr", "n_ptr", "g_ptr", "out_ptr", "T", "NH", "NL", "stride_hc", "stride_ht",
+             "stride_lc", "stride_lt", "stride_oc", "stride_oh", "stride_ol", "MODE", "BLOCK_T", "BLOCK_H",
+             "BLOCK_L", "PRECISION"]
+    types = ["*fp32"] * 5 + ["i32"] * 3 + ["i64", "i32", "i64", "i32"] + ["i64"] * 3 + ["constexpr"] * 5
     configs = []
     for mode in (0, 1, 2):
         for bh, bl in _pair_blocks():
@@ -348,24 +467,39 @@ def _pair_configs():
 
 
 def _pair_bwd_configs():
-    names = ["pos_ptr", "neg_ptr", "w_ptr", "g_ptr", "dpos_ptr", "dneg_ptr", "T", "C", "D", "OFF_A", "NA", "OFF_B",
-             "NB", "stride_gc", "stride_ga", "stride_gb", "BLOCK_T", "BLOCK_A", "BLOCK_B", "BLOCK_BITS",
+    names = ["tabb_ptr", "w_ptr", "g_ptr", "dtab_ptr", "T", "NA", "NB", "stride_bc", "stride_bt", "stride_gc",
+             "stride_ga", "stride_gb", "stride_dc", "stride_dt", "weighted", "BLOCK_T", "BLOCK_A", "BLOCK_B",
              "PRECISION"]
-    types = ["*fp32"] * 6 + ["i32"] * 7 + ["i64"] * 3 + ["constexpr"] * 5
+    types = ["*fp32"] * 4 + ["i32"] * 3 + ["i64", "i32"] + ["i64"] * 3 + ["i64", "i32", "i32"] + ["constexpr"] * 4
     configs = []
-    for ba, bb, bits in _pair_bwd_blocks():
-        cfg = _pair_bwd_settings(ba, bb, bits)
-        configs.append(KernelConfig(f"code pair bwd BLOCK_A={ba} BLOCK_B={bb} BITS={bits} T={cfg['BLOCK_T']}",
+    for ba, bb in _pair_bwd_blocks()[0]:
+        cfg = _pair_bwd_settings(ba, bb)
+        configs.append(KernelConfig(f"code pair bwd BLOCK_A={ba} BLOCK_B={bb} T={cfg['BLOCK_T']}",
                                     _sig(names, types), dict(BLOCK_T=cfg["BLOCK_T"], BLOCK_A=ba, BLOCK_B=bb,
-                                                             BLOCK_BITS=bits, PRECISION=PRECISION),
+                                                             PRECISION=PRECISION),
+                                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+    return configs
+
+
+def _table_bwd_configs():
+    names = ["dtab_ptr", "pos_ptr", "neg_ptr", "dpos_ptr", "dneg_ptr", "T", "C", "D", "OFF_A", "NA", "n_fix",
+             "stride_dc", "stride_dt", "BLOCK_T", "BLOCK_A", "BLOCK_BITS"]
+    types = ["*fp32"] * 5 + ["i32"] * 6 + ["i64", "i32"] + ["constexpr"] * 3
+    configs = []
+    for ba, bits in _pair_bwd_blocks()[1]:
+        cfg = _CUDA_TABLE_BWD
+        configs.append(KernelConfig(f"code table bwd BLOCK_A={ba} BITS={bits} T={cfg['BLOCK_T']}",
+                                    _sig(names, types), dict(BLOCK_T=cfg["BLOCK_T"], BLOCK_A=ba, BLOCK_BITS=bits),
                                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
     return configs
 
 
 register_kernel("lfq", _lfq_quantize_fwd_kernel, _quantize_fwd_configs())
 register_kernel("lfq", _lfq_quantize_bwd_kernel, _quantize_bwd_configs())
+register_kernel("lfq", _lfq_code_table_kernel, _table_configs())
 register_kernel("lfq", _lfq_code_pair_kernel, _pair_configs())
 register_kernel("lfq", _lfq_code_pair_bwd_kernel, _pair_bwd_configs())
+register_kernel("lfq", _lfq_code_table_bwd_kernel, _table_bwd_configs())
 
 
 # --------------------------------------------------------------------------------------------- launchers
@@ -437,12 +571,36 @@ def quantize_bwd(x: torch.Tensor, grad_out: Optional[torch.Tensor], grad_pos: Op
     return dx
 
 
+def code_tables(pos: torch.Tensor, neg: torch.Tensor, weight: Optional[torch.Tensor]
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The per-token code probability tables of both halves of the split, (C, T, 2^hi) weighted by w and
+    (C, T, 2^lo) unweighted, fp32: O(T·2^(D/2)) memory, as the torch path's. ``pos``/``neg`` (T, C, D) fp32
+    contiguous; ``weight`` (T,) or None."""
+    t, c, d = pos.shape
+    w = _weights(weight, t, pos.device)
+    tables = []
+    for off, bits, weighted in ((0, d // 2, 1), (d // 2, d - d // 2, 0)):
+        tab = new_output((c, t, 1 << bits), torch.float32, pos.device)
+        if tab.numel():
+            block_t = _block_t(t, _CUDA_TABLE["BLOCK_T"], 256)
+            block_j = _table_block_j(bits)
+            _lfq_code_table_kernel[(triton.cdiv(t, block_t), triton.cdiv(1 << bits, block_j), c)](
+                pos, neg, w, tab, t, c, d, off, bits, max(bits - block_j.bit_length() + 1, 0), tab.stride(0),
+                tab.stride(1), weighted,
+                BLOCK_T=block_t, BLOCK_J=block_j, num_warps=_CUDA_TABLE["num_warps"],
+                num_stages=_CUDA_TABLE["num_stages"])
+        tables.append(tab)
+    return tables[0], tables[1]
+
+
 def code_pair(pos: torch.Tensor, neg: torch.Tensor, weight: Optional[torch.Tensor], count: torch.Tensor,
-              mode: int, grad: Optional[torch.Tensor] = None) -> torch.Tensor:
+              mode: int, grad: Optional[torch.Tensor] = None,
+              tables: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """The hi/lo code GEMM S = (w·P_hi)ᵀ P_lo per codebook, with an epilogue chosen by ``mode``:
     0: per-tile entropy partials (C, tiles_h, tiles_l) of a = S/count (S never stored);
     1: dH/dS = -grad[c]·(log a + 1)/count, (C, 2^hi, 2^lo); 2: S itself, (C, 2^hi, 2^lo).
-    ``pos``/``neg`` (T, C, D) fp32 contiguous; ``count`` 0-d; ``grad`` (C,) for mode 1."""
+    ``pos``/``neg`` (T, C, D) fp32 contiguous; ``count`` 0-d; ``grad`` (C,) for mode 1; ``tables`` the
+    result of :func:`code_tables` for these arguments (built here when None)."""
     t, c, d = pos.shape
     nh, nl = d // 2, d - d // 2
     bh, bl = _code_block(nh), _code_block(nl)
@@ -451,20 +609,23 @@ def code_pair(pos: torch.Tensor, neg: torch.Tensor, weight: Optional[torch.Tenso
     out = new_output(shape, torch.float32, pos.device)
     if c == 0:
         return out
+    hi, lo = tables if tables is not None else code_tables(pos, neg, weight)
     n = count.to(torch.float32).reshape(1).contiguous()
     g = grad.to(torch.float32).contiguous() if grad is not None else n
     so = (0, 0, 0) if mode == 0 else out.stride()
     cfg = _pair_settings(mode, bh, bl)
     _lfq_code_pair_kernel[grid](
-        pos, neg, _weights(weight, t, pos.device), n, g, out, t, c, d, nh, nl, so[0], so[1], so[2],
+        hi, lo, n, g, out, t, nh, nl, hi.stride(0), hi.stride(1), lo.stride(0), lo.stride(1), so[0], so[1], so[2],
         MODE=mode, BLOCK_T=_block_t(t, cfg["BLOCK_T"], 512), BLOCK_H=bh, BLOCK_L=bl, PRECISION=PRECISION,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
 
-def code_pair_bwd(pos: torch.Tensor, neg: torch.Tensor, weight: Optional[torch.Tensor], grad_sums: torch.Tensor
-                  ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Gradients (T, C, D) fp32 w.r.t. pos/neg of <S, grad_sums>, grad_sums (C, 2^hi, 2^lo) any strides."""
+def code_pair_bwd(pos: torch.Tensor, neg: torch.Tensor, weight: Optional[torch.Tensor], grad_sums: torch.Tensor,
+                  tables: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gradients (T, C, D) fp32 w.r.t. pos/neg of <S, grad_sums>, grad_sums (C, 2^hi, 2^lo) any strides;
+    ``tables`` as in :func:`code_pair`. Per side of the split: the gradient of its table (a GEMM with the other
+    side's table), then through the table's products to its bits."""
     t, c, d = pos.shape
     nh, nl = d // 2, d - d // 2
     dev = pos.device
@@ -472,18 +633,28 @@ def code_pair_bwd(pos: torch.Tensor, neg: torch.Tensor, weight: Optional[torch.T
     dneg = new_output((t, c, d), torch.float32, dev)
     if t * c * d == 0:
         return dpos, dneg
+    hi, lo = tables if tables is not None else code_tables(pos, neg, weight)
     w = _weights(weight, t, dev)
     g = grad_sums.to(torch.float32)
-    # side A receives its bits' gradients, side B is contracted; G_AB is G or Gᵀ through the strides
-    for off_a, na, off_b, nb, sa, sb in ((0, nh, nh, nl, g.stride(1), g.stride(2)),
-                                         (nh, nl, 0, nh, g.stride(2), g.stride(1))):
+    # side A receives its bits' gradients, side B (its table) is contracted; G_AB is G or Gᵀ through the
+    # strides. The hi table carries w, so only side A = hi multiplies by it.
+    for off_a, na, tab_b, nb, sa, sb, weighted in ((0, nh, lo, nl, g.stride(1), g.stride(2), 1),
+                                                   (nh, nl, hi, nh, g.stride(2), g.stride(1), 0)):
         if na == 0:
             continue
-        block_a, block_b, bits = _code_block(na), _code_block(nb, _BWD_B_WIDEST), _block_bits(na)
-        cfg = _pair_bwd_settings(block_a, block_b, bits)
+        dtab = new_output((c, t, 1 << na), torch.float32, dev)
+        block_a, block_b = _code_block(na), _code_block(nb, _PAIR_BWD_B_WIDEST)
+        cfg = _pair_bwd_settings(block_a, block_b)
         block_t = _block_t(t, cfg["BLOCK_T"], 512)
-        _lfq_code_pair_bwd_kernel[(triton.cdiv(t, block_t), c)](
-            pos, neg, w, g, dpos, dneg, t, c, d, off_a, na, off_b, nb, g.stride(0), sa, sb,
-            BLOCK_T=block_t, BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_BITS=bits, PRECISION=PRECISION,
+        _lfq_code_pair_bwd_kernel[(triton.cdiv(t, block_t), triton.cdiv(1 << na, block_a), c)](
+            tab_b, w, g, dtab, t, na, nb, tab_b.stride(0), tab_b.stride(1), g.stride(0), sa, sb,
+            dtab.stride(0), dtab.stride(1), weighted, BLOCK_T=block_t, BLOCK_A=block_a, BLOCK_B=block_b,
+            PRECISION=PRECISION, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        block_a, bits = _code_block(na, _TABLE_BWD_WIDEST), _block_bits(na)
+        cfg = _CUDA_TABLE_BWD
+        block_t = _block_t(t, cfg["BLOCK_T"], 512)
+        _lfq_code_table_bwd_kernel[(triton.cdiv(t, block_t), c)](
+            dtab, pos, neg, dpos, dneg, t, c, d, off_a, na, max(na - block_a.bit_length() + 1, 0),
+            dtab.stride(0), dtab.stride(1), BLOCK_T=block_t, BLOCK_A=block_a, BLOCK_BITS=bits,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return dpos, dneg

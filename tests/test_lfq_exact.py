@@ -81,7 +81,8 @@ def test_code_sums_and_clamped_entropy(backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("t,c,d,masked", [(37, 2, 5, True), (20, 1, 14, False), (50, 3, 1, True), (16, 1, 8, False)])
+@pytest.mark.parametrize("t,c,d,masked", [(37, 2, 5, True), (20, 1, 14, False), (50, 3, 1, True), (16, 1, 8, False),
+                                           (9, 2, 18, True)])
 def test_triton_matches_torch_path(poison, dtype, t, c, d, masked):
     """Every output and gradient of the Triton path (NaN-poisoned outputs) equals the torch path's."""
     x, w = _inputs(t, c, d, 0.02, masked, seed=t + d, dtype=dtype)

@@ -238,8 +238,9 @@ def _entropy_bwd_op(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional
             return _ref.codebook_entropy_backward(prob_pos, prob_neg, entropy_weight, grad)
     k = _kernels()
     pos, neg = prob_pos.contiguous(), prob_neg.contiguous()
-    g_sums = k.code_pair(pos, neg, entropy_weight, _count(entropy_weight, t, pos), 1, grad)
-    return k.code_pair_bwd(pos, neg, entropy_weight, g_sums)
+    tables = k.code_tables(pos, neg, entropy_weight)
+    g_sums = k.code_pair(pos, neg, entropy_weight, _count(entropy_weight, t, pos), 1, grad, tables)
+    return k.code_pair_bwd(pos, neg, entropy_weight, g_sums, tables)
 
 
 @_entropy_bwd_op.register_fake
