@@ -270,14 +270,25 @@ def _lfq_code_pair_bwd_kernel(tabb_ptr, w_ptr, g_ptr, dtab_ptr, T, NA, NB, strid
 
 
 @triton.jit
+def _tile_bit_factors(pos_ptr, neg_ptr, base, mask_t, i):
+    """(p_i(0), p_i(1)) per token for bit i of side A; i < 0 is a virtual bit above the side's bits (tiles wider
+    than the side's codebook): factors (1, 0), so only codes with that bit 0 - the real ones - contribute."""
+    real = (tl.zeros_like(base) + i) >= 0
+    f1 = tl.load(pos_ptr + base + i, mask=mask_t & real, other=0.0)
+    f0 = tl.load(neg_ptr + base + i, mask=mask_t & real, other=0.0)
+    return tl.where(real, f0, 1.0), f1
+
+
+@triton.jit
 def _lfq_code_table_bwd_kernel(dtab_ptr, pos_ptr, neg_ptr, dpos_ptr, dneg_ptr, T, C, D, OFF_A, NA, n_fix,
-                               stride_dc, stride_dt, BLOCK_T: tl.constexpr, BLOCK_A: tl.constexpr,
+                               stride_dc, stride_dt, BLOCK_T: tl.constexpr, LOG_A: tl.constexpr,
                                BLOCK_BITS: tl.constexpr):
     """Gradients w.r.t. the per-bit probabilities of bits OFF_A..OFF_A+NA-1 for one token block, from the
     gradient dtab (C, T, 2^NA) of their unweighted table P_A[t, j] = Π_i p_i(bit i of j): dp_k(b)[t] =
-    Σ_{j: bit k of j = b} dtab[t, j] · Π_{i≠k} p_i(bit i of j). The codes of one BLOCK_A tile share their first
-    n_fix = NA - log2(BLOCK_A) bits (at least 0): only the other bits need per-code products, a shared bit
-    gets one row sum."""
+    Σ_{j: bit k of j = b} dtab[t, j] · Π_{i≠k} p_i(bit i of j). Codes go in tiles of 2^LOG_A that share their
+    first n_fix = NA - LOG_A bits (at least 0). Within a tile, bit k's sum contracts the bits after k one at a
+    time (halving the tile each step) and meets the table of the bits before k: O(2^LOG_A) work per bit. The
+    shared bits get one row sum per tile."""
     pid_t = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
@@ -287,19 +298,30 @@ def _lfq_code_table_bwd_kernel(dtab_ptr, pos_ptr, neg_ptr, dpos_ptr, dneg_ptr, T
     acc_pos = tl.full([BLOCK_T, BLOCK_BITS], 0.0, tl.float32)
     acc_neg = tl.full([BLOCK_T, BLOCK_BITS], 0.0, tl.float32)
     d_rows = dtab_ptr + c.to(tl.int64) * stride_dc + offs_t[:, None] * stride_dt
-    for a0 in range(0, 1 << NA, BLOCK_A):
-        ja = a0 + tl.arange(0, BLOCK_A)
-        valid = mask_t[:, None] & (ja < (1 << NA))[None, :]
-        d_pa = tl.load(d_rows + ja[None, :], mask=valid, other=0.0)
+    first = NA - LOG_A   # side A's bit at tile position 0 (negative: virtual bits, see _tile_bit_factors)
+    for a0 in range(0, 1 << NA, 1 << LOG_A):
+        ja = a0 + tl.arange(0, 1 << LOG_A)
+        d_pa = tl.load(d_rows + ja[None, :], mask=mask_t[:, None] & (ja < (1 << NA))[None, :], other=0.0)
         fix_prod = tl.where(mask_t, 1.0, 0.0)
         for i in range(0, n_fix):
             fix_prod *= _bit_factor(pos_ptr, neg_ptr, base + i, mask_t, (a0 >> (NA - 1 - i)) & 1)
-        var_prod = tl.where(valid, 1.0, 0.0)
-        for i in range(n_fix, NA):
-            var_prod = var_prod * _bit_factor(pos_ptr, neg_ptr, base[:, None] + i, mask_t[:, None],
-                                              ((ja >> (NA - 1 - i)) & 1)[None, :])
-        # a shared bit k (value bit_k in every code of the tile): the row sum times the other shared bits' factors
-        row = _sum(d_pa * var_prod, axis=1)
+        # tile positions from the last: R is d_pa contracted over the positions after p, P the table of the
+        # positions before p; their split halves give bit (first + p)'s two sums
+        R = d_pa
+        for p in tl.static_range(LOG_A - 1, -1, -1):
+            r0, r1 = tl.split(tl.reshape(R, [BLOCK_T, 1 << p, 2]))
+            P = tl.full([BLOCK_T, 1], 1.0, tl.float32)
+            for m in tl.static_range(0, p):
+                f0, f1 = _tile_bit_factors(pos_ptr, neg_ptr, base, mask_t, first + m)
+                P = tl.reshape(tl.join(P * f0[:, None], P * f1[:, None]), [BLOCK_T, 2 << m])
+            hit = cols[None, :] == first + p
+            acc_neg += tl.where(hit, (fix_prod * _sum(r0 * P, axis=1))[:, None], 0.0)
+            acc_pos += tl.where(hit, (fix_prod * _sum(r1 * P, axis=1))[:, None], 0.0)
+            f0, f1 = _tile_bit_factors(pos_ptr, neg_ptr, base, mask_t, first + p)
+            R = r0 * f0[:, None] + r1 * f1[:, None]
+        # R is now the tile's row sum weighted by all its own positions' factors; a shared bit k takes it with
+        # the other shared bits' factors
+        row = _sum(R, axis=1)
         for k in range(0, n_fix):
             e = row
             for i in range(0, n_fix):
@@ -309,20 +331,6 @@ def _lfq_code_table_bwd_kernel(dtab_ptr, pos_ptr, neg_ptr, dpos_ptr, dneg_ptr, T
             bit_k = (a0 >> (NA - 1 - k)) & 1
             acc_pos += tl.where(hit & (bit_k == 1), e[:, None], 0.0)
             acc_neg += tl.where(hit & (bit_k == 0), e[:, None], 0.0)
-        # a varying bit k: dtab times the shared bits' factors and the varying bits' before k (carried in
-        # `pre`) and after k
-        pre = d_pa * fix_prod[:, None]
-        for k in range(n_fix, NA):
-            excl = pre
-            for i in range(k + 1, NA):
-                excl = excl * _bit_factor(pos_ptr, neg_ptr, base[:, None] + i, mask_t[:, None],
-                                          ((ja >> (NA - 1 - i)) & 1)[None, :])
-            bit_k = ((ja >> (NA - 1 - k)) & 1)[None, :]
-            pre = pre * _bit_factor(pos_ptr, neg_ptr, base[:, None] + k, mask_t[:, None], bit_k)
-            s_pos = _sum(tl.where(bit_k == 1, excl, 0.0), axis=1)
-            s_neg = _sum(tl.where(bit_k == 0, excl, 0.0), axis=1)
-            acc_pos += tl.where(cols[None, :] == k, s_pos[:, None], 0.0)
-            acc_neg += tl.where(cols[None, :] == k, s_neg[:, None], 0.0)
     offs = base[:, None] + cols[None, :]
     m2 = mask_t[:, None] & (cols[None, :] < NA)
     tl.store(dpos_ptr + offs, acc_pos, mask=m2)
@@ -343,10 +351,12 @@ _CUDA_TABLE = dict(BLOCK_T=32, num_warps=4, num_stages=1)
 _CUDA_PAIR = dict(BLOCK_T=32, num_warps=4, num_stages=2)
 _CUDA_PAIR_BWD = dict(BLOCK_T=64, num_warps=4, num_stages=2)
 _CUDA_TABLE_BWD = dict(BLOCK_T=64, num_warps=8, num_stages=1)
-#: Narrower code tiles where register pressure demands it (no spills on sm_80/sm_90): the contracted side of
-#: the pair backward, and the table backward (its per-code products grow with the tile's varying bits).
+#: Code-tile limits where register pressure demands them (no spills on sm_80/sm_90): the contracted side of
+#: the pair backward, and the table backward (its tile lives in registers while the bits are contracted).
 _PAIR_BWD_B_WIDEST = 32
-_TABLE_BWD_WIDEST = 32
+_TABLE_BWD_WIDEST = 64
+#: BLOCK_A -> settings of the table backward where the default above spills
+_CUDA_TABLE_BWD_BY_TILE = {16: dict(BLOCK_T=64, num_warps=4, num_stages=1)}
 #: (BLOCK_A, BLOCK_B) -> settings of the pair backward where the default above spills
 _CUDA_PAIR_BWD_BY_TILE = {(64, 32): dict(BLOCK_T=64, num_warps=8, num_stages=2)}
 #: (MODE, BLOCK_H, BLOCK_L) -> settings of the pair forward where the default above spills
@@ -483,13 +493,14 @@ def _pair_bwd_configs():
 
 def _table_bwd_configs():
     names = ["dtab_ptr", "pos_ptr", "neg_ptr", "dpos_ptr", "dneg_ptr", "T", "C", "D", "OFF_A", "NA", "n_fix",
-             "stride_dc", "stride_dt", "BLOCK_T", "BLOCK_A", "BLOCK_BITS"]
+             "stride_dc", "stride_dt", "BLOCK_T", "LOG_A", "BLOCK_BITS"]
     types = ["*fp32"] * 5 + ["i32"] * 6 + ["i64", "i32"] + ["constexpr"] * 3
     configs = []
     for ba, bits in _pair_bwd_blocks()[1]:
-        cfg = _CUDA_TABLE_BWD
+        cfg = _CUDA_TABLE_BWD_BY_TILE.get(ba, _CUDA_TABLE_BWD)
         configs.append(KernelConfig(f"code table bwd BLOCK_A={ba} BITS={bits} T={cfg['BLOCK_T']}",
-                                    _sig(names, types), dict(BLOCK_T=cfg["BLOCK_T"], BLOCK_A=ba, BLOCK_BITS=bits),
+                                    _sig(names, types), dict(BLOCK_T=cfg["BLOCK_T"], LOG_A=ba.bit_length() - 1,
+                                                             BLOCK_BITS=bits),
                                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
     return configs
 
@@ -651,10 +662,10 @@ def code_pair_bwd(pos: torch.Tensor, neg: torch.Tensor, weight: Optional[torch.T
             dtab.stride(0), dtab.stride(1), weighted, BLOCK_T=block_t, BLOCK_A=block_a, BLOCK_B=block_b,
             PRECISION=PRECISION, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         block_a, bits = _code_block(na, _TABLE_BWD_WIDEST), _block_bits(na)
-        cfg = _CUDA_TABLE_BWD
+        cfg = _CUDA_TABLE_BWD_BY_TILE.get(block_a, _CUDA_TABLE_BWD)
         block_t = _block_t(t, cfg["BLOCK_T"], 512)
         _lfq_code_table_bwd_kernel[(triton.cdiv(t, block_t), c)](
             dtab, pos, neg, dpos, dneg, t, c, d, off_a, na, max(na - block_a.bit_length() + 1, 0),
-            dtab.stride(0), dtab.stride(1), BLOCK_T=block_t, BLOCK_A=block_a, BLOCK_BITS=bits,
+            dtab.stride(0), dtab.stride(1), BLOCK_T=block_t, LOG_A=block_a.bit_length() - 1, BLOCK_BITS=bits,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return dpos, dneg
