@@ -165,29 +165,47 @@ def _bit_factor(pos_ptr, neg_ptr, offs, mask, code_bit):
 
 
 @triton.jit
+def _tile_bit_factors(pos_ptr, neg_ptr, base, mask_t, i):
+    """(p_i(0), p_i(1)) per token for bit i of side A; i < 0 is a virtual bit above the side's bits (tiles wider
+    than the side's codebook): factors (1, 0), so only codes with that bit 0 - the real ones - contribute."""
+    real = (tl.zeros_like(base) + i) >= 0
+    f1 = tl.load(pos_ptr + base + i, mask=mask_t & real, other=0.0)
+    f0 = tl.load(neg_ptr + base + i, mask=mask_t & real, other=0.0)
+    return tl.where(real, f0, 1.0), f1
+
+
+@triton.jit
+def _tile_table(pos_ptr, neg_ptr, base, mask_t, first, P, N: tl.constexpr):
+    """P (BLOCK_T, 1) times the table of N tile positions, position m being side bit first + m (MSB first):
+    (BLOCK_T, 2^N), built one position at a time by joining the halves where it is 0 and 1."""
+    for m in tl.static_range(0, N):
+        f0, f1 = _tile_bit_factors(pos_ptr, neg_ptr, base, mask_t, first + m)
+        P = tl.reshape(tl.join(P * f0[:, None], P * f1[:, None]), [P.shape[0], 2 << m])
+    return P
+
+
+@triton.jit
 def _lfq_code_table_kernel(pos_ptr, neg_ptr, w_ptr, tab_ptr, T, C, D, OFF, NB, n_fix, stride_tc, stride_tt,
-                           weighted, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr):
-    """One [BLOCK_T tokens × BLOCK_J codes] block of codebook c's table over the NB bits OFF..OFF+NB-1:
+                           weighted, BLOCK_T: tl.constexpr, LOG_J: tl.constexpr):
+    """One [BLOCK_T tokens × 2^LOG_J codes] block of codebook c's table over the NB bits OFF..OFF+NB-1:
     tab[c, t, j] = (w_t if weighted) · Π_i p_{OFF+i}(bit i of j, MSB first). The block's codes share their
-    first n_fix = NB - log2(BLOCK_J) bits (at least 0): their factors are one per token, not per code."""
+    first n_fix = NB - LOG_J bits (at least 0): their factors are one per token; the other bits are joined in
+    one at a time (_tile_table)."""
     pid_t = tl.program_id(0).to(tl.int64)
     pid_j = tl.program_id(1)
     c = tl.program_id(2)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
     mask_t = offs_t < T
-    j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
-    valid_j = j < (1 << NB)
+    j0 = pid_j << LOG_J
+    j = j0 + tl.arange(0, 1 << LOG_J)
     w = tl.load(w_ptr + offs_t, mask=mask_t, other=0.0).to(tl.float32)
     row = tl.where(weighted != 0, w, tl.where(mask_t, 1.0, 0.0))
     base = (offs_t * C + c) * D + OFF
-    j0 = pid_j * BLOCK_J
     for i in range(0, n_fix):
         row *= _bit_factor(pos_ptr, neg_ptr, base + i, mask_t, (j0 >> (NB - 1 - i)) & 1)
-    P = tl.where(valid_j[None, :], row[:, None], 0.0)
-    for i in range(n_fix, NB):
-        P = P * _bit_factor(pos_ptr, neg_ptr, base[:, None] + i, mask_t[:, None], ((j >> (NB - 1 - i)) & 1)[None, :])
+    P = _tile_table(pos_ptr, neg_ptr, base, mask_t, NB - LOG_J, row[:, None], LOG_J)
     offs = c.to(tl.int64) * stride_tc + offs_t[:, None] * stride_tt + j[None, :]
-    tl.store(tab_ptr + offs, P, mask=mask_t[:, None] & valid_j[None, :])
+    tl.store(tab_ptr + offs, P, mask=mask_t[:, None] & (j < (1 << NB))[None, :])
 
 
 @triton.jit
@@ -270,16 +288,6 @@ def _lfq_code_pair_bwd_kernel(tabb_ptr, w_ptr, g_ptr, dtab_ptr, T, NA, NB, strid
 
 
 @triton.jit
-def _tile_bit_factors(pos_ptr, neg_ptr, base, mask_t, i):
-    """(p_i(0), p_i(1)) per token for bit i of side A; i < 0 is a virtual bit above the side's bits (tiles wider
-    than the side's codebook): factors (1, 0), so only codes with that bit 0 - the real ones - contribute."""
-    real = (tl.zeros_like(base) + i) >= 0
-    f1 = tl.load(pos_ptr + base + i, mask=mask_t & real, other=0.0)
-    f0 = tl.load(neg_ptr + base + i, mask=mask_t & real, other=0.0)
-    return tl.where(real, f0, 1.0), f1
-
-
-@triton.jit
 def _lfq_code_table_bwd_kernel(dtab_ptr, pos_ptr, neg_ptr, dpos_ptr, dneg_ptr, T, C, D, OFF_A, NA, n_fix,
                                stride_dc, stride_dt, BLOCK_T: tl.constexpr, LOG_A: tl.constexpr,
                                BLOCK_BITS: tl.constexpr):
@@ -310,10 +318,7 @@ def _lfq_code_table_bwd_kernel(dtab_ptr, pos_ptr, neg_ptr, dpos_ptr, dneg_ptr, T
         R = d_pa
         for p in tl.static_range(LOG_A - 1, -1, -1):
             r0, r1 = tl.split(tl.reshape(R, [BLOCK_T, 1 << p, 2]))
-            P = tl.full([BLOCK_T, 1], 1.0, tl.float32)
-            for m in tl.static_range(0, p):
-                f0, f1 = _tile_bit_factors(pos_ptr, neg_ptr, base, mask_t, first + m)
-                P = tl.reshape(tl.join(P * f0[:, None], P * f1[:, None]), [BLOCK_T, 2 << m])
+            P = _tile_table(pos_ptr, neg_ptr, base, mask_t, first, tl.full([BLOCK_T, 1], 1.0, tl.float32), p)
             hit = cols[None, :] == first + p
             acc_neg += tl.where(hit, (fix_prod * _sum(r0 * P, axis=1))[:, None], 0.0)
             acc_pos += tl.where(hit, (fix_prod * _sum(r1 * P, axis=1))[:, None], 0.0)
@@ -452,10 +457,10 @@ def _pair_bwd_blocks():
 
 def _table_configs():
     names = ["pos_ptr", "neg_ptr", "w_ptr", "tab_ptr", "T", "C", "D", "OFF", "NB", "n_fix", "stride_tc",
-             "stride_tt", "weighted", "BLOCK_T", "BLOCK_J"]
+             "stride_tt", "weighted", "BLOCK_T", "LOG_J"]
     types = ["*fp32"] * 4 + ["i32"] * 6 + ["i64", "i32", "i32"] + ["constexpr"] * 2
     return [KernelConfig(f"code table BLOCK_J={bj}", _sig(names, types),
-                         dict(BLOCK_T=_CUDA_TABLE["BLOCK_T"], BLOCK_J=bj), num_warps=_CUDA_TABLE["num_warps"],
+                         dict(BLOCK_T=_CUDA_TABLE["BLOCK_T"], LOG_J=bj.bit_length() - 1), num_warps=_CUDA_TABLE["num_warps"],
                          num_stages=_CUDA_TABLE["num_stages"])
             for bj in sorted({_table_block_j(b) for b in range(0, MAX_BITS // 2 + 1)})]
 
@@ -598,7 +603,7 @@ def code_tables(pos: torch.Tensor, neg: torch.Tensor, weight: Optional[torch.Ten
             _lfq_code_table_kernel[(triton.cdiv(t, block_t), triton.cdiv(1 << bits, block_j), c)](
                 pos, neg, w, tab, t, c, d, off, bits, max(bits - block_j.bit_length() + 1, 0), tab.stride(0),
                 tab.stride(1), weighted,
-                BLOCK_T=block_t, BLOCK_J=block_j, num_warps=_CUDA_TABLE["num_warps"],
+                BLOCK_T=block_t, LOG_J=block_j.bit_length() - 1, num_warps=_CUDA_TABLE["num_warps"],
                 num_stages=_CUDA_TABLE["num_stages"])
         tables.append(tab)
     return tables[0], tables[1]
