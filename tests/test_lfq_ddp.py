@@ -44,6 +44,7 @@ def _worker(rank, init_file, out_dir, backend):
             grads[name] = g / WORLD
         torch.save({"batch_entropy": br.batch_entropy.detach(), "per_sample": br.per_sample_entropy.detach(),
                     "x_grad": x.grad, "grads": grads}, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()   # no rank tears gloo down while the other still talks (an abort in teardown otherwise)
     finally:
         dist.destroy_process_group()
 
