@@ -57,6 +57,22 @@ def _decode_position(m, T, H, W):
 
 
 @triton.jit
+def _advance_position(b, t, h, w, db, dt, dh, dw, T, H, W):
+    """Positions (b, t, h, w) advanced by a fixed step whose digits are (db, dt, dh, dw) (each below its
+    radix): mixed-radix addition with carries, no division."""
+    w = w + dw
+    carry = w >= W
+    w = tl.where(carry, w - W, w)
+    h = h + dh + carry.to(tl.int32)
+    carry = h >= H
+    h = tl.where(carry, h - H, h)
+    t = t + dt + carry.to(tl.int32)
+    carry = t >= T
+    t = tl.where(carry, t - T, t)
+    return b + db + carry.to(tl.int32), t, h, w
+
+
+@triton.jit
 def _x_rows(x_ptr, c_ptr, xb, cb, tv, hv, wv, row_ok, H, W, Tc, sxc, sxt, sxh, sxw, scc, sct, sch, scw,
             REPLICATE: tl.constexpr, HAS_CACHE: tl.constexpr):
     """Per-row base pointers, channel strides and masks of the (virtually) padded input at padded coordinates
@@ -242,10 +258,14 @@ def _causal_conv3d_bwd_weight_kernel(
     dbacc = tl.full((16, BLOCK_N), 0.0, tl.float32)
     m_begin = pid_s * rows_per_split
     m_end = tl.minimum(m_begin + rows_per_split, M)
+    # the rows' positions are decoded once and then advanced by BLOCK_M per step (no division in the loop)
+    b_o, t_o, h_o, w_o = _decode_position(m_begin + tl.arange(0, BLOCK_M), T_out, H, W)
+    b_o = b_o.to(tl.int32)
+    step_b, step_t, step_h, step_w = _decode_position(BLOCK_M + 0 * pid0, T_out, H, W)
     for m0 in range(0, rows_per_split, BLOCK_M):
         offs_m = m_begin + m0 + tl.arange(0, BLOCK_M)
         row_ok = offs_m < m_end
-        b64, t_o, h_o, w_o = _decode_position(offs_m, T_out, H, W)
+        b64 = b_o.to(tl.int64)
         if FLAT:
             a = _x_flat_tile(x_ptr, c_ptr, b64 * sxb, b64 * scb, t_o, h_o, w_o, row_ok, offs_f, C_in, H, W, Tc,
                              stride_t, dil_t, pad_t, sxc, sxt, sxh, sxw, scc, sct, sch, scw, KT, KH, KW, REPLICATE,
@@ -264,6 +284,8 @@ def _causal_conv3d_bwd_weight_kernel(
         if do_db:
             ones = tl.full((16, BLOCK_M), 1.0, g.dtype)
             dbacc = _mma(ones, g, dbacc, IEEE)
+        b_o, t_o, h_o, w_o = _advance_position(b_o, t_o, h_o, w_o, step_b.to(tl.int32), step_t, step_h, step_w,
+                                               T_out, H, W)
     if FLAT:
         dw_off = offs_f[:, None] * C_out + offs_n[None, :]
         tl.atomic_add(dw_ptr + dw_off, acc, mask=(offs_f < KT * KH * KW * C_in)[:, None] & n_ok[None, :])
@@ -393,7 +415,7 @@ _TABLE = {
     ("bwd_input", "heavy", "fp32"): [(64, 64, 16, 8, 1), (32, 32, 16, 4, 1)],
     ("bwd_weight", "plain", "lp"): [(64, 64, 64, 8, 4), (64, 64, 64, 8, 3), (64, 64, 32, 8, 4), (32, 64, 64, 4, 3)],
     ("bwd_weight", "heavy", "lp"): [(64, 64, 64, 8, 4), (64, 64, 64, 8, 3), (64, 64, 32, 8, 4), (32, 64, 64, 4, 3)],
-    ("bwd_weight", "plain", "fp32"): [(32, 32, 32, 8, 2)],
+    ("bwd_weight", "plain", "fp32"): [(32, 32, 32, 4, 1)],
     ("bwd_weight", "heavy", "fp32"): [(32, 32, 32, 8, 2)],
     # 'flat': (tap, channel) flattened into one reduction index for small C_in (the RGB input layer)
     ("fwd", "flat", "lp"): [(64, 64, 32, 8, 3)],

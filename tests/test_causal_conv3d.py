@@ -404,3 +404,24 @@ def test_deterministic_algorithms_run_grad_weight_unsplit(fake_cuda_launchers, m
         assert splits[0] > 1 and splits[1] == 1, splits
     finally:
         torch.use_deterministic_algorithms(was)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_grad_weight_rows_advance_across_rows_frames_and_batches(fake_cuda_launchers, monkeypatch, deterministic):
+    """The grad-weight kernel decodes its rows' positions once and then steps them by BLOCK_M with carries
+    (no division in the loop): with 16-row tiles over 3 batches of 2 frames of 3x5 images every step carries
+    into rows, frames and batches, split over programs or not."""
+    K = fake_cuda_launchers
+    monkeypatch.setattr(K, "_CONFIGS", {"sm_90": {key: [(16, 32, 32, 4, 1)] for key in K._TABLE}})
+    K._tuned.cache_clear()
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(deterministic)
+        for ci, mode in ((4, "replicate"), (3, "constant")):  # per-tap and flattened kernels
+            x, wt, bs, _ = _inputs(3, ci, 4, 2, 3, 5, (3, 3, 3), torch.float32, "cpu", requires_grad=True)
+            with fastsora.use_backend("triton"):
+                got = grads(causal_conv3d(x, wt, bs, pad_mode=mode), [wt, bs])
+            l64 = to_float64((x, wt, bs))
+            assert_close(got, grads(_oracle(*l64, pad_mode=mode), list(l64[1:])), torch.float32)
+    finally:
+        torch.use_deterministic_algorithms(was)
