@@ -385,10 +385,10 @@ def test_deterministic_algorithms_run_grad_weight_unsplit(fake_cuda_launchers, m
     splits = []
     real_launch = K._launch
 
-    def spy(kind, kernel, grid, *rest):
+    def spy(kind, kernel, grid, *rest, **kw):
         if kind == "bwd_weight":
             splits.append(grid({"BLOCK_M": 256, "BLOCK_N": 32, "BLOCK_K": 32})[2])
-        return real_launch(kind, kernel, grid, *rest)
+        return real_launch(kind, kernel, grid, *rest, **kw)
 
     monkeypatch.setattr(K, "_launch", spy)
     was = torch.are_deterministic_algorithms_enabled()
@@ -425,3 +425,32 @@ def test_grad_weight_rows_advance_across_rows_frames_and_batches(fake_cuda_launc
             assert_close(got, grads(_oracle(*l64, pad_mode=mode), list(l64[1:])), torch.float32)
     finally:
         torch.use_deterministic_algorithms(was)
+
+
+def test_grad_weight_channels_last_table(fake_cuda_launchers, monkeypatch, poison):
+    """Channels_last_3d input and gradient with 16·k channels take the grad weight's '_cl' candidates (compiled
+    with unit channel strides and 16-divisible strides, as the JIT specialises that launch); other layouts and
+    channel counts keep the general table. The gradients match the reference either way."""
+    K = fake_cuda_launchers
+    variants = []
+    real_tuned = K._tuned
+
+    def spy(kind, variant, arch, klass):
+        if kind == "bwd_weight":
+            variants.append(variant)
+        return real_tuned(kind, variant, arch, klass)
+
+    spy.cache_clear = real_tuned.cache_clear
+    monkeypatch.setattr(K, "_tuned", spy)
+    for ci, co, layout, want in ((16, 32, "cl", "plain_cl"), (16, 32, "ncdhw", "plain"), (12, 32, "cl", "plain")):
+        x, wt, bs, _ = _inputs(1, ci, co, 3, 4, 5, (3, 3, 3), torch.float16, "cpu", requires_grad=True)
+        cot = randn(1, co, 3, 4, 5, dtype=torch.float16)
+        if layout == "cl":
+            x, cot = channels_last(x.detach()).requires_grad_(), channels_last(cot)
+        with fastsora.use_backend("triton"):
+            got = torch.autograd.grad(causal_conv3d(x, wt, bs), [x, wt, bs], cot)
+        assert variants[-1] == want, (ci, layout, variants)
+        l64 = to_float64((x, wt, bs))
+        want_g = torch.autograd.grad(_oracle(*l64), list(l64), cot.double())
+        for name, a, b in zip(("x", "weight", "bias"), got, want_g):
+            assert_close(a, b, torch.float16, name=f"grad {name}")
