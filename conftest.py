@@ -29,9 +29,13 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16) if CUDA else (torch.floa
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_interpreter = pytest.mark.skip(reason="runs the Triton kernels on CPU tensors, which needs Triton's "
+                                               "interpreter (off when CUDA is present; the gpu tests cover CUDA)")
     for item in items:
         if "gpu" in item.keywords and not CUDA:
             item.add_marker(skip_gpu)
+        if "interpreter" in item.keywords and CUDA:
+            item.add_marker(skip_interpreter)
 
 
 @pytest.fixture

@@ -34,19 +34,19 @@ class MagvitCausalConv3d(nn.Module):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("pad_mode", ["constant", "replicate"])
-def test_state_dict_round_trip_with_magvit_module(backend, pad_mode, poison):
+def test_state_dict_round_trip_with_magvit_module(backend, pad_mode, device, poison):
     torch.manual_seed(0)
-    theirs = MagvitCausalConv3d(4, 6, (3, 3, 5), pad_mode=pad_mode, stride=2, dilation=1)
-    ours = CausalConv3d(4, 6, (3, 3, 5), pad_mode=pad_mode, stride=2, dilation=1)
+    theirs = MagvitCausalConv3d(4, 6, (3, 3, 5), pad_mode=pad_mode, stride=2, dilation=1).to(device)
+    ours = CausalConv3d(4, 6, (3, 3, 5), pad_mode=pad_mode, stride=2, dilation=1).to(device)
     assert set(ours.state_dict()) == set(theirs.state_dict()) == {"conv.weight", "conv.bias"}
     assert ours.time_pad == theirs.time_pad and ours.time_causal_padding == theirs.time_causal_padding
     ours.load_state_dict(theirs.state_dict())
-    x = randn(2, 4, 6, 5, 7)
+    x = randn(2, 4, 6, 5, 7, device=device)
     with fastsora.use_backend(backend):
         assert_close(ours(x), theirs(x), torch.float32)
     # and back: our weights into their module
-    ours2 = CausalConv3d(4, 6, (3, 3, 5), pad_mode=pad_mode, stride=2)
-    theirs2 = MagvitCausalConv3d(4, 6, (3, 3, 5), pad_mode=pad_mode, stride=2)
+    ours2 = CausalConv3d(4, 6, (3, 3, 5), pad_mode=pad_mode, stride=2).to(device)
+    theirs2 = MagvitCausalConv3d(4, 6, (3, 3, 5), pad_mode=pad_mode, stride=2).to(device)
     theirs2.load_state_dict(ours2.state_dict())
     with fastsora.use_backend(backend):
         assert_close(ours2(x), theirs2(x), torch.float32)
@@ -73,10 +73,10 @@ STREAMS = [
 @pytest.mark.parametrize("pad_mode", ["constant", "replicate"])
 @pytest.mark.parametrize("k,stride,dilation,chunks,ci", STREAMS,
                          ids=[f"k{s[0][0]}-s{s[1]}-d{s[2]}-{'+'.join(map(str, s[3]))}-c{s[4]}" for s in STREAMS])
-def test_streaming_matches_one_call(k, stride, dilation, chunks, ci, pad_mode, dtype, poison):
+def test_streaming_matches_one_call(k, stride, dilation, chunks, ci, pad_mode, dtype, device, poison):
     torch.manual_seed(1)
-    m = CausalConv3d(ci, 5, k, pad_mode=pad_mode, stride=stride, dilation=dilation).to(dtype)
-    x = randn(1, ci, sum(chunks), 5, 6, dtype=dtype)
+    m = CausalConv3d(ci, 5, k, pad_mode=pad_mode, stride=stride, dilation=dilation).to(device, dtype)
+    x = randn(1, ci, sum(chunks), 5, 6, dtype=dtype, device=device)
     n_cache = max(dilation * (k[0] - 1) + 1 - stride, 0)
     with fastsora.use_backend("triton"), torch.no_grad():
         full = m(x)
@@ -96,10 +96,10 @@ def test_streaming_matches_one_call(k, stride, dilation, chunks, ci, pad_mode, d
     assert_close(full, expect, dtype)
 
 
-def test_streaming_torch_backend_and_channels_last():
+def test_streaming_torch_backend_and_channels_last(device):
     torch.manual_seed(2)
-    m = CausalConv3d(3, 4, 3, pad_mode="replicate")
-    x = channels_last(randn(1, 3, 7, 5, 5))
+    m = CausalConv3d(3, 4, 3, pad_mode="replicate").to(device)
+    x = channels_last(randn(1, 3, 7, 5, 5, device=device))
     outs = {}
     for backend in ("torch", "triton"):
         with fastsora.use_backend(backend), torch.no_grad():
@@ -113,10 +113,10 @@ def test_streaming_torch_backend_and_channels_last():
     assert_close(outs["triton"], outs["torch"], torch.float32)
 
 
-def test_streaming_reads_cache_in_place(monkeypatch):
+def test_streaming_reads_cache_in_place(monkeypatch, device):
     """The Triton path never concatenates the cache with the chunk: no aten.cat on the chunk's size."""
-    m = CausalConv3d(3, 4, 3)
-    x = randn(1, 3, 4, 5, 5)
+    m = CausalConv3d(3, 4, 3).to(device)
+    x = randn(1, 3, 4, 5, 5, device=device)
     with torch.no_grad():
         _, cache = m(x[:, :, :1], return_cache=True)
         seen = _record_ops(lambda: m(x[:, :, 1:], cache=cache))
@@ -171,6 +171,7 @@ def test_bad_inputs():
         CausalConv3d(4, 6, 3, groups=2)
 
 
+@pytest.mark.interpreter
 def test_triton_refuses_with_a_reason():
     x = randn(1, 4, 4, 5, 5, dtype=torch.float64)
     w = randn(6, 4, 3, 3, 3, dtype=torch.float64)
@@ -220,16 +221,16 @@ def test_interpreter_is_on_for_cpu():
         assert interpreter_active()
 
 
-def test_triton_path_uses_kernels_not_aten_conv(monkeypatch):
+def test_triton_path_uses_kernels_not_aten_conv(monkeypatch, device):
     import fastsora.kernels.causal_conv3d as K
 
     calls = []
     for name in ("causal_conv3d_fwd", "causal_conv3d_bwd", "silu_backward"):
         orig = getattr(K, name)
         monkeypatch.setattr(K, name, lambda *a, _o=orig, _n=name, **k: (calls.append(_n), _o(*a, **k))[1])
-    x = randn(1, 4, 4, 5, 5, requires_grad=True)
-    w = randn(6, 4, 3, 3, 3, requires_grad=True)
-    b = randn(6, requires_grad=True)
+    x = randn(1, 4, 4, 5, 5, requires_grad=True, device=device)
+    w = randn(6, 4, 3, 3, 3, requires_grad=True, device=device)
+    b = randn(6, requires_grad=True, device=device)
 
     def step():
         y = causal_conv3d(x, w, b, pad_mode="replicate", activation="silu")
@@ -249,11 +250,11 @@ def test_triton_path_uses_kernels_not_aten_conv(monkeypatch):
 # ---------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_torch_compile_fullgraph_training(backend):
+def test_torch_compile_fullgraph_training(backend, device):
     torch._dynamo.reset()
-    m = CausalConv3d(4, 5, 3, pad_mode="replicate")
-    x = randn(1, 4, 4, 5, 5, requires_grad=True)
-    r = randn(1, 5, 4, 5, 5)
+    m = CausalConv3d(4, 5, 3, pad_mode="replicate").to(device)
+    x = randn(1, 4, 4, 5, 5, requires_grad=True, device=device)
+    r = randn(1, 5, 4, 5, 5, device=device)
 
     def f(x):
         return m(x, activation="silu", residual=r)

@@ -82,6 +82,7 @@ def registered():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter path")
+@pytest.mark.interpreter
 def test_check_passes_a_correct_kernel_and_catches_an_unwritten_element(registered):
     rows = check_op(registered, torch.device("cpu"))
     assert [r.dtype for r in rows] == ["float32", "float16"]

@@ -98,6 +98,7 @@ def test_eval_mode_matches_anchor(name, kw, shape):
     assert rb.entropy_aux_loss.item() == 0 and lb.per_sample_entropy.item() == 0 and lb.commitment.item() == 0
 
 
+@pytest.mark.interpreter
 def test_triton_backend_matches_anchor():
     kw = dict(dim=12, codebook_size=2 ** 5, num_codebooks=2, commitment_loss_weight=0.3)
     ref, ours = _pair(kw)
@@ -144,7 +145,7 @@ def test_token_mask_batch_matches_anchor():
     assert relative_error(lb.batch_entropy, la.batch_entropy) <= 1e-5
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
 def test_token_mask_averages_selected_tokens_only(backend):
     """A (b, n) mask gives exactly the losses of the selected tokens alone (the anchor skips the average)."""
     _, ours = _pair(dict(codebook_size=2 ** 6, commitment_loss_weight=0.5), compat=False)

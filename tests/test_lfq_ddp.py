@@ -49,7 +49,7 @@ def _worker(rank, init_file, out_dir, backend):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
 def test_ddp_halves_give_global_entropy_and_gradients(tmp_path, backend):
     mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path), backend), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]

@@ -10,6 +10,8 @@ from fastsora.reference.lfq import brute_force_entropies
 from fastsora.testing import noncontiguous, relative_error, spread_past_int32
 
 TAU = 100.0
+#: the Triton rows of these tests run the kernels on CPU tensors (the interpreter); on CUDA the gpu tests cover them
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]
 
 
 def _inputs(t, c, d, scale, masked, seed=0, dtype=torch.float32):
@@ -23,7 +25,7 @@ def _loss_terms(res):
     return res.per_sample_entropy, res.codebook_entropy
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("d,c,scale", [(1, 3, 0.01), (2, 2, 0.005), (4, 1, 0.02), (7, 2, 0.01), (10, 1, 0.004),
                                        (12, 1, 0.002), (12, 1, 1.0)])
 def test_entropies_exact_vs_brute_force(backend, d, c, scale):
@@ -42,7 +44,7 @@ def test_entropies_exact_vs_brute_force(backend, d, c, scale):
     assert relative_error(g, g64) <= 1e-5
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("d", [3, 9])
 def test_codebook_entropy_gradient_exact(backend, d):
     x, w = _inputs(23, 2, d, 0.01, masked=True, seed=3 + d)
@@ -54,7 +56,7 @@ def test_codebook_entropy_gradient_exact(backend, d):
     assert relative_error(g, g64) <= 1e-5
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_code_sums_and_clamped_entropy(backend):
     d = 6
     x, w = _inputs(31, 2, d, 0.01, masked=True, seed=7)
@@ -80,6 +82,7 @@ def test_code_sums_and_clamped_entropy(backend):
     assert relative_error(res.codebook_entropy, cb_clamped) <= 1e-5
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("t,c,d,masked", [(37, 2, 5, True), (20, 1, 14, False), (50, 3, 1, True), (16, 1, 8, False),
                                            (9, 2, 18, True)])
@@ -106,6 +109,7 @@ def test_triton_matches_torch_path(poison, dtype, t, c, d, masked):
     assert relative_error(gk, gt) <= (1e-5 if dtype == torch.float32 else 2e-3)
 
 
+@pytest.mark.interpreter
 def test_quantize_outputs(poison):
     """Codes ±v, MSB-first indices, probabilities, straight-through / eval outputs, Triton vs torch."""
     x, _ = _inputs(40, 2, 6, 1.0, masked=False, seed=11)
@@ -125,7 +129,7 @@ def test_quantize_outputs(poison):
         assert abs(cm.item() - ((x - q) ** 2).mean().item()) <= 1e-6
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_noncontiguous_input(backend):
     x, w = _inputs(21, 2, 6, 0.02, masked=True, seed=5)
     xn = noncontiguous(x.detach(), dim=0).requires_grad_()
@@ -140,6 +144,7 @@ def test_noncontiguous_input(backend):
     assert relative_error(gb, ga) <= 1e-6
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_offsets_past_2_31_elements(poison, dtype):
     """x is a view whose later tokens lie past 2^31 elements of its storage: the Triton path reads it in place
@@ -159,6 +164,7 @@ def test_offsets_past_2_31_elements(poison, dtype):
     assert relative_error(gb, ga) <= (1e-5 if dtype == torch.float32 else 2e-3)
 
 
+@pytest.mark.interpreter
 def test_triton_path_uses_the_kernels(monkeypatch):
     calls = []
     for name in ("quantize_fwd", "quantize_bwd", "code_pair", "code_pair_bwd"):
@@ -185,6 +191,7 @@ def test_kernels_run_in_interpreter_on_cpu():
     assert KERNELS_INTERPRETED or torch.cuda.is_available()
 
 
+@pytest.mark.interpreter
 def test_triton_refuses_float64_with_reason():
     x = torch.randn(4, 1, 3, dtype=torch.float64)
     with use_backend("triton"), pytest.raises(BackendError, match="float64"):
@@ -207,6 +214,7 @@ def test_op_bad_inputs():
         lfq_code_sums(p.half(), p.half())
 
 
+@pytest.mark.interpreter
 def test_torch_compile_fullgraph_ops():
     torch._dynamo.reset()
     x, w = _inputs(16, 2, 5, 0.02, masked=True)
@@ -255,6 +263,26 @@ def test_gpu_realistic_flash_rule(dtype, t, d):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("d,c,scale", [(4, 1, 0.02), (10, 1, 0.004), (12, 2, 0.002), (12, 1, 1.0)])
+def test_gpu_entropies_exact_vs_brute_force(d, c, scale):
+    """The compiled kernels (3xTF32 code GEMMs on tensor cores): values and gradients within 1e-5 of the float64
+    brute force over all 2^D codes, as the interpreter tests check on CPU."""
+    x, w = _inputs(29, c, d, scale, masked=True, seed=d)
+    xc = x.detach().cuda().requires_grad_()
+    with use_backend("triton"):
+        res = lfq(xc, 1.0, TAU, entropy_weight=w.cuda())
+    x64 = x.detach().double().requires_grad_()
+    ps64, cb64 = brute_force_entropies(x64, 1.0, TAU, w.double())
+    assert relative_error(res.per_sample_entropy.cpu(), ps64) <= 1e-5
+    assert relative_error(res.codebook_entropy.cpu(), cb64) <= 1e-5
+    coef = torch.randn(c + 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    g = torch.autograd.grad(res.per_sample_entropy * coef[0].float().cuda()
+                            + (res.codebook_entropy * coef[1:].float().cuda()).sum(), xc)[0]
+    g64 = torch.autograd.grad(ps64 * coef[0] + (cb64 * coef[1:]).sum(), x64)[0]
+    assert relative_error(g.cpu(), g64) <= 1e-5
+
+
+@pytest.mark.gpu
 def test_gpu_module_matches_anchor():
     anchor = pytest.importorskip("vector_quantize_pytorch.lookup_free_quantization")
     from fastsora.nn.lfq import LFQ
@@ -271,6 +299,7 @@ def test_gpu_module_matches_anchor():
     assert relative_error(lb.batch_entropy, la.batch_entropy) <= 1e-4
 
 
+@pytest.mark.interpreter
 def test_triton_matches_torch_at_2_18_codes():
     """The full tiling at d=18 (8×8 code tiles of 64, 16 contracted tiles of 32) in the interpreter."""
     x, w = _inputs(24, 1, 18, 0.02, masked=True, seed=18)

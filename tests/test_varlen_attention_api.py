@@ -85,6 +85,7 @@ def test_bad_tensors():
         varlen_attention(q, k, v, cu_q, cu_k, dropout_p=0.1)
 
 
+@pytest.mark.interpreter
 def test_triton_refusals_say_why():
     q, k, v, cu_q, cu_k = _inputs()
     with use_backend("triton"), pytest.raises(BackendError, match="float64 inputs"):
@@ -293,7 +294,7 @@ def _manual_attention(q, k, v, lens_q, lens_k, causal):
     return torch.cat(outs)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
 def test_nn_self_attention_qk_norm_gqa(backend):
     from fastsora.nn.varlen_attention import VarlenAttention
 
@@ -312,6 +313,7 @@ def test_nn_self_attention_qk_norm_gqa(backend):
     assert m.qkv.weight.grad is not None and torch.isfinite(x.grad).all()
 
 
+@pytest.mark.interpreter
 def test_nn_cross_attention():
     from fastsora.nn.varlen_attention import VarlenAttention
 
