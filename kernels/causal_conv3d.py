@@ -522,9 +522,11 @@ _VARIANT_CONSTS = {
     ("bwd_weight", "plain"): dict(REPLICATE=False, HAS_CACHE=False, HAS_BIAS=True, FLAT=False),
     ("bwd_weight", "heavy"): dict(REPLICATE=True, HAS_CACHE=True, HAS_BIAS=True, FLAT=False),
     ("bwd_weight", "flat"): dict(REPLICATE=True, HAS_CACHE=True, HAS_BIAS=True, FLAT=True),
-    ("bwd_weight", "plain_cl"): dict(REPLICATE=False, HAS_CACHE=False, HAS_BIAS=True, FLAT=False, sxc=1, scc=1, sgc=1),
-    ("bwd_weight", "heavy_cl"): dict(REPLICATE=True, HAS_CACHE=True, HAS_BIAS=True, FLAT=False, sxc=1, scc=1, sgc=1),
 }
+# the '_cl' variants: their base variant with the channel strides of x, the cache and the gradient equal to 1
+for _base in ("plain", "heavy"):
+    _VARIANT_CONSTS[("bwd_weight", _base + "_cl")] = {**_VARIANT_CONSTS[("bwd_weight", _base)], "sxc": 1, "scc": 1,
+                                                      "sgc": 1}
 
 
 def _register() -> None:

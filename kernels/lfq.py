@@ -376,7 +376,6 @@ def _pair_bwd_settings(block_a: int, block_b: int) -> dict:
     return _CUDA_PAIR_BWD_BY_TILE.get((block_a, block_b), _CUDA_PAIR_BWD)
 
 
-
 def _table_block_j(bits: int) -> int:
     """Codes per program of the table kernel: the whole row up to 64 codes (at least 16, masked)."""
     return max(16, min(64, 1 << bits))
@@ -670,6 +669,8 @@ def code_pair_bwd(pos: torch.Tensor, neg: torch.Tensor, weight: Optional[torch.T
         cfg = _CUDA_TABLE_BWD_BY_TILE.get(block_a, _CUDA_TABLE_BWD)
         block_t = _block_t(t, cfg["BLOCK_T"], 512)
         _lfq_code_table_bwd_kernel[(triton.cdiv(t, block_t), c)](
+            # n_fix = max(NA - LOG_A, 0) is passed although the kernel could derive it: deriving it in-kernel
+            # left the 64-code tile with an 8 B stack frame on sm_80 under triton 3.6 and 3.9
             dtab, pos, neg, dpos, dneg, t, c, d, off_a, na, max(na - block_a.bit_length() + 1, 0),
             dtab.stride(0), dtab.stride(1), BLOCK_T=block_t, LOG_A=block_a.bit_length() - 1, BLOCK_BITS=bits,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
