@@ -144,9 +144,7 @@ def compile_many(jobs: Sequence[Tuple[KernelEntry, KernelConfig, str]], workers:
 
 def _alignment_attrs(kernel, config: KernelConfig) -> dict:
     """The divisibility-by-16 hints Triton's JIT would attach at launch (see KernelConfig.divisible_by_16)."""
-    names = config.divisible_by_16
-    if names is None:
-        names = [n for n, t in config.signature.items() if t.startswith("*")]
+    names = config.aligned_args()
     unknown = [n for n in names if n not in config.signature or config.signature[n] == "constexpr"]
     if unknown:
         raise ValueError(f"divisible_by_16 names {unknown}, which are not runtime arguments of the kernel")

@@ -85,9 +85,14 @@ def cmd_compile(args) -> int:
         print(f"unknown arch {unknown}; choose from {', '.join(ARCHS)}", file=sys.stderr)
         return 2
     families = set(args.families or [])
-    jobs = [(entry, config, arch) for key, entry in sorted(KERNELS.items())
+    def builds(config):
+        # the config as registered and/or as the JIT builds it when every integer argument is a multiple of 16
+        return {"off": [config], "also": [config, config.with_divisible_ints()],
+                "only": [config.with_divisible_ints()]}[args.divisible_ints]
+
+    jobs = [(entry, build, arch) for key, entry in sorted(KERNELS.items())
             if not families or entry.family in families for config in entry.configs for arch in args.arch
-            if config.built_for(arch)]
+            if config.built_for(arch) for build in builds(config)]
     done = []
 
     def report(result):
@@ -156,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="compile every kernel config for NVIDIA archs without a GPU")
     p.add_argument("--arch", nargs="+", default=["sm_80", "sm_90"])
     p.add_argument("--families", nargs="*", help="kernel families (default: all)")
+    p.add_argument("--divisible-ints", nargs="?", choices=["off", "also", "only"], default="off", const="also",
+                   help="also (bare flag) or only build every config with every integer runtime argument (shapes, "
+                        "strides; not pointers, floats or constexprs) marked divisible by 16, as Triton's JIT "
+                        "specialises a launch whose ints are multiples of 16; such rows are labelled '[ints/16]'")
     p.add_argument("-j", "--jobs", type=int, help="compile processes (default: all cores)")
     p.add_argument("-v", "--verbose", action="store_true", help="progress bar")
     p.set_defaults(func=cmd_compile)

@@ -11,12 +11,19 @@ by dropping its files in those folders.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+
+#: Triton signature types of integer arguments (``i1`` is a bool, which the JIT never marks divisible).
+INT_TYPES = ("i8", "i16", "i32", "i64", "u8", "u16", "u32", "u64")
+#: appended to the label of a config built by ``KernelConfig.with_divisible_ints()``
+DIVISIBLE_INTS_TAG = " [ints/16]"
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,11 @@ class KernelConfig:
     at launch (pointers 16-byte aligned, integers divisible by 16). None (the default) means every pointer
     argument, which is what the JIT sees for tensors torch allocated; list integer arguments (strides,
     head dims) the launcher guarantees too, or pass () to check the unaligned variant.
+
+    ``with_divisible_ints()`` is the same config with every integer runtime argument (``i8``..``i64``,
+    ``u8``..``u64``; not pointers, floats, bools or constexprs) added to ``divisible_by_16``: what the JIT
+    builds for a launch whose integers (shapes, strides, head dims, flags equal to 0) are all multiples of 16,
+    as in the power-of-two shapes of video models. ``fastsora compile --divisible-ints`` checks that build too.
 
     ``archs`` names the architectures ('sm_80', 'sm_90') whose launcher may pick the config; `fastsora
     compile` builds it for those only. None (the default) means every architecture.
@@ -48,6 +60,23 @@ class KernelConfig:
     divisible_by_16: Optional[Tuple[str, ...]] = None
     archs: Optional[Tuple[str, ...]] = None
     known_stack_under: Tuple[str, ...] = ()
+
+    def aligned_args(self) -> Tuple[str, ...]:
+        """The arguments compiled as multiples of 16 (``divisible_by_16``, default every pointer argument)."""
+        if self.divisible_by_16 is not None:
+            return tuple(self.divisible_by_16)
+        return tuple(n for n, t in self.signature.items() if t.startswith("*"))
+
+    def int_args(self) -> Tuple[str, ...]:
+        """The integer runtime arguments (the ones Triton's JIT specialises on value at launch)."""
+        return tuple(n for n, t in self.signature.items() if t in INT_TYPES)
+
+    def with_divisible_ints(self) -> "KernelConfig":
+        """This config with every integer runtime argument divisible by 16 as well (the JIT's specialisation of
+        a launch whose ints are all multiples of 16), labelled with DIVISIBLE_INTS_TAG."""
+        aligned = self.aligned_args()
+        ints = tuple(n for n in self.int_args() if n not in aligned)
+        return dataclasses.replace(self, label=self.label + DIVISIBLE_INTS_TAG, divisible_by_16=aligned + ints)
 
     def built_for(self, arch: str) -> bool:
         return self.archs is None or arch in self.archs

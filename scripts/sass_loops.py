@@ -60,10 +60,9 @@ def main() -> None:
     for name in args.unit_stride:
         signature[name] = "constexpr"
         constexprs[name] = 1
-    if args.divisible_ints:
-        names = [n for n, t in signature.items() if t.startswith("*") or t in ("i32", "i64")]
-        config = dataclasses.replace(config, divisible_by_16=tuple(names))
     config = dataclasses.replace(config, signature=signature)
+    if args.divisible_ints:
+        config = config.with_divisible_ints()
     src = triton.compiler.ASTSource(fn=entry.kernel, signature=signature, constexprs=constexprs,
                                     attrs=_alignment_attrs(entry.kernel, config))
     compiled = triton.compile(src, target=GPUTarget("cuda", ARCHS[args.arch]["cc"], 32),

@@ -115,6 +115,30 @@ def test_compile_passes_the_alignment_the_jit_would_see():
     assert not wrong.ok and "divisible_by_16" in wrong.error
 
 
+def test_divisible_ints_marks_only_integer_runtime_arguments():
+    from fastsora.aot import _alignment_attrs
+
+    sig = {"x_ptr": "*fp16", "y_ptr": "*fp16", "out_ptr": "*fp16", "alpha": "fp32", "n": "i32", "BLOCK": "constexpr"}
+    base = KernelConfig("fp16", sig, {"BLOCK": 1024}, known_stack_under=("3.4",))
+    spec = base.with_divisible_ints()
+    assert spec.divisible_by_16 == ("x_ptr", "y_ptr", "out_ptr", "n"), "pointers and ints; not floats, constexprs"
+    assert spec.label == "fp16 [ints/16]" and spec.known_stack_under == ("3.4",) and spec.num_warps == base.num_warps
+    assert sorted(_alignment_attrs(scaled_add_kernel, spec)) == [(0,), (1,), (2,), (4,)]
+    # an explicit alignment list is kept (here: unaligned pointers), the ints are added
+    assert KernelConfig("u", sig, {"BLOCK": 1024}, divisible_by_16=()).with_divisible_ints().divisible_by_16 == ("n",)
+    flags = KernelConfig("f", {"p": "*fp32", "a": "i64", "b": "u32", "c": "i1", "s": "fp64"}, {})
+    assert flags.with_divisible_ints().divisible_by_16 == ("p", "a", "b"), "bools are never marked divisible"
+    res = compile_config(KernelEntry("test", scaled_add_kernel, []), spec, "sm_90")
+    assert res.ok and res.problems == [] and res.config == "fp16 [ints/16]", res
+
+
+def test_cli_compile_divisible_ints_option():
+    parse = cli.build_parser().parse_args
+    assert parse(["compile"]).divisible_ints == "off"
+    assert parse(["compile", "--divisible-ints"]).divisible_ints == "also"
+    assert parse(["compile", "--divisible-ints", "only", "--families", "lfq"]).divisible_ints == "only"
+
+
 def test_compile_resolves_jit_helpers_the_kernel_calls():
     # under the interpreter both the kernel and its helper are InterpretedFunctions
     entry = KernelEntry("test", calls_helper_kernel, [])
