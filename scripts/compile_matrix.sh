@@ -2,12 +2,16 @@
 # `fastsora compile` (every registered kernel config, AOT for sm_80 and sm_90, no GPU needed) under several
 # Triton releases: register allocation differs between releases, and a config must compile without spills
 # under every release we support (triton >= 3.4; the lent GPU machines run 3.6).
-# Usage: bash scripts/compile_matrix.sh [TRITON_VERSION ...]   (default: 3.4.0 3.6.0 and the installed one)
+# Usage: bash scripts/compile_matrix.sh [TRITON_VERSION ...] [-- FASTSORA_COMPILE_ARGS ...]
+#   (default versions: 3.4.0 3.6.0 and the newest; arguments after `--` go to `fastsora compile`, e.g.
+#    `bash scripts/compile_matrix.sh 3.6.0 -- --divisible-ints` also builds the JIT's launch specialisation)
 # Each version gets its own venv, .venv-triton-VERSION (CPU torch==2.13.0 + that triton + fastsora).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="${PYTHON:-python3}"
-versions=("$@")
+versions=()
+while [ "$#" -gt 0 ] && [ "$1" != "--" ]; do versions+=("$1"); shift; done
+if [ "$#" -gt 0 ]; then shift; fi   # the `--`; what is left goes to `fastsora compile`
 if [ "${#versions[@]}" -eq 0 ]; then versions=(3.4.0 3.6.0 ""); fi
 status=0
 for v in "${versions[@]}"; do
@@ -16,6 +20,6 @@ for v in "${versions[@]}"; do
   "$venv/bin/python" -m pip install -q "torch==2.13.0" "triton${v:+==$v}" numpy setuptools wheel
   "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$root"
   echo "== triton $("$venv/bin/python" -c 'import triton; print(triton.__version__)')"
-  (cd "$root" && "$venv/bin/fastsora" compile) | grep -v ' ok *$' || status=1  # problems and the summary
+  (cd "$root" && "$venv/bin/fastsora" compile "$@") | grep -v ' ok *$' || status=1  # problems and the summary
 done
 exit $status

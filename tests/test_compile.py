@@ -1,6 +1,10 @@
 """Every registered kernel config compiles for sm_80 and sm_90 without a GPU: no spills (nor stack frames),
 shared memory within the architecture's limit (what the interpreter cannot see). The same check as
-``fastsora compile``, one test per (kernel, config, arch): about 3 minutes on 2 cores."""
+``fastsora compile``, one test per (kernel, config, arch): about 3 minutes on 2 cores.
+
+The same sweep with every integer argument divisible by 16 (``fastsora compile --divisible-ints``, the JIT's
+launch specialisation of power-of-two shapes) runs as ``slow`` tests (``pytest -m slow tests/test_compile.py``),
+as long again: CI deselects them."""
 import pytest
 import triton
 
@@ -12,6 +16,9 @@ ARCHS = ("sm_80", "sm_90")
 POINTS = [pytest.param(key, i, arch, id=f"{key}[{cfg.label}]-{arch}")
           for key in sorted(KERNELS) for i, cfg in enumerate(KERNELS[key].configs) for arch in ARCHS
           if cfg.built_for(arch)]
+DIVISIBLE_INT_POINTS = [pytest.param(key, i, arch, id=f"{key}[{cfg.label}]-{arch}-ints16", marks=pytest.mark.slow)
+                        for key in sorted(KERNELS) for i, cfg in enumerate(KERNELS[key].configs) for arch in ARCHS
+                        if cfg.built_for(arch)]
 
 
 def test_every_family_registers_kernels():
@@ -23,6 +30,17 @@ def test_every_family_registers_kernels():
 def test_kernel_config_compiles_clean(key, index, arch):
     entry = KERNELS[key]
     config = entry.configs[index]
+    result = compile_config(entry, config, arch)
+    if config.stack_frame_known(result.problems, triton.__version__):
+        pytest.xfail(f"documented stack frame under triton {triton.__version__}: {result.problems}")
+    assert result.problems == [], f"{key} [{config.label}] on {arch}: {result.problems}"
+
+
+@pytest.mark.parametrize("key,index,arch", DIVISIBLE_INT_POINTS)
+def test_kernel_config_compiles_clean_with_divisible_ints(key, index, arch):
+    """The build Triton's JIT makes when every integer argument of the launch is a multiple of 16."""
+    entry = KERNELS[key]
+    config = entry.configs[index].with_divisible_ints()
     result = compile_config(entry, config, arch)
     if config.stack_frame_known(result.problems, triton.__version__):
         pytest.xfail(f"documented stack frame under triton {triton.__version__}: {result.problems}")
