@@ -611,23 +611,51 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(2, 3, 4, 1, 0).reshape(-1, c_in, c_out).contiguous()
 
 
+def batch_chunks(B: int, per_sample: int, max_positions: int) -> List[Tuple[int, int]]:
+    """Batch ranges [b0, b1) covering [0, B) whose launches index at most ``max_positions`` positions
+    (b, t, h, w) each: the kernels index positions in int32, so a batch whose B*T*H*W passes that is run as
+    several launches on views of its samples (no copy). One sample must fit on its own."""
+    if per_sample > max_positions:
+        raise ValueError(f"causal_conv3d: one sample has {per_sample} positions (T*H*W), more than the "
+                         f"{max_positions} one launch can index")
+    step = max(1, max_positions // max(per_sample, 1))
+    return [(b0, min(b0 + step, B)) for b0 in range(0, B, step)]
+
+
+def _rows(t: Optional[torch.Tensor], b0: int, b1: int) -> Optional[torch.Tensor]:
+    return t[b0:b1] if t is not None else None
+
+
 def causal_conv3d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                       residual: Optional[torch.Tensor], cache: Optional[torch.Tensor], stride: int, dilation: int,
-                      time_pad: int, replicate: bool, activation: Optional[str], store_pre: bool
-                      ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                      time_pad: int, replicate: bool, activation: Optional[str], store_pre: bool,
+                      max_positions: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Forward launch. x (B, C_in, T, H, W); weight (C_out, C_in, kt, kh, kw); bias (C_out,); residual
     (B, C_out, T_out, H, W); cache (B, C_in, Tc, H, W) = frames -Tc..-1 (time padding then comes from it).
-    Returns y (B, C_out, T_out, H, W) in x's memory format and, with ``store_pre``, conv + bias (same shape)."""
+    Returns y (B, C_out, T_out, H, W) in x's memory format and, with ``store_pre``, conv + bias (same shape).
+    Batches of more than ``max_positions`` positions run as one launch per chunk of samples."""
     B, C_in, T, H, W = x.shape
-    C_out, _, KT, KH, KW = weight.shape
+    C_out = weight.shape[0]
     T_out = T // stride
     fmt = _memory_format(x)
     y = new_output((B, C_out, T_out, H, W), x.dtype, x.device, memory_format=fmt)
     z = new_output((B, C_out, T_out, H, W), x.dtype, x.device, memory_format=fmt) if store_pre else None
-    M = B * T_out * H * W
-    if M == 0 or C_out == 0:
+    if B * T_out * H * W == 0 or C_out == 0:
         return y, z
     wp = pack_weight(weight)
+    for b0, b1 in batch_chunks(B, T * H * W, max_positions):
+        _fwd_launch(x[b0:b1], wp, weight.shape, bias, _rows(residual, b0, b1), _rows(cache, b0, b1), y[b0:b1],
+                    _rows(z, b0, b1), stride, dilation, time_pad, replicate, activation)
+    return y, z
+
+
+def _fwd_launch(x, wp, w_shape, bias, residual, cache, y, z, stride, dilation, time_pad, replicate, activation):
+    """One forward launch over all positions of x (fewer than 2^31)."""
+    B, C_in, T, H, W = x.shape
+    C_out, _, KT, KH, KW = w_shape
+    T_out = T // stride
+    M = B * T_out * H * W
+    store_pre = z is not None
     has_cache = cache is not None and cache.shape[2] > 0
     c = cache if has_cache else x
     rs = residual.stride() if residual is not None else (0,) * 5
@@ -642,7 +670,6 @@ def causal_conv3d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C_out, meta["BLOCK_N"]))
     _launch("fwd", _causal_conv3d_fwd_kernel, grid, args, consts, x.dtype, x.device)
-    return y, z
 
 
 def silu_backward(dy: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -702,86 +729,110 @@ GROUP_MIN_ROWS = 4096
 
 def causal_conv3d_bwd(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, cache: Optional[torch.Tensor],
                       stride: int, dilation: int, time_pad: int, replicate: bool, has_bias: bool,
-                      need_input: bool = True, need_weight: bool = True
+                      need_input: bool, need_weight: bool, max_positions: int
                       ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Grad input, grad weight and grad bias for the cotangent ``g`` of conv + bias (B, C_out, T_out, H, W)
-    (after the activation's backward). The cache is a constant: no gradient flows into it."""
+    (after the activation's backward). The cache is a constant: no gradient flows into it. Batches of more than
+    ``max_positions`` positions run as one set of launches per chunk of samples (grad weight and bias
+    accumulate over the chunks)."""
     B, C_in, T, H, W = x.shape
     C_out, _, KT, KH, KW = weight.shape
-    T_out = g.shape[2]
-    has_cache = cache is not None and cache.shape[2] > 0
-    ieee = x.dtype == torch.float32
     dx = dw = db = None
+    dw32 = db32 = None
     if need_input:
         dx = new_output(x.shape, x.dtype, x.device, memory_format=_memory_format(x))
-        wp = pack_weight(weight)
-        ph, pw = KH // 2, KW // 2
-        halo_t = max(time_pad, 0) if (replicate and not has_cache) else 0
-        halo_h, halo_w = (ph, pw) if replicate else (0, 0)
-
-        def run(rows, R, T_rows, ht, hh, hw):
-            nt, nh, nw = ht + 1, (hh + 1 if H > 1 else 2 * hh + 1), (hw + 1 if W > 1 else 2 * hw + 1)
-            args = (g, wp, dx, rows if rows is not None else dx, R, C_in, T_rows, H, W, C_out, T_out,
-                    *g.stride(), *dx.stride(), stride, dilation, time_pad, ht, hh, hw, nt, nh, nw)
-            consts = dict(KT=KT, KH=KH, KW=KW, ROW_LIST=rows is not None, IEEE=ieee)
-
-            def grid(meta):
-                return (triton.cdiv(R, meta["BLOCK_M"]), triton.cdiv(C_in, meta["BLOCK_N"]))
-            _launch("bwd_input", _causal_conv3d_bwd_input_kernel, grid, args, consts, x.dtype, x.device)
-
-        if dx.numel():
-            # 1) direct term for every pixel
-            run(None, B * T * H * W, T, 0, 0, 0)
-            # 2) frame 0 with the time halo (replicate in time): overwrite
-            if halo_t > 0:
-                run(None, B * H * W, 1, halo_t, 0, 0)
-            # 3) spatial border pixels with their full halo (time halo too on frame 0): overwrite
-            if halo_h > 0 or halo_w > 0:
-                key = (B, T, H, W, halo_h, halo_w, halo_t > 0, GROUP_MIN_ROWS, x.device)
-                groups = _BORDER_CACHE.get(key)
-                if groups is None:
-                    groups = _border_groups(B, T, H, W, halo_h, halo_w, halo_t > 0, x.device)
-                    if len(_BORDER_CACHE) > 64:
-                        _BORDER_CACHE.clear()
-                    _BORDER_CACHE[key] = groups
-                for rows, frame0, need_h, need_w in groups:
-                    # flat indices over (B, T, H, W); the time halo applies to t == 0 rows only
-                    run(rows, rows.numel(), T, halo_t if frame0 else 0, halo_h if need_h else 0,
-                        halo_w if need_w else 0)
     if need_weight:
-        taps = KT * KH * KW
-        dw32 = torch.zeros((taps, C_in, C_out), dtype=torch.float32, device=x.device)
+        dw32 = torch.zeros((KT * KH * KW, C_in, C_out), dtype=torch.float32, device=x.device)
         db32 = torch.zeros((C_out,), dtype=torch.float32, device=x.device) if has_bias else dw32
-        M = B * T_out * H * W
-        if M > 0:
-            c = cache if has_cache else x
-            args_base = (x, c, g, dw32, db32, M, C_in, H, W, C_out, T_out, c.shape[2] if has_cache else 0)
-            strides = (*x.stride(), *c.stride(), *g.stride(), stride, dilation, time_pad)
-            flat = _flat(C_in, has_cache)
-            consts = dict(KT=KT, KH=KH, KW=KW, REPLICATE=bool(replicate), HAS_CACHE=has_cache,
-                          HAS_BIAS=has_bias, IEEE=ieee, FLAT=flat)
-            if KERNELS_INTERPRETED or torch.are_deterministic_algorithms_enabled():
-                # one program per weight tile reduces every position: each element has one writer, so the
-                # fp32 atomics add in a fixed order and the result is bit-reproducible
-                splits = 1
-            else:
-                sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-                tiles = taps * triton.cdiv(C_in, 64) * triton.cdiv(C_out, 64)
-                splits = max(1, min(triton.cdiv(M, 1024), triton.cdiv(4 * sms, tiles)))
-            # a multiple of every BLOCK_M (all divide 256): the splits tile [0, M) exactly
-            rows_per_split = triton.cdiv(triton.cdiv(M, splits), 256) * 256
-            splits = triton.cdiv(M, rows_per_split)
-
-            def grid(meta):
-                rows = triton.cdiv(taps * C_in, meta["BLOCK_K"]) if flat else taps * triton.cdiv(C_in, meta["BLOCK_K"])
-                return (rows, triton.cdiv(C_out, meta["BLOCK_N"]), splits)
-            unit_c = not flat and x.stride(1) == 1 and c.stride(1) == 1 and g.stride(1) == 1 \
-                and all(v % 16 == 0 for v in (C_in, C_out, *x.stride(), *c.stride(), *g.stride()) if v != 1)
-            _launch("bwd_weight", _causal_conv3d_bwd_weight_kernel, grid, args_base + (rows_per_split,) + strides,
-                    consts, x.dtype, x.device, unit_channel_stride=unit_c)
+    wp = pack_weight(weight) if need_input else None
+    for b0, b1 in batch_chunks(B, T * H * W, max_positions):
+        gb, xb, cb = g[b0:b1], x[b0:b1], _rows(cache, b0, b1)
+        if need_input and dx.numel():
+            _bwd_input_launches(gb, xb, wp, weight.shape, cb, dx[b0:b1], stride, dilation, time_pad, replicate)
+        if need_weight:
+            _bwd_weight_launch(gb, xb, weight.shape, cb, dw32, db32, stride, dilation, time_pad, replicate,
+                               has_bias)
+    if need_weight:
         dw = dw32.reshape(KT, KH, KW, C_in, C_out).permute(4, 3, 0, 1, 2).to(weight.dtype) \
             .contiguous(memory_format=_memory_format(weight))
         if has_bias:
             db = db32.to(weight.dtype)
     return dx, dw, db
 
+
+def _bwd_input_launches(g, x, wp, w_shape, cache, dx, stride, dilation, time_pad, replicate) -> None:
+    """dx for all positions of x (fewer than 2^31): the direct term for every pixel, then frame 0 and the
+    spatial border pixels recomputed with their halo where the padding replicates."""
+    B, C_in, T, H, W = x.shape
+    C_out, _, KT, KH, KW = w_shape
+    T_out = g.shape[2]
+    has_cache = cache is not None and cache.shape[2] > 0
+    ph, pw = KH // 2, KW // 2
+    halo_t = max(time_pad, 0) if (replicate and not has_cache) else 0
+    halo_h, halo_w = (ph, pw) if replicate else (0, 0)
+
+    def run(rows, R, T_rows, ht, hh, hw):
+        nt, nh, nw = ht + 1, (hh + 1 if H > 1 else 2 * hh + 1), (hw + 1 if W > 1 else 2 * hw + 1)
+        args = (g, wp, dx, rows if rows is not None else dx, R, C_in, T_rows, H, W, C_out, T_out,
+                *g.stride(), *dx.stride(), stride, dilation, time_pad, ht, hh, hw, nt, nh, nw)
+        consts = dict(KT=KT, KH=KH, KW=KW, ROW_LIST=rows is not None, IEEE=x.dtype == torch.float32)
+
+        def grid(meta):
+            return (triton.cdiv(R, meta["BLOCK_M"]), triton.cdiv(C_in, meta["BLOCK_N"]))
+        _launch("bwd_input", _causal_conv3d_bwd_input_kernel, grid, args, consts, x.dtype, x.device)
+
+    # 1) direct term for every pixel
+    run(None, B * T * H * W, T, 0, 0, 0)
+    # 2) frame 0 with the time halo (replicate in time): overwrite
+    if halo_t > 0:
+        run(None, B * H * W, 1, halo_t, 0, 0)
+    # 3) spatial border pixels with their full halo (time halo too on frame 0): overwrite
+    if halo_h > 0 or halo_w > 0:
+        key = (B, T, H, W, halo_h, halo_w, halo_t > 0, GROUP_MIN_ROWS, x.device)
+        groups = _BORDER_CACHE.get(key)
+        if groups is None:
+            groups = _border_groups(B, T, H, W, halo_h, halo_w, halo_t > 0, x.device)
+            if len(_BORDER_CACHE) > 64:
+                _BORDER_CACHE.clear()
+            _BORDER_CACHE[key] = groups
+        for rows, frame0, need_h, need_w in groups:
+            # flat indices over (B, T, H, W); the time halo applies to t == 0 rows only
+            run(rows, rows.numel(), T, halo_t if frame0 else 0, halo_h if need_h else 0, halo_w if need_w else 0)
+
+
+def _bwd_weight_launch(g, x, w_shape, cache, dw32, db32, stride, dilation, time_pad, replicate, has_bias) -> None:
+    """dw32 (taps, C_in, C_out) and db32 (C_out,) += the contributions of all positions of x (fewer than 2^31),
+    fp32 atomics."""
+    B, C_in, T, H, W = x.shape
+    C_out, _, KT, KH, KW = w_shape
+    T_out = g.shape[2]
+    M = B * T_out * H * W
+    if M == 0:
+        return
+    taps = KT * KH * KW
+    has_cache = cache is not None and cache.shape[2] > 0
+    c = cache if has_cache else x
+    args_base = (x, c, g, dw32, db32, M, C_in, H, W, C_out, T_out, c.shape[2] if has_cache else 0)
+    strides = (*x.stride(), *c.stride(), *g.stride(), stride, dilation, time_pad)
+    flat = _flat(C_in, has_cache)
+    consts = dict(KT=KT, KH=KH, KW=KW, REPLICATE=bool(replicate), HAS_CACHE=has_cache,
+                  HAS_BIAS=has_bias, IEEE=x.dtype == torch.float32, FLAT=flat)
+    if KERNELS_INTERPRETED or torch.are_deterministic_algorithms_enabled():
+        # one program per weight tile reduces every position: each element has one writer, so the
+        # fp32 atomics add in a fixed order and the result is bit-reproducible
+        splits = 1
+    else:
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        tiles = taps * triton.cdiv(C_in, 64) * triton.cdiv(C_out, 64)
+        splits = max(1, min(triton.cdiv(M, 1024), triton.cdiv(4 * sms, tiles)))
+    # a multiple of every BLOCK_M (all divide 256): the splits tile [0, M) exactly
+    rows_per_split = triton.cdiv(triton.cdiv(M, splits), 256) * 256
+    splits = triton.cdiv(M, rows_per_split)
+
+    def grid(meta):
+        rows = triton.cdiv(taps * C_in, meta["BLOCK_K"]) if flat else taps * triton.cdiv(C_in, meta["BLOCK_K"])
+        return (rows, triton.cdiv(C_out, meta["BLOCK_N"]), splits)
+    unit_c = not flat and x.stride(1) == 1 and c.stride(1) == 1 and g.stride(1) == 1 \
+        and all(v % 16 == 0 for v in (C_in, C_out, *x.stride(), *c.stride(), *g.stride()) if v != 1)
+    _launch("bwd_weight", _causal_conv3d_bwd_weight_kernel, grid, args_base + (rows_per_split,) + strides,
+            consts, x.dtype, x.device, unit_channel_stride=unit_c)

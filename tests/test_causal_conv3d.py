@@ -3,6 +3,8 @@
 Forward over kernel sizes, strides, dilations, pad modes, bias, layouts, the short-clip fallback and the fused
 epilogue; gradients for input, weight, bias and residual; NaN-poisoned outputs throughout.
 """
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -116,6 +118,54 @@ def test_offsets_past_2_31_elements(pad_mode, dtype, device, poison):
     assert_close(y, y64, dtype)
     for name, g, r in zip(("x", "weight", "bias", "residual"), got, grads(y64, [x64, w64, b64, r64])):
         assert_close(g, r, dtype, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("pad_mode", ["constant", "replicate"])
+@pytest.mark.parametrize("with_cache", [False, True])
+def test_batch_split_past_launch_positions(pad_mode, with_cache, monkeypatch, dtype, device, poison):
+    """A batch with more positions (B*T*H*W) than one launch may index runs as one launch per chunk of
+    samples on views (no copy): the launch limit is lowered so that 5 samples run as chunks of 2, 2 and 1.
+    Output (silu + residual epilogue, cache read in place) and every gradient must match the oracle, and the
+    kernels must be launched once per chunk."""
+    import fastsora.kernels.causal_conv3d as K
+    ops = importlib.import_module("fastsora.ops.causal_conv3d")  # the attribute is the function of that name
+
+    b, t, h, w = 5, 4, 3, 5
+    monkeypatch.setattr(ops, "MAX_LAUNCH_POSITIONS", 2 * t * h * w + 7)
+    launches = []
+    real_launch = K._launch
+    monkeypatch.setattr(K, "_launch", lambda kind, *a, **kw: (launches.append(kind), real_launch(kind, *a, **kw)))
+    x, wt, bs, rs = _inputs(b, 3, 4, t, h, w, (3, 3, 3), dtype, device, residual=True, requires_grad=True)
+    cache = randn(b, 3, 2, h, w, dtype=dtype, device=device) if with_cache else None
+    with fastsora.use_backend("triton"):
+        y = causal_conv3d(x, wt, bs, pad_mode=pad_mode, activation="silu", residual=rs, cache=cache)
+        got = grads(y, [x, wt, bs, rs])
+    assert launches.count("fwd") == 3 and launches.count("bwd_weight") == 3
+    x64, w64, b64, r64 = to_float64((x, wt, bs, rs))
+    if with_cache:  # the cache is the frames before x: the oracle sees the whole video and drops them
+        full = torch.cat([to_float64(cache), x64], dim=2)
+        y64 = F.silu(_oracle(full, w64, b64, pad_mode=pad_mode)[:, :, 2:]) + r64
+    else:
+        y64 = _oracle(x64, w64, b64, r64, pad_mode=pad_mode, activation="silu")
+    assert_close(y, y64, dtype)
+    for name, g, r in zip(("x", "weight", "bias", "residual"), got, grads(y64, [x64, w64, b64, r64])):
+        assert_close(g, r, dtype, name=f"grad {name}")
+
+
+@pytest.mark.interpreter
+def test_one_sample_past_launch_positions_is_refused(monkeypatch):
+    """Positions are split between samples only: a sample with more positions than one launch indexes is
+    refused by the Triton backend with the reason (shape-only check: a stride-0 view, no memory)."""
+    ops = importlib.import_module("fastsora.ops.causal_conv3d")  # the attribute is the function of that name
+    from fastsora.backend import BackendError
+
+    x = torch.randn(1, 2, 1, 1, 1).expand(3, 2, 1024, 1024, 1025)
+    wt = torch.randn(4, 2, 3, 3, 3)
+    with fastsora.use_backend("triton"), pytest.raises(BackendError, match=r"1074790400 positions in one sample"):
+        causal_conv3d(x, wt)
+    monkeypatch.setattr(ops, "MAX_LAUNCH_POSITIONS", 59)
+    with fastsora.use_backend("triton"), pytest.raises(BackendError, match=r"= 60 positions in one sample > 59"):
+        causal_conv3d(torch.randn(2, 2, 3, 4, 5), wt)
 
 
 def test_replicate_border_gradient_accumulates(device, poison):

@@ -23,6 +23,9 @@ __all__ = ["causal_conv3d"]
 
 OP_NAME = "causal_conv3d"
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+#: positions (b, t, h, w) one kernel launch indexes (int32 arithmetic, with headroom for a tile past the end);
+#: larger batches run as several launches over views of their samples
+MAX_LAUNCH_POSITIONS = 2 ** 30
 
 
 def _memory_format(x: torch.Tensor):
@@ -36,10 +39,11 @@ def _triton_unsupported(x: torch.Tensor, weight: Optional[torch.Tensor] = None) 
         return f"{str(x.dtype).removeprefix('torch.')} inputs (the kernels take float16, bfloat16 and float32)"
     if x.device.type == "cpu" and x.dtype == torch.bfloat16:
         return "bfloat16 inputs on CPU (Triton's interpreter computes bfloat16 wrongly)"
-    positions = x.shape[0] * x.shape[2] * x.shape[3] * x.shape[4]
-    if positions >= 2 ** 31:
-        return f"B*T*H*W = {positions} positions >= 2^31 (the kernels index positions in int32; tensors with " \
-               "more than 2^31 elements are fine)"
+    per_sample = x.shape[2] * x.shape[3] * x.shape[4]
+    if per_sample > MAX_LAUNCH_POSITIONS:
+        return f"T*H*W = {per_sample} positions in one sample > {MAX_LAUNCH_POSITIONS} (the kernels index " \
+               "positions in int32 and split a batch only between samples; tensors with more than 2^31 " \
+               "elements, and batches with more than 2^31 positions in all, are fine)"
     if weight is not None and weight.numel() >= 2 ** 31:
         return f"a weight of {weight.numel()} elements >= 2^31"
     return None
@@ -127,7 +131,7 @@ def _causal_conv3d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         from fastsora.kernels import causal_conv3d as _k
 
         y, z = _k.causal_conv3d_fwd(x, weight, bias, residual, cache, stride, dilation, tp, mode == "replicate",
-                                    act, save_pre)
+                                    act, save_pre, MAX_LAUNCH_POSITIONS)
         return y, (z if z is not None else x.new_empty(0))
     pre = _ref.causal_conv3d(x, weight, bias, stride=stride, dilation=dilation, pad_mode=pad_mode,
                              cache=cache, streaming=streaming)
@@ -169,7 +173,7 @@ def _causal_conv3d_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.
         mode = _ref.effective_pad_mode(pad_mode, tp, x.shape[2], streaming or cache is not None)
         g = _k.silu_backward(dy, pre) if act == "silu" else dy
         dx, dw, db = _k.causal_conv3d_bwd(g, x, weight, cache, stride, dilation, tp, mode == "replicate",
-                                          has_bias and need_weight, need_input, need_weight)
+                                          has_bias and need_weight, need_input, need_weight, MAX_LAUNCH_POSITIONS)
     else:
         dx, dw, db = _ref.causal_conv3d_backward(dy, x, weight, bias, cache, stride, dilation, pad_mode, act,
                                                  streaming)
