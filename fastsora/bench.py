@@ -12,6 +12,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -141,11 +142,14 @@ def measured_peaks(device: torch.device, dtype: torch.dtype) -> Dict[str, float]
 
 
 def _impls(spec: OpSpec, device: torch.device) -> Dict[str, Callable]:
-    """The impls to time here; on CPU 'fastsora' is fastsora's torch backend (labelled so)."""
+    """The impls to time here; on CPU 'fastsora' is fastsora's torch backend (labelled so). An op's impls
+    named 'fastsora' and 'fastsora[VARIANT]' (e.g. another input layout) run on that backend and are labelled
+    'fastsora[BACKEND]' and 'fastsora[BACKEND,VARIANT]'."""
     impls = {}
     for name, make in spec.bench_impls.items():
-        if name == "fastsora":
+        if name == "fastsora" or name.startswith("fastsora["):
             backend = "triton" if device.type == "cuda" else "torch"
+            variant = name[len("fastsora["):-1] if name != "fastsora" else ""
 
             def make_fast(args, mode, _make=make, _backend=backend):
                 thunk = _make(args, mode)
@@ -156,19 +160,23 @@ def _impls(spec: OpSpec, device: torch.device) -> Dict[str, Callable]:
                     with use_backend(_backend):
                         return thunk()
                 return run
-            impls[f"fastsora[{backend}]"] = make_fast
+            impls[f"fastsora[{backend},{variant}]" if variant else f"fastsora[{backend}]"] = make_fast
         else:
             impls[name] = make
     return impls
 
 
+def _row(item: "BenchItem") -> Dict[str, Any]:
+    """A result row of ``item`` with nothing measured yet."""
+    return {"op": item.spec.name, "case": item.case.label, "dtype": str(item.dtype).removeprefix("torch."),
+            "mode": item.mode, "impl": item.impl, "status": "ok", "median_ms": None, "tflops": None, "gbps": None,
+            "pct_peak_flops": None, "pct_peak_bw": None, "peak_mem_bytes": None}
+
+
 def bench_item(item: "BenchItem", device: torch.device, peaks: Dict[str, float]) -> Dict[str, Any]:
     """Time one point and measure its peak memory; out-of-memory and n/a points are rows too."""
     case = item.case
-    row: Dict[str, Any] = {"op": item.spec.name, "case": case.label, "dtype": str(item.dtype).removeprefix("torch."),
-                           "mode": item.mode, "impl": item.impl, "status": "ok", "median_ms": None,
-                           "tflops": None, "gbps": None, "pct_peak_flops": None, "pct_peak_bw": None,
-                           "peak_mem_bytes": None}
+    row = _row(item)
     try:
         thunk = item.thunk(device)
         if thunk is None:
@@ -215,53 +223,90 @@ class BenchItem:
 
 def bench_plan(device: torch.device, ops: Optional[Sequence[str]] = None,
                dtypes: Optional[Sequence[torch.dtype]] = None,
-               modes: Optional[Sequence[str]] = None) -> List[BenchItem]:
+               modes: Optional[Sequence[str]] = None, cases: Optional[str] = None,
+               impls: Optional[Sequence[str]] = None) -> List[BenchItem]:
     """Every (op, case, dtype, mode, impl) point registered for ``device`` (default dtype: bf16 on CUDA,
-    fp32 on CPU). Shared by ``fastsora bench`` and the pytest-benchmark suites in benchmarks/."""
+    fp32 on CPU), in registration order. ``cases``: a regular expression searched in each case's label
+    (``re.search``); ``impls``: impl names to keep (``fastsora`` matches ``fastsora[triton]`` and
+    ``fastsora[torch]``). Shared by ``fastsora bench`` and the pytest-benchmark suites in benchmarks/."""
+    pattern = re.compile(cases) if cases else None
     plan = []
     for spec in select_ops(ops, "fastsora bench"):
         op_dtypes = dtypes or ((torch.bfloat16,) if device.type == "cuda" else (torch.float32,))
         for case in spec.bench_cases(device):
+            if pattern is not None and not pattern.search(case.label):
+                continue
             for dtype in op_dtypes:
                 for mode in (m for m in spec.bench_modes if not modes or m in modes):
                     for impl, make in _impls(spec, device).items():
+                        if impls and impl not in impls and impl.split("[")[0] not in impls:
+                            continue
                         plan.append(BenchItem(spec, case, dtype, mode, impl, make))
     return plan
 
 
 def run_bench(device: torch.device, ops: Optional[Sequence[str]] = None,
               dtypes: Optional[Sequence[torch.dtype]] = None, modes: Optional[Sequence[str]] = None,
-              progress: Callable[[int, int, str], None] = lambda i, n, s: None) -> Dict[str, Any]:
-    """Run every plan point; ``progress(done, total, line)`` is called after each."""
+              progress: Callable[[int, int, str], None] = lambda i, n, s: None, cases: Optional[str] = None,
+              impls: Optional[Sequence[str]] = None, budget_s: Optional[float] = None,
+              on_report: Callable[[Dict[str, Any]], None] = lambda report: None) -> Dict[str, Any]:
+    """Run every plan point; ``progress(done, total, line)`` is called after each and ``on_report(report)``
+    with the report so far (``partial`` true until the last point), so a run cut short still leaves its
+    rows. With ``budget_s``, no point starts after that many seconds: the rest are rows with status
+    'skipped: time budget'."""
     from fastsora.kernels.utils import autotune_picks  # after the CLI decided on the interpreter
 
-    plan = bench_plan(device, ops, dtypes, modes)
+    start = time.perf_counter()
+    plan = bench_plan(device, ops, dtypes, modes, cases, impls)
     peaks = {str(d).removeprefix("torch."): measured_peaks(device, d) for d in {p.dtype for p in plan}}
-    rows = []
-    for i, item in enumerate(plan, 1):
-        row = bench_item(item, device, peaks[str(item.dtype).removeprefix("torch.")])
-        rows.append(row)
-        timing = f"{row['median_ms']:.3f} ms" if row["median_ms"] is not None else row["status"]
-        progress(i, len(plan), f"{item}: {timing}")
-    return {
+    report = {
         "device": device_name(device), "device_type": device.type, "versions": versions(),
         "git_commit": git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "interpreter_note": None if device.type == "cuda" else
         "CPU: fastsora is timed on its torch backend; Triton kernels run only in the interpreter here and are not timed",
-        "measured_peaks": peaks, "results": rows,
+        "selection": {"ops": list(ops) if ops else None, "cases": cases, "impls": list(impls) if impls else None,
+                      "budget_s": budget_s},
+        "measured_peaks": peaks, "results": [], "partial": True,
         # on CUDA: the config each Triton autotuner chose per key, to trim the candidate tables
-        "autotune_picks": autotune_picks(),
+        "autotune_picks": {},
     }
+    for i, item in enumerate(plan, 1):
+        if budget_s is not None and time.perf_counter() - start > budget_s:
+            row = _row(item)
+            row["status"] = "skipped: time budget"
+        else:
+            row = bench_item(item, device, peaks[str(item.dtype).removeprefix("torch.")])
+        report["results"].append(row)
+        report["autotune_picks"] = autotune_picks()
+        report["partial"] = i < len(plan)
+        timing = f"{row['median_ms']:.3f} ms" if row["median_ms"] is not None else row["status"]
+        progress(i, len(plan), f"{item}: {timing}")
+        on_report(report)
+    report["partial"] = False
+    report["autotune_picks"] = autotune_picks()
+    return report
 
 
-def write_results(report: Dict[str, Any], out_dir: str) -> List[str]:
-    """Write the JSON (and a PNG plot when matplotlib is installed); returns the paths written."""
-    os.makedirs(out_dir, exist_ok=True)
+def results_base(report: Dict[str, Any], out_dir: str) -> str:
+    """``out_dir/bench-<device>-<date>``: the path of a report's files without extension."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     tag = "".join(c if c.isalnum() else "-" for c in report["device"]).strip("-").lower()[:40]
-    base = os.path.join(out_dir, f"bench-{tag}-{stamp}")
-    with open(base + ".json", "w") as f:
+    return os.path.join(out_dir, f"bench-{tag}-{stamp}")
+
+
+def write_json(report: Dict[str, Any], path: str) -> None:
+    """Write the report as JSON atomically (a run killed mid-write leaves the previous complete file)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
         json.dump(report, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def write_results(report: Dict[str, Any], out_dir: str, base: Optional[str] = None) -> List[str]:
+    """Write the JSON (and a PNG plot when matplotlib is installed) to ``base`` (default
+    :func:`results_base`); returns the paths written."""
+    base = base or results_base(report, out_dir)
+    write_json(report, base + ".json")
     paths = [base + ".json"]
     try:
         import matplotlib

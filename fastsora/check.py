@@ -6,7 +6,7 @@ compiled kernels run at realistic shapes in fp32, fp16 and bf16.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -35,8 +35,10 @@ def _flat(out) -> List[torch.Tensor]:
     return [t for item in out for t in _flat(item)]
 
 
-def check_op(spec: OpSpec, device: torch.device, dtypes: Optional[Sequence[torch.dtype]] = None) -> List[CheckRow]:
-    """Run every check case of ``spec`` on the Triton backend and compare with the float64 reference."""
+def check_op(spec: OpSpec, device: torch.device, dtypes: Optional[Sequence[torch.dtype]] = None,
+             on_row: Callable[[CheckRow], None] = lambda row: None) -> List[CheckRow]:
+    """Run every check case of ``spec`` on the Triton backend and compare with the float64 reference;
+    ``on_row(row)`` is called as each row is done."""
     if dtypes is None:
         dtypes = spec.dtypes_cuda if device.type == "cuda" else spec.dtypes_cpu
     rows = []
@@ -55,11 +57,14 @@ def check_op(spec: OpSpec, device: torch.device, dtypes: Optional[Sequence[torch
             except Exception as exc:
                 row.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
             rows.append(row)
+            on_row(row)
     return rows
 
 
-def run_checks(device: torch.device, ops: Optional[Sequence[str]] = None) -> List[CheckRow]:
+def run_checks(device: torch.device, ops: Optional[Sequence[str]] = None,
+               on_row: Callable[[CheckRow], None] = lambda row: None) -> List[CheckRow]:
+    """Every check row of the selected ops (all registered ones by default); ``on_row`` as in :func:`check_op`."""
     rows = []
     for spec in select_ops(ops, "fastsora check"):
-        rows.extend(check_op(spec, device))
+        rows.extend(check_op(spec, device, on_row=on_row))
     return rows

@@ -64,7 +64,10 @@ def cmd_check(args) -> int:
     from fastsora.check import run_checks
 
     device = _device()
-    rows = run_checks(device, args.ops)
+
+    def on_row(r):  # one line per row as it finishes, so a run cut short still says what it checked
+        print(f"  {r.op} | {r.case} | {r.dtype}: {'ok' if r.ok else 'FAILED'}", file=sys.stderr, flush=True)
+    rows = run_checks(device, args.ops, on_row=on_row)
     table = [(r.op, r.case, r.dtype, f"{r.max_rel_error:.2e}", f"{r.tolerance:.0e}",
               "ok" if r.ok else ("ERROR " + r.error if r.error else "MISMATCH")) for r in rows]
     print(f"parity against float64 references on {device.type}"
@@ -131,11 +134,18 @@ def _progress_bar(done: int, total: int, line: str) -> None:
 def cmd_bench(args) -> int:
     import torch
 
-    from fastsora.bench import run_bench, write_results
+    from fastsora.bench import results_base, run_bench, write_json, write_results
 
     device = _device()
     dtypes = [getattr(torch, d) for d in args.dtype] if args.dtype else None
-    report = run_bench(device, args.ops, dtypes, args.modes, progress=_progress_bar)
+    base = []  # the files' path, fixed at the first row: the JSON is rewritten after every point
+
+    def on_report(report):
+        if not base:
+            base.append(results_base(report, args.out))
+        write_json(report, base[0] + ".json")
+    report = run_bench(device, args.ops, dtypes, args.modes, progress=_progress_bar, cases=args.cases,
+                       impls=args.impls, budget_s=args.budget_s, on_report=on_report)
     rows = [(r["op"], r["case"], r["dtype"], r["mode"], r["impl"],
              f"{r['median_ms']:.3f}" if r["median_ms"] is not None else r["status"],
              f"{r['tflops']:.2f}" if r["tflops"] is not None else "-",
@@ -146,7 +156,7 @@ def cmd_bench(args) -> int:
     if report["interpreter_note"]:
         print(report["interpreter_note"])
     print(_table(("op", "case", "dtype", "mode", "impl", "median ms", "TFLOP/s", "GB/s", "peak MiB"), rows))
-    for path in write_results(report, args.out):
+    for path in write_results(report, args.out, base[0] if base else None):
         print(f"wrote {path}")
     return 0
 
@@ -173,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", nargs="*", choices=["float32", "float16", "bfloat16"],
                    help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--modes", nargs="*", choices=["fwd", "bwd", "fwd+bwd"])
+    p.add_argument("--cases", help="regular expression searched in the case labels (default: every case)")
+    p.add_argument("--impls", nargs="*", help="impls to time, e.g. fastsora torch_varlen_attn (default: all)")
+    p.add_argument("--budget-s", type=float, help="start no point after this many seconds; the rest are rows "
+                   "'skipped: time budget' (the JSON is rewritten after every point, so a killed run keeps its rows)")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"))
     p.set_defaults(func=cmd_bench)
     return parser

@@ -199,6 +199,33 @@ def test_bench_runs_and_writes_json(registered, tmp_path):
     assert data["device"] == report["device"] and len(data["results"]) == len(rows)
 
 
+def test_bench_selection_budget_and_partial_reports(registered):
+    """--cases (regex on labels) and --impls select points; a time budget turns the points it cannot start
+    into 'skipped' rows; the report is handed out after every point, partial until the last."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    fast = "fastsora[torch]" if device.type == "cpu" else "fastsora[triton]"
+    assert run_bench(device, ops=[registered.name], cases=r"^n=40", modes=["fwd"])["results"]
+    assert run_bench(device, ops=[registered.name], cases="n=999", modes=["fwd"])["results"] == []
+    report = run_bench(device, ops=[registered.name], modes=["fwd"], impls=["fastsora"])
+    assert [r["impl"] for r in report["results"]] == [fast]
+    seen = []
+    report = run_bench(device, ops=[registered.name], modes=["fwd", "fwd+bwd"], budget_s=0.0,
+                       on_report=lambda rep: seen.append((len(rep["results"]), rep["partial"])))
+    assert seen == [(1, True), (2, True), (3, True), (4, False)]
+    assert not report["partial"] and report["selection"]["budget_s"] == 0.0
+    assert {r["status"] for r in report["results"]} == {"skipped: time budget"}
+    assert all(r["median_ms"] is None for r in report["results"])
+
+
+def test_cli_bench_rewrites_one_json_per_run(registered, tmp_path, capsys):
+    assert cli.main(["bench", "--ops", registered.name, "--modes", "fwd", "--impls", "reference",
+                     "--budget-s", "600", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("bench-*.json")
+    data = json.load(open(path))
+    assert not data["partial"] and [r["impl"] for r in data["results"]] == ["reference"]
+    assert data["results"][0]["status"] == "ok" and not list(tmp_path.glob("*.tmp"))
+
+
 def test_cli_info_and_check(registered, capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out

@@ -136,26 +136,32 @@ def _thunk(fwd: Callable[[], torch.Tensor], args, mode: str) -> Callable[[], Any
     return run
 
 
-def _impl_fastsora(args, mode):
-    from fastsora.ops.causal_conv3d import causal_conv3d
+def _channels_last(args):
+    """The case's x, weight and residual in channels_last_3d (same values)."""
+    x, w, b, r, *rest = args
+    cl = [t if t is None else t.detach().contiguous(memory_format=torch.channels_last_3d)
+          .requires_grad_(t.requires_grad) for t in (x, w, r)]
+    return (cl[0], cl[1], b, cl[2], *rest)
 
-    x, w, b, r, stride, dilation, pad_mode, activation = args
-    return _thunk(lambda: causal_conv3d(x, w, b, stride=stride, dilation=dilation, pad_mode=pad_mode,
-                                        activation=activation, residual=r), args, mode)
 
-
-def _impl_pad_conv(channels_last: bool):
+def _impl(op: Callable, channels_last: bool):
+    """fastsora's op or the F.pad + F.conv3d reference, on the case's inputs or their channels_last_3d copies."""
     def make(args, mode):
-        from fastsora.reference.causal_conv3d import causal_conv3d
-
+        args = _channels_last(args) if channels_last else args
         x, w, b, r, stride, dilation, pad_mode, activation = args
-        if channels_last:
-            x = x.detach().contiguous(memory_format=torch.channels_last_3d).requires_grad_(x.requires_grad)
-            w = w.detach().contiguous(memory_format=torch.channels_last_3d).requires_grad_(w.requires_grad)
-        args = (x, w, b, r, stride, dilation, pad_mode, activation)
-        return _thunk(lambda: causal_conv3d(x, w, b, stride=stride, dilation=dilation, pad_mode=pad_mode,
-                                            activation=activation, residual=r), args, mode)
+        return _thunk(lambda: op()(x, w, b, stride=stride, dilation=dilation, pad_mode=pad_mode,
+                                   activation=activation, residual=r), args, mode)
     return make
+
+
+def _fastsora_op():
+    from fastsora.ops.causal_conv3d import causal_conv3d
+    return causal_conv3d
+
+
+def _reference_op():
+    from fastsora.reference.causal_conv3d import causal_conv3d
+    return causal_conv3d
 
 
 register_op(OpSpec(
@@ -166,8 +172,9 @@ register_op(OpSpec(
     check_cases=_check_cases,
     tolerance=TOL,
     bench_cases=_bench_cases,
-    bench_impls={"fastsora": _impl_fastsora, "F.pad+F.conv3d": _impl_pad_conv(False),
-                 "F.pad+F.conv3d[channels_last_3d]": _impl_pad_conv(True)},
+    bench_impls={"fastsora": _impl(_fastsora_op, False), "fastsora[channels_last_3d]": _impl(_fastsora_op, True),
+                 "F.pad+F.conv3d": _impl(_reference_op, False),
+                 "F.pad+F.conv3d[channels_last_3d]": _impl(_reference_op, True)},
     bench_modes=("fwd", "bwd", "fwd+bwd"),
 ))
 
