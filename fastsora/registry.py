@@ -50,6 +50,9 @@ class KernelConfig:
     ``known_stack_under`` lists Triton releases ('3.4') under which the config is known to keep a small stack
     frame on its architectures (documented where the config is defined): the compile check reports that as
     known instead of failing, and only under those releases; anything else is still a failure.
+    ``known_stack_with_divisible_ints`` does the same for the build ``with_divisible_ints()`` makes only (releases
+    under which ptxas keeps a small stack frame when every integer argument is a multiple of 16, documented where
+    the config is defined); the plain build is still checked strictly.
     """
 
     label: str
@@ -60,6 +63,7 @@ class KernelConfig:
     divisible_by_16: Optional[Tuple[str, ...]] = None
     archs: Optional[Tuple[str, ...]] = None
     known_stack_under: Tuple[str, ...] = ()
+    known_stack_with_divisible_ints: Tuple[str, ...] = ()
 
     def aligned_args(self) -> Tuple[str, ...]:
         """The arguments compiled as multiples of 16 (``divisible_by_16``, default every pointer argument)."""
@@ -76,7 +80,9 @@ class KernelConfig:
         a launch whose ints are all multiples of 16), labelled with DIVISIBLE_INTS_TAG."""
         aligned = self.aligned_args()
         ints = tuple(n for n in self.int_args() if n not in aligned)
-        return dataclasses.replace(self, label=self.label + DIVISIBLE_INTS_TAG, divisible_by_16=aligned + ints)
+        known = tuple(dict.fromkeys(self.known_stack_under + self.known_stack_with_divisible_ints))
+        return dataclasses.replace(self, label=self.label + DIVISIBLE_INTS_TAG, divisible_by_16=aligned + ints,
+                                   known_stack_under=known, known_stack_with_divisible_ints=())
 
     def built_for(self, arch: str) -> bool:
         return self.archs is None or arch in self.archs

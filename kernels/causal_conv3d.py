@@ -411,8 +411,8 @@ _TABLE = {
     ("fwd", "heavy", "fp32"): [(64, 64, 16, 8, 2), (32, 64, 16, 4, 2)],
     ("bwd_input", "plain", "lp"): [(64, 128, 32, 8, 3), (64, 64, 32, 8, 4), (64, 64, 32, 8, 3)],
     ("bwd_input", "heavy", "lp"): [(64, 64, 32, 8, 4), (64, 64, 32, 8, 3)],
-    ("bwd_input", "plain", "fp32"): [(64, 64, 16, 8, 1), (32, 32, 16, 4, 1)],
-    ("bwd_input", "heavy", "fp32"): [(64, 64, 16, 8, 1), (32, 32, 16, 4, 1)],
+    ("bwd_input", "plain", "fp32"): [(64, 32, 16, 8, 1), (32, 64, 16, 4, 1)],
+    ("bwd_input", "heavy", "fp32"): [(32, 32, 16, 4, 1)],
     ("bwd_weight", "plain", "lp"): [(64, 64, 64, 8, 4), (64, 64, 64, 8, 3), (64, 64, 32, 8, 4), (32, 64, 64, 4, 3)],
     ("bwd_weight", "heavy", "lp"): [(64, 64, 64, 8, 4), (64, 64, 64, 8, 3), (64, 64, 32, 8, 4), (32, 64, 64, 4, 3)],
     ("bwd_weight", "plain", "fp32"): [(32, 32, 32, 4, 1)],
@@ -436,14 +436,21 @@ _TABLE = {
 #: allows them, with the entries where one architecture's compile spills replaced
 _CONFIGS = {
     "sm_80": {**_TABLE,
-              ("bwd_input", "plain", "lp"): [(64, 128, 32, 8, 4), (64, 128, 32, 8, 3), (64, 64, 32, 8, 4),
-                                             (64, 64, 32, 8, 3)]},
+              ("bwd_input", "plain", "lp"): [(64, 128, 32, 8, 4), (64, 128, 32, 8, 3), (64, 64, 32, 8, 3)],
+              ("bwd_input", "heavy", "lp"): [(64, 64, 32, 8, 3)]},
     "sm_90": {**_TABLE,
               ("fwd", "plain", "lp"): [(128, 64, 32, 8, 4), (64, 128, 32, 8, 4), (128, 64, 32, 8, 3),
                                        (64, 128, 32, 8, 3), (64, 64, 64, 8, 3)],
-              ("bwd_input", "plain", "fp32"): [(64, 32, 16, 8, 2)],
-              ("bwd_input", "heavy", "fp32"): [(32, 16, 16, 4, 1), (32, 32, 16, 2, 1)]},
+              ("bwd_input", "plain", "fp32"): [(32, 64, 16, 4, 1), (32, 16, 16, 4, 1)],
+              ("bwd_input", "heavy", "fp32"): [(32, 16, 16, 4, 1)]},
 }
+#: (kind, variant, dtype class, tile) -> releases under which the tile keeps a small stack frame (8 B) on an
+#: architecture that may pick it, only in the build Triton's JIT makes when every integer argument is a multiple
+#: of 16 (`fastsora compile --divisible-ints`; its plain builds are clean): under 3.6 and 3.9 every tile is clean
+#: in both builds, under 3.4 (the oldest release supported) this one is not (sm_80), and no tile was clean there
+#: in both builds under all three releases for the heavy variant
+_STACK_WITH_DIVISIBLE_INTS = {("bwd_input", variant, "lp", (64, 64, 32, 8, 3)): ("3.4",)
+                              for variant in ("plain", "heavy")}
 #: one config in the interpreter: big tiles (the interpreter costs per loop iteration, not per element)
 _INTERP = (256, 32, 32, 4, 1)
 _INTERP_WGRAD = (256, 32, 32, 4, 1)
@@ -569,8 +576,10 @@ def _register() -> None:
                 if variant.endswith("_cl"):   # what the JIT assumes for a launch the '_cl' table serves
                     divisible = tuple(n for n, ty in sig.items() if ty.startswith("*")) + (
                         "C_in", "C_out") + tuple(f"s{t_}{d}" for t_ in "xcg" for d in "bthw")
+                known_ints = _STACK_WITH_DIVISIBLE_INTS.get((kind, variant, klass, (bm, bn, bk, nw, ns)), ())
                 configs.append(KernelConfig(f"{arch} {kind} {variant} {t} BM={bm} BN={bn} BK={bk} w{nw} s{ns}",
-                                            sig, consts, nw, ns, archs=archs, divisible_by_16=divisible))
+                                            sig, consts, nw, ns, archs=archs, divisible_by_16=divisible,
+                                            known_stack_with_divisible_ints=known_ints))
         register_kernel("causal_conv3d", kernel, configs)
     names = argnames(_silu_bwd_kernel)
     configs = []

@@ -364,6 +364,13 @@ _TABLE_BWD_WIDEST = 64
 _CUDA_TABLE_BWD_BY_TILE = {16: dict(BLOCK_T=64, num_warps=4, num_stages=1)}
 #: (BLOCK_A, BLOCK_B) -> settings of the pair backward where the default above spills
 _CUDA_PAIR_BWD_BY_TILE = {(64, 32): dict(BLOCK_T=64, num_warps=8, num_stages=2)}
+#: (BLOCK_A, BLOCK_BITS) -> releases under which the table backward keeps a small stack frame (8-56 B) only in
+#: the build Triton's JIT makes when every integer argument is a multiple of 16 (`fastsora compile
+#: --divisible-ints`; the plain builds are clean). Its launches never specialise all of them: C = 1 becomes a
+#: constant and D (the code bits, e.g. 18) is rarely a multiple of 16. The 16-code tile serves sides of at most
+#: 4 bits (d <= 9); d = 18 (64-code tile, 16 bits) is clean on sm_90 under every release.
+_TABLE_BWD_STACK_WITH_DIVISIBLE_INTS = {(16, 2): ("3.4", "3.6"), (16, 4): ("3.4", "3.6", "3.9"),
+                                        (64, 8): ("3.6",), (64, 16): ("3.6",)}
 #: (MODE, BLOCK_H, BLOCK_L) -> settings of the pair forward where the default above spills
 _CUDA_PAIR_BY_TILE = {(mode, 64, 64): dict(BLOCK_T=32, num_warps=8, num_stages=2) for mode in (0, 1, 2)}
 
@@ -505,7 +512,9 @@ def _table_bwd_configs():
         configs.append(KernelConfig(f"code table bwd BLOCK_A={ba} BITS={bits} T={cfg['BLOCK_T']}",
                                     _sig(names, types), dict(BLOCK_T=cfg["BLOCK_T"], LOG_A=ba.bit_length() - 1,
                                                              BLOCK_BITS=bits),
-                                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+                                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                                    known_stack_with_divisible_ints=_TABLE_BWD_STACK_WITH_DIVISIBLE_INTS.get(
+                                        (ba, bits), ())))
     return configs
 
 
