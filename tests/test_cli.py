@@ -263,3 +263,27 @@ def test_peak_memory_sees_temporaries_freed_inside_an_op():
     x = torch.randn(2**18)  # 1 MiB -> a 64 MiB temporary
     peak = peak_memory_bytes(lambda: _sum_of_temporary(x), torch.device("cpu"))
     assert peak >= 0.9 * 64 * x.numel() * 4, peak
+
+
+def test_device_check_selects_target_cases_of_every_op():
+    """scripts/device_check.sh times the issues' target points on a lent GPU by a case regex: it must select
+    CUDA cases of every op (a renamed case would otherwise leave an op without rows in a rare GPU run), and its
+    impl names must be ones the ops register."""
+    import os
+    import re
+    import shlex
+
+    from fastsora.registry import load_all, select_ops
+
+    load_all()
+    script = open(os.path.join(os.path.dirname(__file__), "..", "scripts", "device_check.sh")).read()
+    pattern = "".join(shlex.split(m.group(2))[0] for m in re.finditer(r"^\s*cases(\+?)=(.*)$", script, re.M))
+    impls = shlex.split(re.search(r"--impls (.*?) --out", script.replace("\\\n", " ")).group(1))
+    regex = re.compile(pattern)
+    registered = set()
+    for spec in select_ops(["lfq", "causal_conv3d", "varlen_attention"], "test"):
+        labels = [case.label for case in spec.bench_cases(torch.device("cuda"))]
+        chosen = [label for label in labels if regex.search(label)]
+        assert 2 <= len(chosen) < len(labels), (spec.name, chosen)
+        registered |= {name.split("[")[0] if name.startswith("fastsora") else name for name in spec.bench_impls}
+    assert set(impls) <= registered, set(impls) - registered
