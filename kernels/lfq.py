@@ -21,14 +21,15 @@ small codebooks (D = 1..8) use the same kernels.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import functools
+from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from fastsora.kernels import KERNELS_INTERPRETED
-from fastsora.kernels.utils import new_output
+from fastsora.kernels.utils import autotuned, new_output
 from fastsora.registry import KernelConfig, register_kernel
 
 _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -247,9 +248,8 @@ def _lfq_code_pair_kernel(hi_ptr, lo_ptr, n_ptr, g_ptr, out_ptr, T, NH, NL, stri
         if MODE == 0:
             ent = tl.where(valid & (a > 0), -a * log_a, 0.0)
             part = _sum(_sum(ent, axis=1), axis=0)
-            n_tiles_h = tl.num_programs(1)
-            n_tiles_l = tl.num_programs(2)
-            tl.store(out_ptr + (c * n_tiles_h + pid_h) * n_tiles_l + pid_l, part)
+            # codebook c's partials start at its row of the output; tiles of any size index within it
+            tl.store(out_ptr + c.to(tl.int64) * stride_oc + pid_h * tl.num_programs(2) + pid_l, part)
         else:
             g = tl.load(g_ptr + c).to(tl.float32)
             tl.store(out_ptr + o_offs, -g * (log_a + 1.0) / n, mask=valid)
@@ -379,6 +379,28 @@ def _pair_settings(mode: int, block_h: int, block_l: int) -> dict:
     return _CUDA_PAIR_BY_TILE.get((mode, block_h, block_l), _CUDA_PAIR)
 
 
+def _pair_tiles(nh: int, nl: int) -> List[Tuple[int, int]]:
+    """Code tiles (BLOCK_H, BLOCK_L) the code-pair GEMM's autotuner tries for sides of nh and nl bits: the
+    widest tile (few programs: 64 at d = 18, under half an H100's SMs) and narrower ones (2x, 4x the programs)."""
+    bh, bl = _code_block(nh), _code_block(nl)
+    tiles = [(bh, bl), (bh, max(16, bl // 2)), (max(16, bh // 2), max(16, bl // 2))]
+    return list(dict.fromkeys(tiles))
+
+
+@functools.lru_cache(maxsize=None)
+def _pair_tuned(mode: int, nh: int, nl: int):
+    """The code-pair kernel autotuned over :func:`_pair_tiles` (CUDA). Mode 0 writes one entropy partial per
+    tile, so the number written depends on the tile: the autotuner zeroes the output around its trials, and
+    the launcher allocates it zeroed for the narrowest tile."""
+    configs = []
+    for bh, bl in _pair_tiles(nh, nl):
+        cfg = _pair_settings(mode, bh, bl)
+        configs.append(triton.Config({"BLOCK_H": bh, "BLOCK_L": bl, "BLOCK_T": cfg["BLOCK_T"]},
+                                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+    return autotuned(f"lfq code_pair mode={mode} bits={nh}+{nl}", _lfq_code_pair_kernel, configs, ["NH", "NL"],
+                     reset_to_zero=["out_ptr"] if mode == 0 else [])
+
+
 def _pair_bwd_settings(block_a: int, block_b: int) -> dict:
     return _CUDA_PAIR_BWD_BY_TILE.get((block_a, block_b), _CUDA_PAIR_BWD)
 
@@ -444,8 +466,8 @@ def _quantize_bwd_configs():
 
 
 def _pair_blocks():
-    """Every (BLOCK_H, BLOCK_L) the launcher picks for D = 1..MAX_BITS."""
-    return sorted({(_code_block(d // 2), _code_block(d - d // 2)) for d in range(1, MAX_BITS + 1)})
+    """Every (BLOCK_H, BLOCK_L) the launcher may pick for D = 1..MAX_BITS."""
+    return sorted({tile for d in range(1, MAX_BITS + 1) for tile in _pair_tiles(d // 2, d - d // 2)})
 
 
 def _pair_bwd_blocks():
@@ -627,21 +649,28 @@ def code_pair(pos: torch.Tensor, neg: torch.Tensor, weight: Optional[torch.Tenso
     result of :func:`code_tables` for these arguments (built here when None)."""
     t, c, d = pos.shape
     nh, nl = d // 2, d - d // 2
-    bh, bl = _code_block(nh), _code_block(nl)
-    grid = (c, triton.cdiv(1 << nh, bh), triton.cdiv(1 << nl, bl))
-    shape = grid if mode == 0 else (c, 1 << nh, 1 << nl)
-    out = new_output(shape, torch.float32, pos.device)
+    tiles = _pair_tiles(nh, nl)
+    if mode == 0:   # partials of the narrowest tile fit; fewer are written for wider tiles, the rest stay 0
+        out = torch.zeros((c, triton.cdiv(1 << nh, min(bh for bh, _ in tiles)),
+                           triton.cdiv(1 << nl, min(bl for _, bl in tiles))), dtype=torch.float32, device=pos.device)
+    else:
+        out = new_output((c, 1 << nh, 1 << nl), torch.float32, pos.device)
     if c == 0:
         return out
     hi, lo = tables if tables is not None else code_tables(pos, neg, weight)
     n = count.to(torch.float32).reshape(1).contiguous()
     g = grad.to(torch.float32).contiguous() if grad is not None else n
-    so = (0, 0, 0) if mode == 0 else out.stride()
-    cfg = _pair_settings(mode, bh, bl)
-    _lfq_code_pair_kernel[grid](
-        hi, lo, n, g, out, t, nh, nl, hi.stride(0), hi.stride(1), lo.stride(0), lo.stride(1), so[0], so[1], so[2],
-        MODE=mode, BLOCK_T=_block_t(t, cfg["BLOCK_T"], 512), BLOCK_H=bh, BLOCK_L=bl, PRECISION=PRECISION,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    so = (out.stride(0), 0, 0) if mode == 0 else out.stride()
+    args = (hi, lo, n, g, out, t, nh, nl, hi.stride(0), hi.stride(1), lo.stride(0), lo.stride(1), so[0], so[1], so[2])
+
+    def grid(meta):
+        return (c, triton.cdiv(1 << nh, meta["BLOCK_H"]), triton.cdiv(1 << nl, meta["BLOCK_L"]))
+    if KERNELS_INTERPRETED:   # one tile (the widest), few large token steps
+        bh, bl = tiles[0]
+        meta = dict(BLOCK_H=bh, BLOCK_L=bl, BLOCK_T=_block_t(t, _CUDA_PAIR["BLOCK_T"], 512))
+        _lfq_code_pair_kernel[grid(meta)](*args, MODE=mode, PRECISION=PRECISION, **meta)
+    else:
+        _pair_tuned(mode, nh, nl)[grid](*args, MODE=mode, PRECISION=PRECISION)
     return out
 
 

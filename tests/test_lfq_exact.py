@@ -185,6 +185,61 @@ def test_triton_path_uses_the_kernels(monkeypatch):
     assert calls == []
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("pick", ["widest", "narrowest"])
+def test_code_pair_cuda_launch_autotunes_code_tiles(monkeypatch, pick):
+    """The code-pair GEMM's CUDA launcher (an autotuner over code tiles, the grid following the tile, mode-0
+    entropy partials zeroed around the trials) run here in the interpreter with a stand-in timer: whichever
+    tile wins, the entropy, dH/dS and S equal the fixed-tile launch's, and the entropy the float64 brute force.
+    The widest tile winning after the narrower ones ran checks that no stale partials are summed."""
+    gen = torch.Generator().manual_seed(7)
+    t, c, d = 37, 2, 13   # sides of 6 and 7 bits: tiles 64x64, 64x32, 32x32
+    logits = torch.randn(t, c, d, generator=gen) * 0.5
+    pos = torch.sigmoid(logits).contiguous()
+    neg = (1 - pos).contiguous()
+    w = torch.rand(t, generator=gen)
+    n = w.sum()
+    grad = torch.randn(c, generator=gen)
+    fixed = [K.code_pair(pos, neg, w, n, mode, grad if mode == 1 else None) for mode in (0, 1, 2)]
+    tiles = K._pair_tiles(d // 2, d - d // 2)
+    assert len(tiles) == 3
+    monkeypatch.setattr(K, "KERNELS_INTERPRETED", False)
+    K._pair_tuned.cache_clear()
+    timed = []
+
+    def fake_bench(kernel_call, quantiles):  # no GPU timer here: run the trial, make one tile the fastest
+        kernel_call()
+        timed.append(1)
+        position = (len(timed) - 1) % len(tiles)   # the tiles are tried in order, widest first
+        fastest = position == (0 if pick == "widest" else len(tiles) - 1)
+        return [1.0 if fastest else 2.0] * len(quantiles)
+
+    try:
+        tuned = [K._pair_tuned(mode, d // 2, d - d // 2) for mode in (0, 1, 2)]
+        for tuner in tuned:
+            tuner.do_bench = fake_bench
+        got = [K.code_pair(pos, neg, w, n, mode, grad if mode == 1 else None) for mode in (0, 1, 2)]
+        assert len(timed) == 3 * len(tiles), "each mode's tiles are timed once"
+        want = tiles[0] if pick == "widest" else tiles[-1]
+        for tuner in tuned:
+            cfg = tuner.best_config.kwargs
+            assert (cfg["BLOCK_H"], cfg["BLOCK_L"]) == want, cfg
+        assert relative_error(got[0].sum((1, 2)), fixed[0].sum((1, 2))) < 1e-6
+        assert relative_error(got[1], fixed[1]) < 1e-6 and relative_error(got[2], fixed[2]) < 1e-6
+        # the codebook entropy of the weighted mean code distribution, over all 2^13 codes in float64
+        dist = torch.ones(t, c, 1, dtype=torch.float64)
+        for i in range(d):
+            p1 = pos[:, :, i:i + 1].double()
+            dist = torch.cat((dist * (1 - p1), dist * p1), dim=2)
+        a = (w.double()[:, None, None] * dist).sum(0) / n.double()
+        entropy = -(a * a.log()).sum(1)
+        assert relative_error(got[0].sum((1, 2)), entropy) < 1e-5
+        from fastsora.kernels.utils import autotune_picks
+        assert any(name.startswith("lfq code_pair mode=0") for name in autotune_picks())
+    finally:
+        K._pair_tuned.cache_clear()
+
+
 def test_kernels_run_in_interpreter_on_cpu():
     from fastsora.kernels import KERNELS_INTERPRETED
 
