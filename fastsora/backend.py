@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
-from typing import Iterator, Optional
+import re
+from typing import Iterator, Optional, Tuple
 
 import torch
 
@@ -75,6 +77,32 @@ def interpreter_active() -> bool:
     return KERNELS_INTERPRETED
 
 
+def _release(version: str) -> Tuple[int, int]:
+    """(major, minor) of a version string such as '3.6.0', '2.4.0rc1' or '3.7.0+git1a2b'."""
+    parts = [int(m) for m in re.findall(r"\d+", version)[:2]]
+    return (parts + [0, 0])[0], (parts + [0, 0])[1]
+
+
+def interpreter_incompatibility(triton_version: str, numpy_version: str) -> Optional[str]:
+    """Why this Triton release's interpreter cannot run fastsora's kernels with this numpy, or None.
+
+    Triton < 3.7's interpreter turns a 1-element array into a Python int (a runtime size in a loop bound),
+    which numpy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars").
+    """
+    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s interpreter cannot run them with numpy {numpy_version} (Triton < 3.7 "
+                "needs numpy < 2.4 there); install numpy<2.4 or triton>=3.7")
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _installed_interpreter_incompatibility() -> Optional[str]:
+    import numpy
+    import triton
+
+    return interpreter_incompatibility(triton.__version__, numpy.__version__)
+
+
 def select_backend(op: str, device: torch.device, unsupported: Optional[str] = None) -> str:
     """Resolve the backend for one call of ``op`` on ``device``: returns 'triton' or 'torch'.
 
@@ -95,6 +123,9 @@ def select_backend(op: str, device: torch.device, unsupported: Optional[str] = N
                 f"{op}: backend 'triton' got CPU tensors, which only Triton's interpreter can run; set "
                 "TRITON_INTERPRET=1 before importing fastsora, move the tensors to a CUDA device, or use "
                 "backend 'torch'")
+        problem = _installed_interpreter_incompatibility()
+        if problem:
+            raise BackendError(f"{op}: backend 'triton' runs CPU tensors in Triton's interpreter, and {problem}")
     elif device.type == "cuda":
         if interpreter_active():
             raise BackendError(

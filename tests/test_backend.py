@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import fastsora
-from fastsora.backend import BackendError, get_backend, interpreter_active, select_backend, use_backend
+from fastsora.backend import (BackendError, get_backend, interpreter_active, interpreter_incompatibility,
+                              select_backend, use_backend)
 
 CPU = torch.device("cpu")
 
@@ -110,3 +111,36 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error():
     assert out.returncode == 0, out.stderr
     assert "ERR demo: backend 'triton' got CPU tensors" in out.stdout
     assert "TRITON_INTERPRET=1" in out.stdout
+
+
+@pytest.mark.parametrize("triton_version,numpy_version,refused", [
+    ("3.4.0", "2.4.6", True), ("3.6.0", "2.4.0rc1", True), ("3.6.0", "3.0.0", True),
+    ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.6", False), ("3.9.0+git1a2b", "2.4.6", False),
+    ("3.10.1", "2.4.6", False), ("3.4.0", "1.26.4", False),
+])
+def test_interpreter_incompatibility_rule(triton_version, numpy_version, refused):
+    problem = interpreter_incompatibility(triton_version, numpy_version)
+    assert (problem is not None) == refused
+    if refused:
+        assert f"Triton {triton_version}" in problem and f"numpy {numpy_version}" in problem
+        assert "numpy<2.4" in problem and "triton>=3.7" in problem
+
+
+def test_incompatible_interpreter_is_refused_with_the_reason(monkeypatch):
+    if not interpreter_active():
+        pytest.skip("needs Triton's interpreter (no CUDA)")
+    import numpy
+    import triton
+
+    import fastsora.backend as backend
+
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.6")
+    backend._installed_interpreter_incompatibility.cache_clear()
+    try:
+        with use_backend("triton"), pytest.raises(BackendError, match="demo: .*interpreter.*numpy 2.4.6.*numpy<2.4"):
+            select_backend("demo", CPU)
+        with use_backend("auto"):
+            assert select_backend("demo", CPU) == "torch"  # the torch path does not need the interpreter
+    finally:
+        backend._installed_interpreter_incompatibility.cache_clear()  # recomputed with the real versions
