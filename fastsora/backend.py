@@ -96,7 +96,8 @@ def interpreter_incompatibility(triton_version: str, numpy_version: str) -> Opti
 
 
 @functools.lru_cache(maxsize=None)
-def _installed_interpreter_incompatibility() -> Optional[str]:
+def installed_interpreter_incompatibility() -> Optional[str]:
+    """:func:`interpreter_incompatibility` of the installed Triton and numpy (cached)."""
     import numpy
     import triton
 
@@ -123,7 +124,7 @@ def select_backend(op: str, device: torch.device, unsupported: Optional[str] = N
                 f"{op}: backend 'triton' got CPU tensors, which only Triton's interpreter can run; set "
                 "TRITON_INTERPRET=1 before importing fastsora, move the tensors to a CUDA device, or use "
                 "backend 'torch'")
-        problem = _installed_interpreter_incompatibility()
+        problem = installed_interpreter_incompatibility()
         if problem:
             raise BackendError(f"{op}: backend 'triton' runs CPU tensors in Triton's interpreter, and {problem}")
     elif device.type == "cuda":

@@ -40,6 +40,12 @@ def versions() -> Dict[str, Optional[str]]:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
+    try:  # Triton's interpreter depends on it (see fastsora.backend.interpreter_incompatibility)
+        import numpy
+
+        info["numpy"] = numpy.__version__
+    except ImportError:
+        info["numpy"] = None
     info["cuda"] = torch.version.cuda
     info["cudnn"] = str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else None
     try:

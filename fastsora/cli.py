@@ -33,7 +33,7 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 def cmd_info(args) -> int:
     import torch
 
-    from fastsora.backend import get_backend, interpreter_active, select_backend
+    from fastsora.backend import get_backend, installed_interpreter_incompatibility, interpreter_active, select_backend
     from fastsora.bench import device_name, versions
     from fastsora.registry import KERNELS, OPS, load_all
 
@@ -45,7 +45,11 @@ def cmd_info(args) -> int:
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         print(f"{'compute cap.':>16}: sm_{major}{minor}")
-    print(f"{'interpreter':>16}: {'on (TRITON_INTERPRET=1)' if interpreter_active() else 'off'}")
+    interpreter = "off"
+    if interpreter_active():
+        problem = installed_interpreter_incompatibility()
+        interpreter = "on (TRITON_INTERPRET=1)" + (f"; cannot run the kernels: {problem}" if problem else "")
+    print(f"{'interpreter':>16}: {interpreter}")
     print(f"{'backend':>16}: {get_backend()} (FASTSORA_BACKEND / fastsora.use_backend)")
     print(f"{'kernels':>16}: {len(KERNELS)} kernels, {sum(len(e.configs) for e in KERNELS.values())} configs")
     rows = []

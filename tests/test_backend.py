@@ -136,11 +136,11 @@ def test_incompatible_interpreter_is_refused_with_the_reason(monkeypatch):
 
     monkeypatch.setattr(triton, "__version__", "3.6.0")
     monkeypatch.setattr(numpy, "__version__", "2.4.6")
-    backend._installed_interpreter_incompatibility.cache_clear()
+    backend.installed_interpreter_incompatibility.cache_clear()
     try:
         with use_backend("triton"), pytest.raises(BackendError, match="demo: .*interpreter.*numpy 2.4.6.*numpy<2.4"):
             select_backend("demo", CPU)
         with use_backend("auto"):
             assert select_backend("demo", CPU) == "torch"  # the torch path does not need the interpreter
     finally:
-        backend._installed_interpreter_incompatibility.cache_clear()  # recomputed with the real versions
+        backend.installed_interpreter_incompatibility.cache_clear()  # recomputed with the real versions

@@ -236,6 +236,29 @@ def test_cli_info_and_check(registered, capsys):
         assert "2/2 passed" in out
 
 
+def test_cli_info_names_numpy_and_an_unusable_interpreter(monkeypatch, capsys):
+    import numpy
+
+    import fastsora.backend as backend
+
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"numpy: {numpy.__version__}" in out and "cannot run the kernels" not in out
+    if not backend.interpreter_active():
+        return
+    monkeypatch.setattr(numpy, "__version__", "2.4.6")
+    monkeypatch.setattr(backend, "interpreter_incompatibility",
+                        lambda t, n: f"Triton {t}'s interpreter cannot run them with numpy {n}")
+    backend.installed_interpreter_incompatibility.cache_clear()
+    try:
+        assert cli.main(["info"]) == 0
+    finally:
+        backend.installed_interpreter_incompatibility.cache_clear()
+    out = capsys.readouterr().out
+    assert "interpreter: on (TRITON_INTERPRET=1); cannot run the kernels: Triton" in out
+    assert "with numpy 2.4.6" in out
+
+
 def test_cli_check_unknown_op_is_an_error():
     with pytest.raises(SystemExit, match="unknown op"):
         cli.main(["check", "--ops", "no_such_op"])
