@@ -77,10 +77,9 @@ def interpreter_active() -> bool:
     return KERNELS_INTERPRETED
 
 
-def _release(version: str) -> Tuple[int, int]:
+def _release(version: str) -> Tuple[int, ...]:
     """(major, minor) of a version string such as '3.6.0', '2.4.0rc1' or '3.7.0+git1a2b'."""
-    parts = [int(m) for m in re.findall(r"\d+", version)[:2]]
-    return (parts + [0, 0])[0], (parts + [0, 0])[1]
+    return tuple(int(m) for m in re.findall(r"\d+", version)[:2])
 
 
 def interpreter_incompatibility(triton_version: str, numpy_version: str) -> Optional[str]:

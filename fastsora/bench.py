@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib
 import json
 import os
 import platform
@@ -32,29 +33,21 @@ MODE_FLOPS = {"fwd": lambda f, k: f, "bwd": lambda f, k: f * k, "fwd+bwd": lambd
 _OOM = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError)
 
 
+def _installed_version(module: str) -> Optional[str]:
+    """``module.__version__``, or None when it is not installed."""
+    try:
+        return importlib.import_module(module).__version__
+    except ImportError:
+        return None
+
+
 def versions() -> Dict[str, Optional[str]]:
-    info: Dict[str, Optional[str]] = {"python": platform.python_version(), "torch": torch.__version__}
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    try:  # Triton's interpreter depends on it (see fastsora.backend.interpreter_incompatibility)
-        import numpy
-
-        info["numpy"] = numpy.__version__
-    except ImportError:
-        info["numpy"] = None
-    info["cuda"] = torch.version.cuda
-    info["cudnn"] = str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else None
-    try:
-        import xformers
-
-        info["xformers"] = xformers.__version__
-    except ImportError:
-        info["xformers"] = None
-    return info
+    """Versions a result depends on (numpy: Triton's interpreter does, see backend.interpreter_incompatibility)."""
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "triton": _installed_version("triton"), "numpy": _installed_version("numpy"),
+            "cuda": torch.version.cuda,
+            "cudnn": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else None,
+            "xformers": _installed_version("xformers")}
 
 
 def device_name(device: torch.device) -> str:
