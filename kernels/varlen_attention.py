@@ -504,8 +504,10 @@ _CANDIDATES = {
     },
 }
 _KINDS = ("fwd", "dkdv", "dq")
-#: (arch, dtype class, kernel, padded D) whose candidates keep a small stack frame under triton 3.4 (see above)
-_STACK_UNDER_TRITON_3_4 = {("sm_90", "fp32", "fwd", 128), ("sm_90", "fp32", "dq", 128), ("sm_90", "fp32", "dq", 256)}
+#: (arch, dtype class, kernel, padded D) -> releases under which a candidate keeps a small stack frame in the plain
+#: build (only 3.4, see above)
+_STACK_IN_PLAIN_BUILD = {("sm_90", "fp32", "fwd", 128): ("3.4",), ("sm_90", "fp32", "dq", 128): ("3.4",),
+                         ("sm_90", "fp32", "dq", 256): ("3.4",)}
 #: (arch, dtype class, kernel, padded D) -> releases under which a candidate keeps a small stack frame (8-48 B)
 #: only in the build Triton's JIT makes when every integer argument is a multiple of 16 (`fastsora compile
 #: --divisible-ints`; the plain builds are clean). Under 3.6 and 3.9 only exact-fp32 slots where no candidate
@@ -572,6 +574,11 @@ def _signature(kind: str, dt: str) -> dict:
     return sig
 
 
+def _known_stack(table: dict, archs: List[str], key: Tuple[str, str, int]) -> Tuple[str, ...]:
+    """The releases ``table`` lists for (arch, *key) on any of ``archs`` (a tile shared by both archs)."""
+    return tuple(sorted({r for a in archs for r in table.get((a, *key), ())}))
+
+
 def _register() -> None:
     """Register every autotune candidate of every arch (a tile shared by both archs once, labelled with both)
     in every variant, and the preprocess kernel, for `fastsora compile`."""
@@ -590,10 +597,9 @@ def _register() -> None:
                             cx = dict(IS_CAUSAL=causal, BLOCK_D=block_d, EVEN_D=even_d,
                                       DOT_PREC=_dot_prec(torch_dt), BLOCK_M=bm, BLOCK_N=bn)
                             tag = f"{dt} D={block_d}{'' if even_d else ' padded'}{' causal' if causal else ''}"
-                            known = ("3.4",) if any((a, _klass(torch_dt), kind, block_d) in _STACK_UNDER_TRITON_3_4
-                                                    for a in archs) else ()
-                            known_ints = tuple(sorted({r for a in archs for r in _STACK_WITH_DIVISIBLE_INTS.get(
-                                (a, _klass(torch_dt), kind, block_d), ())}))
+                            key = (_klass(torch_dt), kind, block_d)
+                            known = _known_stack(_STACK_IN_PLAIN_BUILD, archs, key)
+                            known_ints = _known_stack(_STACK_WITH_DIVISIBLE_INTS, archs, key)
                             configs[kind].append(KernelConfig(f"{'/'.join(archs)} {kind} {tag} BM={bm} BN={bn} "
                                                               f"w{w} s{s}", _signature(kind, dt), cx, w, s,
                                                               archs=tuple(archs), known_stack_under=known,
