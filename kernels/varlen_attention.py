@@ -667,17 +667,34 @@ def _consts(dtype: torch.dtype, head_dim: int, causal_mode: int) -> dict:
     return dict(IS_CAUSAL=causal_mode != 0, BLOCK_D=block_d, EVEN_D=block_d == head_dim, DOT_PREC=_dot_prec(dtype))
 
 
+#: Largest token stride (elements) the kernels take in place. Within a tile they form row offsets as
+#: ``offs[:, None] * stride_t`` and advance by ``BLOCK * stride_t`` in int32 (int64 tiles would double the
+#: address registers); with tiles of at most MAX_TILE rows both stay below 2^31. Row and head starts are int64.
+MAX_TILE = 256
+MAX_TOKEN_STRIDE = 2 ** 31 // MAX_TILE
+
+
+def _padded_d(heads: int, d: int) -> int:
+    """D rounded up to a multiple of 8: the row length of a compact buffer, whose token stride is heads x that."""
+    d8 = (d + 7) // 8 * 8
+    if heads * d8 >= MAX_TOKEN_STRIDE:
+        raise ValueError(f"heads x head dim = {heads} x {d8} elements per token: the Triton varlen kernels take "
+                         f"fewer than {MAX_TOKEN_STRIDE} (2^31 / {MAX_TILE}-row tiles, int32 tile offsets)")
+    return d8
+
+
 def _aligned(t: torch.Tensor) -> torch.Tensor:
     """A (tokens, heads, D) tensor whose head dim has unit stride, whose data pointer is 16-byte aligned and
     whose token and head strides are multiples of 8 elements (the kernels take them in units of 8, see _rows8:
-    every row start is then provably aligned and loads vectorise) and below 2^31 (_rows8 scales them in int32;
-    the offsets they multiply are int64). Views of packed projections pass through; anything else is copied
-    (into a buffer with D padded to a multiple of 8)."""
+    every row start is then provably aligned and loads vectorise), with a token stride below MAX_TOKEN_STRIDE
+    and a head stride below 2^31 (_rows8 scales them in int32; the row and head indices they multiply are
+    int64). Views of packed projections pass through; anything else is copied (into a buffer with D padded to a
+    multiple of 8)."""
     if t.stride(-1) == 1 and t.stride(0) % 8 == 0 and t.stride(1) % 8 == 0 and t.data_ptr() % 16 == 0 \
-            and max(t.stride(0), t.stride(1)) < 2 ** 31:
+            and t.stride(0) < MAX_TOKEN_STRIDE and t.stride(1) < 2 ** 31:
         return t
     d = t.shape[-1]
-    d8 = (d + 7) // 8 * 8
+    d8 = _padded_d(t.shape[1], d)
     buf = t.new_zeros(t.shape[0], t.shape[1], d8)
     buf[..., :d] = t
     return buf[..., :d]
@@ -686,8 +703,7 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 def _new_aligned(shape, dtype, device) -> torch.Tensor:
     """Kernel output (NaN-poisoned under test) with 8-element-aligned strides."""
     d = shape[-1]
-    d8 = (d + 7) // 8 * 8
-    return new_output(tuple(shape[:-1]) + (d8,), dtype, device)[..., :d]
+    return new_output(tuple(shape[:-1]) + (_padded_d(shape[1], d),), dtype, device)[..., :d]
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
@@ -747,8 +763,8 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         _bwd_preprocess_kernel[(triton.cdiv(total_q, pbm), hq)](
             out, do, delta, *_st(out), *_st(do), delta.stride(0), total_q, d,
             BLOCK_M=pbm, BLOCK_D=block_d, num_warps=4, num_stages=1)
-        if dlse is not None:
-            delta -= dlse.to(torch.float32)
+        if dlse is not None:  # rows without a visible key (LSE +inf) take no LSE gradient: P is 0 there
+            delta -= torch.where(torch.isinf(lse), 0.0, dlse.to(torch.float32))
     qk_scale = float(softmax_scale) * LOG2E
     br = 1 if causal_mode == 1 else 0
     common = _consts(q.dtype, d, causal_mode)

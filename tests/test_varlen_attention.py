@@ -249,6 +249,42 @@ def test_validate_false_skips_host_checks(device, monkeypatch):
     with use_backend("torch"):
         varlen_attention(q, k, v, cu_q, cu_k)
     assert len(called) == 2
+    with use_backend("torch"):
+        ops_mod.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 4, 4, validate=False)
+    assert len(called) == 2, "flash_attn_varlen_func(validate=False) must not check (no host synchronisation)"
+    with use_backend("torch"):
+        ops_mod.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 4, 4)
+    assert len(called) == 4
+
+
+def test_strided_offsets_are_read_by_value(device, poison):
+    """cu_seqlens views with a non-unit stride (every other entry of a longer tensor) give the result of their
+    values: the kernels index the offsets with unit stride, so the op makes them contiguous first."""
+    q, k, v, cu_q, cu_k = make([6, 0, 37], [9, 3, 30], 2, 1, 16, torch.float32, device)
+    spread = lambda cu: torch.stack([cu, torch.full_like(cu, 99)], 1).reshape(-1)[::2]  # noqa: E731
+    sq, sk = spread(cu_q), spread(cu_k)
+    assert sq.stride(0) == 2 and torch.equal(sq, cu_q)
+    with use_backend("triton"):
+        out = varlen_attention(q, k, v, sq, sk, causal=True)
+        want = varlen_attention(q, k, v, cu_q, cu_k, causal=True)
+    assert torch.equal(out, want)
+
+
+def test_lse_gradient_on_rows_without_keys_is_ignored(device, poison):
+    """A loss through exp(lse) sends an infinite gradient to rows that see no key (LSE +inf); those rows have
+    P = 0, so q, k and v take no gradient from them (the torch path's rule) - finite, matching float64."""
+    q, k, v, cu_q, cu_k = make([4, 7], [2, 9], 2, 2, 16, torch.float32, device, extra_q=2)
+    with use_backend("triton"):
+        out, lse = varlen_attention(q, k, v, cu_q, cu_k, causal=True, return_lse=True)
+        assert torch.isinf(lse).any(), "the case must have rows without a visible key"
+        dlse = torch.where(torch.isinf(lse), float("inf"), 0.5)
+        g = torch.autograd.grad([out, lse], [q, k, v], [torch.ones_like(out), dlse])
+    q64, k64, v64 = to_float64([q, k, v])
+    o64, l64 = ref_attention(q64, k64, v64, cu_q, cu_k, 0.25, 1)
+    g64 = torch.autograd.grad([o64, l64], [q64, k64, v64], [torch.ones_like(o64), dlse.double()])
+    for name, a, b in zip("qkv", g, g64):
+        assert torch.isfinite(a).all(), f"d{name} has non-finite values"
+        assert relative_error(a, b) < 2e-5, name
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -351,24 +387,39 @@ def test_misaligned_views_are_copied_to_aligned_rows(device):
 
 def test_offsets_past_2_31_elements(dtype, device, poison):
     """q, k and v are views whose later tokens lie past 2^31 elements of their storages (read in place): the
-    forward, LSE and every gradient must match the reference. With int32 row offsets those loads wrap."""
-    lens_q, lens_k = [5, 0, 17, 3], [9, 4, 11, 1]
+    forward, LSE and every gradient must match the reference. With int32 row offsets those loads wrap. (Over
+    256 tokens, so the token stride stays under kern.MAX_TOKEN_STRIDE and the views are read in place.)"""
+    lens_q, lens_k = [5, 0, 17, 3] + [8] * 33, [9, 4, 11, 1] + [8] * 33
     q, k, v, cu_q, cu_k = make(lens_q, lens_k, 2, 1, 40, dtype, device, seed=11)
     q, k, v = (spread_past_int32(t) for t in (q, k, v))
     assert kern._aligned(q).data_ptr() == q.data_ptr(), "the launcher must read the view in place"
     check_against_reference(q, k, v, cu_q, cu_k, 1)
 
 
-def test_strides_of_2_31_elements_or_more_are_copied(device):
-    """_rows8 scales the token stride in int32: a stride of 2^31 elements or more is copied to a compact buffer
-    (and the result is unchanged)."""
-    h, d = 2, 16
-    storage = torch.empty(2 ** 31 + 8 + h * d, dtype=torch.float16, device=device)
-    view = storage.as_strided((2, h, d), (2 ** 31 + 8, d, 1))
-    view.copy_(torch.randn(2, h, d, dtype=torch.float16))
-    assert kern._aligned(view).stride(0) < 2 ** 31
-    cu = offsets([2], device)
+def test_token_strides_past_the_tile_bound_are_copied(device):
+    """Inside a tile the kernels form row offsets and block steps in int32 (offs * stride, BLOCK * stride): a
+    token stride of kern.MAX_TOKEN_STRIDE or more is copied to a compact buffer. 40 keys span two 32-row
+    interpreter tiles, so the step 32 * (2^26 + 8) would wrap. The result is unchanged."""
+    assert kern.MAX_TOKEN_STRIDE * kern.MAX_TILE <= 2 ** 31
+    n, h, d, stride = 40, 2, 16, 2 ** 26 + 8
+    storage = torch.empty((n - 1) * stride + h * d, dtype=torch.float16, device=device)
+    view = storage.as_strided((n, h, d), (stride, d, 1))
+    view.copy_(torch.randn(n, h, d, dtype=torch.float16))
+    assert kern._aligned(view).stride(0) == h * d
+    edge = storage.as_strided((n, h, d), (kern.MAX_TOKEN_STRIDE - 8, d, 1))
+    assert kern._aligned(edge).data_ptr() == edge.data_ptr(), "strides under the bound are read in place"
+    cu = offsets([n], device)
     with use_backend("triton"):
         out = varlen_attention(view, view, view, cu, cu)
         want = varlen_attention(view.clone(), view.clone(), view.clone(), cu, cu)
     assert torch.equal(out, want)
+
+
+def test_tiles_stay_within_the_token_stride_bound():
+    """Every tile the launcher may use (each arch's autotune candidates, the interpreter's) has at most MAX_TILE
+    rows, the bound MAX_TOKEN_STRIDE is derived from."""
+    tiles = [t[:2] for arch in kern._CANDIDATES.values() for klass in arch.values() for kind in klass.values()
+             for cands in kind.values() for t in cands] + list(kern.INTERPRETER_TILES.values())
+    assert max(max(t) for t in tiles) <= kern.MAX_TILE
+    with pytest.raises(ValueError, match=r"heads x head dim = 32768 x 256 elements per token"):
+        kern._padded_d(32768, 256)

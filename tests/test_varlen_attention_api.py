@@ -72,8 +72,8 @@ def test_bad_tensors():
     q, k, v, cu_q, cu_k = _inputs()
     with pytest.raises(ValueError, match="head dims differ: q 16, k 8, v 16"):
         varlen_attention(q, k[..., :8], v, cu_q, cu_k)
-    with pytest.raises(ValueError, match=r"number of query heads \(4\) must be a multiple of the number of key/value "
-                                         r"heads \(3\)"):
+    with pytest.raises(ValueError, match=r"number of query heads \(4\) must be a positive multiple of the number of "
+                                         r"key/value heads \(3\)"):
         varlen_attention(q, rand(12, 3, 16), rand(12, 3, 16), cu_q, cu_k)
     with pytest.raises(TypeError, match="share one dtype"):
         varlen_attention(q, k.half(), v, cu_q, cu_k)
@@ -83,6 +83,10 @@ def test_bad_tensors():
         varlen_attention(q, k, v[:11], cu_q, cu_k)
     with pytest.raises(NotImplementedError, match="dropout_p=0.1.*no dropout"):
         varlen_attention(q, k, v, cu_q, cu_k, dropout_p=0.1)
+    with pytest.raises(ValueError, match=r"head dim must be at least 1; got q of shape \(10, 4, 0\)"):
+        varlen_attention(q[..., :0], k[..., :0], v[..., :0], cu_q, cu_k)
+    with pytest.raises(ValueError, match=r"number of query heads \(0\) must be a positive multiple"):
+        varlen_attention(q[:, :0], k, v, cu_q, cu_k)
 
 
 @pytest.mark.interpreter
@@ -208,6 +212,17 @@ def test_memory_efficient_attention_dense_and_lower_triangular(device):
     s = torch.einsum("bihd,bjhd->bhij", q, k) / 4.0
     s = s.masked_fill(torch.ones(9, 13, dtype=torch.bool, device=device).triu(1), float("-inf"))
     torch.testing.assert_close(causal, torch.einsum("bhij,bjhd->bihd", torch.softmax(s, -1), v), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mq, mk", [(0, 5), (4, 0), (0, 0)])
+def test_memory_efficient_attention_empty_sequences(mq, mk, device):
+    """Mq = 0 gives an empty output; Mk = 0 (no key to see) gives zeros, as flash-attn's empty rows."""
+    q, k, v = rand(2, mq, 2, 16, device=device), rand(2, mk, 2, 16, seed=1, device=device), \
+        rand(2, mk, 2, 16, seed=2, device=device)
+    for backend in ("torch", "triton"):
+        with use_backend(backend):
+            out = memory_efficient_attention(q, k, v)
+        assert out.shape == (2, mq, 2, 16) and torch.equal(out, torch.zeros_like(out))
 
 
 def test_memory_efficient_attention_errors():

@@ -151,9 +151,11 @@ def _check_inputs(q, k, v, cu_q, cu_k, validate: bool) -> None:
     if k.shape[:2] != v.shape[:2]:
         raise ValueError(f"k and v must have the same (total_k, heads); got {tuple(k.shape[:2])} and "
                          f"{tuple(v.shape[:2])}")
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
-        raise ValueError(f"the number of query heads ({q.shape[1]}) must be a multiple of the number of key/value "
-                         f"heads ({k.shape[1]})")
+    if q.shape[2] == 0:
+        raise ValueError(f"head dim must be at least 1; got q of shape {tuple(q.shape)}")
+    if q.shape[1] == 0 or k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"the number of query heads ({q.shape[1]}) must be a positive multiple of the number of "
+                         f"key/value heads ({k.shape[1]})")
     _check_offsets("cu_seqlens_q", cu_q, q.device)
     _check_offsets("cu_seqlens_k", cu_k, q.device)
     if cu_q.numel() != cu_k.numel():
@@ -180,6 +182,7 @@ def _attention(q, k, v, cu_q, cu_k, dropout_p, softmax_scale, causal_mode, valid
         raise NotImplementedError(f"dropout_p={dropout_p}: fastsora's varlen attention has no dropout; pass "
                                   "dropout_p=0.0 (apply dropout outside the attention if you need it)")
     _check_inputs(q, k, v, cu_q, cu_k, validate)
+    cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()  # the kernels index the offsets with unit stride
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     return _fwd_op(q, k, v, cu_q, cu_k, float(softmax_scale), int(causal_mode))
@@ -226,7 +229,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
                            dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                           alibi_slopes=None, deterministic=False, return_attn_probs=False, block_table=None):
+                           alibi_slopes=None, deterministic=False, return_attn_probs=False, block_table=None, *,
+                           validate=True):
     """Drop-in for ``flash_attn.flash_attn_varlen_func`` (flash-attn 2 keyword names).
 
     Supported: everything :func:`varlen_attention` supports. ``deterministic`` is accepted either way (the
@@ -234,6 +238,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
     (-1, -1), ``softcap`` != 0, ``alibi_slopes``, ``block_table``, ``dropout_p`` > 0.
     ``return_attn_probs=True`` returns ``(out, softmax_lse, None)``: the LSE (Hq, total_q) float32; the
     dropout mask flash-attn would return as the third item does not exist here (no dropout).
+    ``validate`` (keyword only, not in flash-attn): as in :func:`varlen_attention`, one host synchronisation to
+    check the offsets' values; flash-attn never checks them, pass False for its behaviour (no synchronisation).
     """
     if tuple(window_size) != (-1, -1):
         raise NotImplementedError(f"window_size={tuple(window_size)}: sliding-window attention is not supported; "
@@ -245,7 +251,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
     if block_table is not None:
         raise NotImplementedError("block_table: paged KV caches are not supported; pass block_table=None")
     out, lse = _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, softmax_scale,
-                          _causal_mode(bool(causal)), True)
+                          _causal_mode(bool(causal)), validate)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -334,12 +340,8 @@ def memory_efficient_attention(query: torch.Tensor, key: torch.Tensor, value: to
             getattr(attn_bias.k_seqinfo, "seqstart_py", None) is None
         q3, k3, v3 = query[0], key[0], value[0]
     else:
-        cu_q = torch.arange(0, (b + 1) * mq, mq, dtype=torch.int32, device=device)[: b + 1]
-        cu_k = torch.arange(0, (b + 1) * mk, mk, dtype=torch.int32, device=device)[: b + 1]
-        if mq == 0:
-            cu_q = torch.zeros(b + 1, dtype=torch.int32, device=device)
-        if mk == 0:
-            cu_k = torch.zeros(b + 1, dtype=torch.int32, device=device)
+        starts = torch.arange(b + 1, dtype=torch.int32, device=device)
+        cu_q, cu_k = starts * mq, starts * mk
         validate = False
         q3, k3, v3 = (t.reshape(t.shape[0] * t.shape[1], t.shape[2], t.shape[3]) for t in (query, key, value))
     out, _ = _attention(q3, k3, v3, cu_q, cu_k, p, scale, mode, validate)
