@@ -75,7 +75,8 @@ def _lfq_quantize_fwd_kernel(x_ptr, out_ptr, idx_ptr, pos_ptr, neg_ptr, ew_ptr, 
     x_row = x_ptr + offs_t[:, None] * stride_xt + offs_d[None, :].to(tl.int64) * stride_xd
     o_row = offs_t[:, None] * C * D + offs_d[None, :]
     for c in range(0, C):
-        x = tl.load(x_row + c * stride_xc, mask=m2, other=0.0)
+        x = tl.load(x_row, mask=m2, other=0.0)
+        x_row += stride_xc  # pointer steps: an int32 c * stride_xc would wrap past 2^31 elements
         xf = x.to(tl.float32)
         qf = tl.where(xf > 0, code_value, -code_value)
         q = qf.to(x.dtype)
@@ -116,7 +117,8 @@ def _lfq_quantize_bwd_kernel(x_ptr, gout_ptr, gpos_ptr, gneg_ptr, ew_ptr, cw_ptr
     g_row = gout_ptr + offs_t[:, None] * stride_gt + d64 * stride_gd
     o_row = offs_t[:, None] * C * D + offs_d[None, :]
     for c in range(0, C):
-        x = tl.load(x_row + c * stride_xc, mask=m2, other=0.0)
+        x = tl.load(x_row, mask=m2, other=0.0)
+        x_row += stride_xc  # pointer steps (see the forward)
         xf = x.to(tl.float32)
         z = xf * logit_scale
         pos, neg, h, pn = _bit_stats(z)
@@ -129,7 +131,8 @@ def _lfq_quantize_bwd_kernel(x_ptr, gout_ptr, gpos_ptr, gneg_ptr, ew_ptr, cw_ptr
         qf = tl.where(xf > 0, code_value, -code_value).to(x.dtype).to(tl.float32)
         dx = dz * logit_scale + cw[:, None] * coef_com * (xf - qf)
         if has_gout != 0:
-            dx += tl.load(g_row + c * stride_gc, mask=m2, other=0.0).to(tl.float32)
+            dx += tl.load(g_row, mask=m2, other=0.0).to(tl.float32)
+        g_row += stride_gc
         tl.store(dx_ptr + o_offs, dx.to(x.dtype), mask=m2)
 
 

@@ -293,3 +293,38 @@ def test_frac_per_sample_entropy_with_batch_mask_draws_like_anchor():
     # a different draw gives a different subset (the sampling is live, not ignored)
     (_, lc) = _call(ours, x, mask=mask, seed=8)
     assert lc.batch_entropy.item() != lb.batch_entropy.item()
+
+
+def test_torch_compile_channel_first_batch_one():
+    """A channel-first (1, C·d, H, W) input reaches the quantize op as a permuted view; the torch path returns
+    contiguous outputs, as the op's fake implementation promises (inductor asserts the strides)."""
+    torch._dynamo.reset()
+    m = LFQ(codebook_size=16, dim=8, num_codebooks=2)
+    x = torch.randn(1, 8, 3, 5, requires_grad=True)
+
+    def step(x):
+        ret = m(x)
+        return ret.quantized, ret.indices, ret.entropy_aux_loss
+
+    compiled = torch.compile(step, fullgraph=True)   # inductor
+    with use_backend("torch"):
+        got, want = compiled(x), step(x)
+        g1 = torch.autograd.grad(got[0].sum() + got[2], x)[0]
+        g2 = torch.autograd.grad(want[0].sum() + want[2], x)[0]
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert relative_error(got[2], want[2]) <= 1e-6 and relative_error(g1, g2) <= 1e-6
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_op_fakes_match_outputs_on_permuted_views(backend):
+    """Every LFQ op on permuted (T, C, d) views: the fake implementations' shapes and strides match the backend's
+    outputs, autograd included (torch.library.opcheck)."""
+    xv = torch.randn(2, 4, 5).permute(2, 0, 1).requires_grad_()
+    pos = torch.rand(2, 4, 5).permute(2, 0, 1).requires_grad_()
+    neg = (1 - pos).detach().requires_grad_()
+    assert not xv.is_contiguous() and not neg.is_contiguous()
+    ops = torch.ops.fastsora
+    with use_backend(backend):
+        torch.library.opcheck(ops.lfq_quantize.default, (xv, 1.0, 100.0, True, True, None, None))
+        torch.library.opcheck(ops.lfq_codebook_entropy.default, (pos, neg, None))
+        torch.library.opcheck(ops.lfq_code_sums.default, (pos, neg, None))

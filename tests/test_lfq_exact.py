@@ -130,6 +130,19 @@ def test_quantize_outputs(poison):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_total_weight_gives_nan_like_the_anchor(backend):
+    """entropy_weight selecting no token (an all-False mask): the mean code distribution is 0/0, so the codebook
+    entropy is NaN on both backends (the anchor's too), as is the per-sample entropy - never a silent 0."""
+    x, _ = _inputs(9, 2, 5, 0.02, masked=False)
+    w = torch.zeros(9)
+    with use_backend(backend):
+        r = lfq(x, 1.0, TAU, entropy_weight=w)
+        clamped = lfq(x, 1.0, TAU, entropy_weight=w, clamp_compat=True)
+    assert torch.isnan(r.codebook_entropy).all() and torch.isnan(r.per_sample_entropy)
+    assert torch.isnan(clamped.codebook_entropy).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_noncontiguous_input(backend):
     x, w = _inputs(21, 2, 6, 0.02, masked=True, seed=5)
     xn = noncontiguous(x.detach(), dim=0).requires_grad_()
@@ -146,11 +159,17 @@ def test_noncontiguous_input(backend):
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_offsets_past_2_31_elements(poison, dtype):
-    """x is a view whose later tokens lie past 2^31 elements of its storage: the Triton path reads it in place
-    and every output and gradient equals the torch path's on a compact copy (int32 offsets would wrap)."""
-    x, w = _inputs(19, 2, 7, 0.02, masked=True, seed=13, dtype=dtype)
-    xs = spread_past_int32(x.detach()).requires_grad_()
+@pytest.mark.parametrize("spread", ["tokens", "codebooks"])
+def test_offsets_past_2_31_elements(poison, dtype, spread):
+    """x is a view whose later tokens (or codebooks) lie past 2^31 elements of its storage: the Triton path reads
+    it in place and every output and gradient equals the torch path's on a compact copy (int32 offsets would
+    wrap: token index x token stride, codebook index x codebook stride)."""
+    x, w = _inputs(19, 3, 7, 0.02, masked=True, seed=13, dtype=dtype)
+    if spread == "tokens":
+        xs = spread_past_int32(x.detach()).requires_grad_()
+    else:
+        xs = spread_past_int32(x.detach().transpose(0, 1)).transpose(0, 1).requires_grad_()
+        assert xs.stride(1) * 2 >= 2 ** 31
     with use_backend("torch"):
         a = lfq(x, 1.0, TAU, entropy_weight=w)
         ga = torch.autograd.grad(a.out.float().sum() + a.codebook_entropy.sum() + a.commitment, x)[0]

@@ -123,9 +123,9 @@ def _quantize_op(x: Tensor, code_value: float, logit_scale: float, straight_thro
     t, c, d = x.shape
     backend = select_backend("lfq_quantize", x.device, _x_reason(x))
     if backend == "torch":
-        with _cpu_threads(x):
-            return _ref.quantize(x, code_value, logit_scale, straight_through, with_entropy, entropy_weight,
-                                 commit_weight)
+        with _cpu_threads(x):  # contiguous, as the fake says (the reference keeps a permuted x's strides)
+            return tuple(r.contiguous() for r in _ref.quantize(x, code_value, logit_scale, straight_through,
+                                                                with_entropy, entropy_weight, commit_weight))
     out, idx, pos, neg, part = _kernels().quantize_fwd(x, code_value, logit_scale, straight_through,
                                                        with_entropy, entropy_weight, commit_weight)
     sums = part.sum(0)
@@ -154,7 +154,8 @@ def _quantize_bwd_op(x: Tensor, grad_out: Optional[Tensor], grad_pos: Optional[T
     if backend == "torch":
         with _cpu_threads(x):
             return _ref.quantize_backward(x, grad_out, grad_pos, grad_neg, grad_per_sample, grad_commit,
-                                          entropy_weight, commit_weight, code_value, logit_scale, straight_through)
+                                          entropy_weight, commit_weight, code_value, logit_scale,
+                                          straight_through).contiguous()
     f32 = torch.float32
     coef = torch.stack([grad_per_sample.to(f32) / (_count(entropy_weight, t, grad_per_sample.to(f32)) * c),
                         2 * grad_commit.to(f32) / (_count(commit_weight, t, grad_commit.to(f32)) * c * d)])
@@ -211,6 +212,11 @@ def lfq_quantize(x: Tensor, code_value: float = 1.0, logit_scale: float = 400.0,
                         entropy_weight, commit_weight)
 
 
+def _dense_like(t: Tensor) -> Tensor:
+    """The fake of a per-bit gradient: both backends return it contiguous, whatever the input's strides."""
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
 # --------------------------------------------------------------------------------------- codebook entropy
 @torch.library.custom_op("fastsora::lfq_codebook_entropy", mutates_args=())
 def _entropy_op(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor]) -> Tensor:
@@ -220,7 +226,8 @@ def _entropy_op(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Ten
         with _cpu_threads(prob_pos):
             return _ref.codebook_entropy(prob_pos, prob_neg, entropy_weight)
     n = _count(entropy_weight, t, prob_pos)
-    return _kernels().code_pair(prob_pos.contiguous(), prob_neg.contiguous(), entropy_weight, n, 0).sum((1, 2))
+    h = _kernels().code_pair(prob_pos.contiguous(), prob_neg.contiguous(), entropy_weight, n, 0).sum((1, 2))
+    return torch.where(n > 0, h, torch.nan)  # no token weighted: 0/0, NaN as on the torch path and the anchor
 
 
 @_entropy_op.register_fake
@@ -235,7 +242,8 @@ def _entropy_bwd_op(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional
     backend = select_backend("lfq_codebook_entropy_backward", prob_pos.device, _probs_reason(prob_pos))
     if backend == "torch":
         with _cpu_threads(prob_pos):
-            return _ref.codebook_entropy_backward(prob_pos, prob_neg, entropy_weight, grad)
+            grads = _ref.codebook_entropy_backward(prob_pos, prob_neg, entropy_weight, grad)
+        return tuple(g.contiguous() for g in grads)
     k = _kernels()
     pos, neg = prob_pos.contiguous(), prob_neg.contiguous()
     tables = k.code_tables(pos, neg, entropy_weight)
@@ -245,7 +253,7 @@ def _entropy_bwd_op(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional
 
 @_entropy_bwd_op.register_fake
 def _(prob_pos, prob_neg, entropy_weight, grad):
-    return torch.empty_like(prob_pos), torch.empty_like(prob_neg)
+    return _dense_like(prob_pos), _dense_like(prob_neg)
 
 
 def _entropy_setup(ctx, inputs, output):
@@ -294,13 +302,14 @@ def _sums_bwd_op(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Te
     backend = select_backend("lfq_code_sums_backward", prob_pos.device, _probs_reason(prob_pos))
     if backend == "torch":
         with _cpu_threads(prob_pos):
-            return _ref.code_sums_backward(prob_pos, prob_neg, entropy_weight, grad)
+            grads = _ref.code_sums_backward(prob_pos, prob_neg, entropy_weight, grad)
+        return tuple(g.contiguous() for g in grads)
     return _kernels().code_pair_bwd(prob_pos.contiguous(), prob_neg.contiguous(), entropy_weight, grad)
 
 
 @_sums_bwd_op.register_fake
 def _(prob_pos, prob_neg, entropy_weight, grad):
-    return torch.empty_like(prob_pos), torch.empty_like(prob_neg)
+    return _dense_like(prob_pos), _dense_like(prob_neg)
 
 
 def _sums_backward(ctx, grad):
