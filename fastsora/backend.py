@@ -103,13 +103,17 @@ def installed_interpreter_incompatibility() -> Optional[str]:
     return interpreter_incompatibility(triton.__version__, numpy.__version__)
 
 
-def select_backend(op: str, device: torch.device, unsupported: Optional[str] = None) -> str:
+def select_backend(op: str, device: torch.device, unsupported: Optional[str] = None,
+                   requested: Optional[str] = None) -> str:
     """Resolve the backend for one call of ``op`` on ``device``: returns 'triton' or 'torch'.
 
     ``unsupported`` is the Triton kernels' own reason for refusing this input (None when they take it);
-    it is raised, never silently routed to torch, whenever the Triton path was chosen.
+    it is raised, never silently routed to torch, whenever the Triton path was chosen. ``requested``
+    (default :func:`get_backend`) is what a backward op passes: the request its forward saw, so the backward
+    resolves the same way even where ``use_backend`` does not reach (autograd runs CUDA backwards on its own
+    threads, and a ``with`` block may have closed before ``.backward()``).
     """
-    requested = get_backend()
+    requested = get_backend() if requested is None else _validate(requested, "requested")
     if requested == "torch":
         return "torch"
     if requested == "auto" and device.type != "cuda":

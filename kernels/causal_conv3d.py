@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from fastsora.kernels import KERNELS_INTERPRETED
-from fastsora.kernels.utils import autotuned, new_output
+from fastsora.kernels.utils import autotuned, new_output, on_input_device
 from fastsora.registry import KernelConfig, register_kernel
 
 # ----------------------------------------------------------------------------------------------------------
@@ -635,6 +635,7 @@ def _rows(t: Optional[torch.Tensor], b0: int, b1: int) -> Optional[torch.Tensor]
     return t[b0:b1] if t is not None else None
 
 
+@on_input_device
 def causal_conv3d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                       residual: Optional[torch.Tensor], cache: Optional[torch.Tensor], stride: int, dilation: int,
                       time_pad: int, replicate: bool, activation: Optional[str], store_pre: bool,
@@ -681,6 +682,7 @@ def _fwd_launch(x, wp, w_shape, bias, residual, cache, y, z, stride, dilation, t
     _launch("fwd", _causal_conv3d_fwd_kernel, grid, args, consts, x.dtype, x.device)
 
 
+@on_input_device
 def silu_backward(dy: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """dz = dy * silu'(z), dz in z's layout (dy read through its strides)."""
     dz = new_output(z.shape, z.dtype, z.device, memory_format=_memory_format(z))
@@ -736,6 +738,7 @@ _BORDER_CACHE: Dict[tuple, list] = {}
 GROUP_MIN_ROWS = 4096
 
 
+@on_input_device
 def causal_conv3d_bwd(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, cache: Optional[torch.Tensor],
                       stride: int, dilation: int, time_pad: int, replicate: bool, has_bias: bool,
                       need_input: bool, need_weight: bool, max_positions: int

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from fastsora.kernels import KERNELS_INTERPRETED
-from fastsora.kernels.utils import autotuned, new_output
+from fastsora.kernels.utils import autotuned, new_output, on_input_device
 from fastsora.registry import KernelConfig, register_kernel
 
 _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -567,6 +567,7 @@ def _weights(w: Optional[torch.Tensor], t: int, device) -> torch.Tensor:
     return w.to(torch.float32).contiguous()
 
 
+@on_input_device
 def quantize_fwd(x: torch.Tensor, code_value: float, logit_scale: float, straight_through: bool,
                  with_entropy: bool, entropy_weight: Optional[torch.Tensor], commit_weight: Optional[torch.Tensor]):
     """Launch the fused quantize kernel on x (T, C, D) (any strides). Returns out (T,C,D) x.dtype, indices
@@ -596,6 +597,7 @@ def quantize_fwd(x: torch.Tensor, code_value: float, logit_scale: float, straigh
     return out, idx, pos, neg, part
 
 
+@on_input_device
 def quantize_bwd(x: torch.Tensor, grad_out: Optional[torch.Tensor], grad_pos: Optional[torch.Tensor],
                  grad_neg: Optional[torch.Tensor], coef: torch.Tensor, entropy_weight: Optional[torch.Tensor],
                  commit_weight: Optional[torch.Tensor], code_value: float, logit_scale: float) -> torch.Tensor:
@@ -620,6 +622,7 @@ def quantize_bwd(x: torch.Tensor, grad_out: Optional[torch.Tensor], grad_pos: Op
     return dx
 
 
+@on_input_device
 def code_tables(pos: torch.Tensor, neg: torch.Tensor, weight: Optional[torch.Tensor]
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The per-token code probability tables of both halves of the split, (C, T, 2^hi) weighted by w and
@@ -642,6 +645,7 @@ def code_tables(pos: torch.Tensor, neg: torch.Tensor, weight: Optional[torch.Ten
     return tables[0], tables[1]
 
 
+@on_input_device
 def code_pair(pos: torch.Tensor, neg: torch.Tensor, weight: Optional[torch.Tensor], count: torch.Tensor,
               mode: int, grad: Optional[torch.Tensor] = None,
               tables: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
@@ -677,6 +681,7 @@ def code_pair(pos: torch.Tensor, neg: torch.Tensor, weight: Optional[torch.Tenso
     return out
 
 
+@on_input_device
 def code_pair_bwd(pos: torch.Tensor, neg: torch.Tensor, weight: Optional[torch.Tensor], grad_sums: torch.Tensor,
                   tables: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Gradients (T, C, D) fp32 w.r.t. pos/neg of <S, grad_sums>, grad_sums (C, 2^hi, 2^lo) any strides;

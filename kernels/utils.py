@@ -3,7 +3,8 @@ the record of the autotuners they build."""
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterator, Sequence
+import functools
+from typing import Any, Callable, Dict, Iterator, Sequence, TypeVar
 
 import torch
 import triton
@@ -23,6 +24,23 @@ def poisoned_outputs(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         _poison = previous
+
+
+_Launcher = TypeVar("_Launcher", bound=Callable[..., Any])
+
+
+def on_input_device(launcher: _Launcher) -> _Launcher:
+    """Run ``launcher`` with the CUDA device of its first tensor argument current. Triton launches on the
+    current device (and its autotuner times there), so without this a model on cuda:1 would launch on cuda:0
+    with pointers into cuda:1. CPU tensors (the interpreter) run as they are."""
+    @functools.wraps(launcher)
+    def run(*args, **kwargs):
+        t = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if t is None or t.device.type != "cuda":
+            return launcher(*args, **kwargs)
+        with torch.cuda.device(t.device):
+            return launcher(*args, **kwargs)
+    return run  # type: ignore[return-value]
 
 
 def new_output(shape: Sequence[int], dtype: torch.dtype, device: torch.device, **kwargs) -> torch.Tensor:

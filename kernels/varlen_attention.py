@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from fastsora.kernels import KERNELS_INTERPRETED
-from fastsora.kernels.utils import autotuned, new_output
+from fastsora.kernels.utils import autotuned, new_output, on_input_device
 from fastsora.registry import KernelConfig, register_kernel
 
 LOG2E = 1.4426950408889634
@@ -720,6 +720,7 @@ def _grid_items(total: int, batch: int, block: int) -> int:
     return total // block + batch + 1
 
 
+@on_input_device
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
             softmax_scale: float, causal_mode: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel. q (total_q, Hq, D), k/v (total_k, Hkv, D); cu_q/cu_k int32 (batch+1,) on
@@ -741,6 +742,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tenso
     return _dense(out), lse
 
 
+@on_input_device
 def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
              lse: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, softmax_scale: float, causal_mode: int,
              dlse: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -144,3 +144,88 @@ def test_incompatible_interpreter_is_refused_with_the_reason(monkeypatch):
             assert select_backend("demo", CPU) == "torch"  # the torch path does not need the interpreter
     finally:
         backend.installed_interpreter_incompatibility.cache_clear()  # recomputed with the real versions
+
+
+def test_launchers_make_their_inputs_cuda_device_current(monkeypatch):
+    """Triton launches (and autotunes) on the current CUDA device: every public launcher makes its first tensor
+    argument's device current, so a model on cuda:1 launches there; CPU tensors (the interpreter) run as they are.
+    Checked with a tensor that reports cuda:1 and a recording stand-in for torch.cuda.device."""
+    from fastsora.kernels import causal_conv3d, lfq, utils, varlen_attention
+
+    entered = []
+
+    class Recorder:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    class OnCuda1(torch.Tensor):
+        @property
+        def device(self):
+            return torch.device("cuda:1")
+
+    monkeypatch.setattr(torch.cuda, "device", Recorder)
+    on_cuda1 = torch.Tensor._make_subclass(OnCuda1, torch.randn(2))
+    calls = []
+    launcher = utils.on_input_device(lambda *a, **k: calls.append((a, k)) or "launched")
+    assert launcher(3, on_cuda1, scale=2.0) == "launched" and entered == [torch.device("cuda:1")]
+    assert calls[0][0][1] is on_cuda1 and calls[0][1] == {"scale": 2.0}
+    assert launcher(torch.randn(2), on_cuda1) == "launched" and len(entered) == 1, "the first tensor decides"
+    public = {causal_conv3d: ["causal_conv3d_fwd", "silu_backward", "causal_conv3d_bwd"],
+              lfq: ["quantize_fwd", "quantize_bwd", "code_tables", "code_pair", "code_pair_bwd"],
+              varlen_attention: ["forward", "backward"]}
+    for module, names in public.items():
+        for name in names:
+            fn = getattr(module, name)
+            assert fn.__code__ is utils.on_input_device(lambda: None).__code__, f"{module.__name__}.{name}"
+
+
+def _family_case(family):
+    """(differentiable float64 inputs, a function of them returning a scalar) for one op family. float64: the
+    Triton kernels refuse it, so a backward that resolved backend 'triton' would raise."""
+    gen = torch.Generator().manual_seed(7)
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).requires_grad_()  # noqa: E731
+    if family == "causal_conv3d":
+        from fastsora.ops import causal_conv3d
+        ins = (rnd(1, 3, 4, 5, 5), rnd(4, 3, 3, 3, 3), rnd(4))
+        return ins, lambda x, w, b: causal_conv3d(x, w, b, pad_mode="replicate").square().sum()
+    if family == "varlen_attention":
+        from fastsora.ops import varlen_attention
+        cu = torch.tensor([0, 3, 9], dtype=torch.int32)
+        ins = (rnd(9, 2, 16), rnd(9, 1, 16), rnd(9, 1, 16))
+        return ins, lambda q, k, v: varlen_attention(q, k, v, cu, cu, causal=True).square().sum()
+    from fastsora.ops.lfq import lfq
+    ins = (rnd(7, 2, 5),)
+    return ins, lambda x: sum(t.sum() for t in lfq(x * 0.01)[2:]) + lfq(x, clamp_compat=True).codebook_entropy.sum()
+
+
+@pytest.mark.parametrize("family", ["causal_conv3d", "varlen_attention", "lfq"])
+def test_backward_resolves_the_backend_its_forward_saw(family, monkeypatch):
+    """Autograd runs CUDA backwards on its own threads, where a use_backend block of the forward's thread does not
+    reach. The forward runs on 'torch' inside use_backend while $FASTSORA_BACKEND says 'triton'; the backward, run
+    on another thread, must still take the torch path (the Triton path would refuse float64) and give its
+    gradients."""
+    ins, f = _family_case(family)
+    with fastsora.use_backend("torch"):
+        want = torch.autograd.grad(f(*ins), ins)
+        loss = f(*ins)
+    monkeypatch.setenv(fastsora.backend.ENV_VAR, "triton")
+    got, errors = [], []
+
+    def backward():
+        try:
+            got.extend(torch.autograd.grad(loss, ins))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    worker = threading.Thread(target=backward)
+    worker.start()
+    worker.join()
+    assert not errors, errors
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)

@@ -177,7 +177,7 @@ def test_replicate_border_gradient_accumulates(device, poison):
         gx, = torch.autograd.grad(y.sum(), [x])
     # y[:, o, t] = sum_c x[c, clamp(t + i - 2)] * sum_{j,k} w[o, c, i, j, k]: d y.sum() / d x[c, t]
     wsum = wt.detach().sum(dim=(3, 4)).sum(0)  # (c, kt)
-    want = torch.zeros(3, 3)
+    want = torch.zeros(3, 3, device=device)
     for t in range(3):
         for i in range(3):
             want[:, max(t + i - 2, 0)] += wsum[:, i]

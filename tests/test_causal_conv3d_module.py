@@ -169,6 +169,12 @@ def test_bad_inputs():
         CausalConv3d(4, 6, 3, padding=1)
     with pytest.raises(ValueError, match="groups=2 is not supported"):
         CausalConv3d(4, 6, 3, groups=2)
+    with pytest.raises(ValueError, match=r"kernel_size must be a positive int or 3 positive ints.*got \(0, 3, 3\)"):
+        CausalConv3d(4, 6, (0, 3, 3))
+    with pytest.raises(ValueError, match=r"kernel_size must be a positive int.*got \(-1, -1, -1\)"):
+        CausalConv3d(4, 6, -1)
+    with pytest.raises(ValueError, match=r"weight shape \(6, 0, 3, 3, 3\) has an empty dimension"):
+        causal_conv3d(randn(1, 0, 4, 5, 5), randn(6, 0, 3, 3, 3))
 
 
 @pytest.mark.interpreter

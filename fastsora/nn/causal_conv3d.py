@@ -18,11 +18,10 @@ __all__ = ["CausalConv3d"]
 
 
 def _triple(k) -> Tuple[int, int, int]:
-    if isinstance(k, int):
-        return (k, k, k)
-    k = tuple(k)
-    if len(k) != 3 or not all(isinstance(v, int) for v in k):
-        raise ValueError(f"CausalConv3d: kernel_size must be an int or 3 ints (kt, kh, kw); got {k!r}")
+    k = (k, k, k) if isinstance(k, int) else tuple(k)
+    if len(k) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in k):
+        raise ValueError(f"CausalConv3d: kernel_size must be a positive int or 3 positive ints (kt, kh, kw); "
+                         f"got {k!r}")
     return k
 
 

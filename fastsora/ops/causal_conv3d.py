@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from fastsora.backend import select_backend
+from fastsora.backend import get_backend, select_backend
 from fastsora.reference import causal_conv3d as _ref
 
 __all__ = ["causal_conv3d"]
@@ -76,7 +76,7 @@ def _validate(x, weight, bias, residual, cache, stride, dilation, pad_mode, acti
     if kh % 2 == 0 or kw % 2 == 0:
         raise ValueError(f"causal_conv3d: the spatial kernel sizes must be odd (symmetric padding); got "
                          f"kh={kh}, kw={kw}")
-    if kt < 1 or C_out < 1:
+    if kt < 1 or C_out < 1 or C_in < 1:
         raise ValueError(f"causal_conv3d: weight shape {tuple(weight.shape)} has an empty dimension")
     stride = _check_int("stride", stride)
     dilation = _check_int("dilation", dilation)
@@ -161,10 +161,10 @@ def _(x, weight, bias, residual, cache, stride, dilation, pad_mode, activation, 
 def _causal_conv3d_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                                bias: Optional[torch.Tensor], pre: torch.Tensor, cache: Optional[torch.Tensor],
                                stride: int, dilation: int, pad_mode: str, activation: str, streaming: bool,
-                               need_input: bool, need_weight: bool
+                               need_input: bool, need_weight: bool, requested_backend: str
                                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     act = activation or None
-    backend = select_backend(OP_NAME, x.device, _triton_unsupported(x, weight))
+    backend = select_backend(OP_NAME, x.device, _triton_unsupported(x, weight), requested_backend)
     tp = _ref.time_padding(weight.shape[2], stride, dilation)
     has_bias = bias is not None
     if backend == "triton":
@@ -184,7 +184,8 @@ def _causal_conv3d_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.
 
 
 @_causal_conv3d_backward_op.register_fake
-def _(dy, x, weight, bias, pre, cache, stride, dilation, pad_mode, activation, streaming, need_input, need_weight):
+def _(dy, x, weight, bias, pre, cache, stride, dilation, pad_mode, activation, streaming, need_input, need_weight,
+      requested_backend):
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x)) \
         if need_input else x.new_empty(0)
     dw = torch.empty_like(weight) if need_weight else x.new_empty(0)
@@ -199,6 +200,7 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (stride, dilation, pad_mode, activation, streaming)
     ctx.has_bias = bias is not None
     ctx.has_residual = residual is not None
+    ctx.requested_backend = get_backend()  # the backward resolves as the forward did (see select_backend)
 
 
 def _backward(ctx, dy, dpre):
@@ -209,7 +211,7 @@ def _backward(ctx, dy, dpre):
     dx = dw = db = None
     if need_x or need_w:
         gx, gw, gb = _causal_conv3d_backward_op(dy, x, weight, bias, pre, cache, stride, dilation, pad_mode,
-                                                activation, streaming, need_x, need_w)
+                                                activation, streaming, need_x, need_w, ctx.requested_backend)
         dx = gx if need_x else None
         dw = gw if ctx.needs_input_grad[1] else None
         db = gb if (ctx.has_bias and ctx.needs_input_grad[2]) else None

@@ -24,7 +24,7 @@ import contextlib
 import torch
 from torch import Tensor
 
-from fastsora.backend import select_backend
+from fastsora.backend import get_backend, select_backend
 from fastsora.reference import lfq as _ref
 
 __all__ = ["lfq", "lfq_quantize", "lfq_codebook_entropy", "lfq_code_sums", "LFQOutput", "lfq_entropy_of_sums"]
@@ -148,9 +148,9 @@ def _(x, code_value, logit_scale, straight_through, with_entropy, entropy_weight
 def _quantize_bwd_op(x: Tensor, grad_out: Optional[Tensor], grad_pos: Optional[Tensor],
                      grad_neg: Optional[Tensor], grad_per_sample: Tensor, grad_commit: Tensor,
                      entropy_weight: Optional[Tensor], commit_weight: Optional[Tensor], code_value: float,
-                     logit_scale: float, straight_through: bool) -> Tensor:
+                     logit_scale: float, straight_through: bool, requested_backend: str) -> Tensor:
     t, c, d = x.shape
-    backend = select_backend("lfq_quantize_backward", x.device, _x_reason(x))
+    backend = select_backend("lfq_quantize_backward", x.device, _x_reason(x), requested_backend)
     if backend == "torch":
         with _cpu_threads(x):
             return _ref.quantize_backward(x, grad_out, grad_pos, grad_neg, grad_per_sample, grad_commit,
@@ -165,7 +165,7 @@ def _quantize_bwd_op(x: Tensor, grad_out: Optional[Tensor], grad_pos: Optional[T
 
 @_quantize_bwd_op.register_fake
 def _(x, grad_out, grad_pos, grad_neg, grad_per_sample, grad_commit, entropy_weight, commit_weight, code_value,
-      logit_scale, straight_through):
+      logit_scale, straight_through, requested_backend):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -173,6 +173,7 @@ def _quantize_setup(ctx, inputs, output):
     x, code_value, logit_scale, straight_through, with_entropy, ew, cw = inputs
     ctx.save_for_backward(x, ew, cw)
     ctx.args = (code_value, logit_scale, straight_through)
+    ctx.requested_backend = get_backend()  # the backward resolves as the forward did (see select_backend)
 
 
 def _quantize_backward(ctx, g_out, g_idx, g_pos, g_neg, g_ps, g_cm):
@@ -183,7 +184,8 @@ def _quantize_backward(ctx, g_out, g_idx, g_pos, g_neg, g_ps, g_cm):
     g_cm = g_cm if g_cm is not None else x.new_zeros((), dtype=pdt)
     if g_pos is None or g_neg is None:
         g_pos = g_neg = None
-    dx = _quantize_bwd_op(x, g_out, g_pos, g_neg, g_ps, g_cm, ew, cw, code_value, logit_scale, straight_through)
+    dx = _quantize_bwd_op(x, g_out, g_pos, g_neg, g_ps, g_cm, ew, cw, code_value, logit_scale, straight_through,
+                          ctx.requested_backend)
     return dx, None, None, None, None, None, None
 
 
@@ -236,10 +238,11 @@ def _(prob_pos, prob_neg, entropy_weight):
 
 
 @torch.library.custom_op("fastsora::lfq_codebook_entropy_backward", mutates_args=())
-def _entropy_bwd_op(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor], grad: Tensor
-                    ) -> Tuple[Tensor, Tensor]:
+def _entropy_bwd_op(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor], grad: Tensor,
+                    requested_backend: str) -> Tuple[Tensor, Tensor]:
     t, c, d = prob_pos.shape
-    backend = select_backend("lfq_codebook_entropy_backward", prob_pos.device, _probs_reason(prob_pos))
+    backend = select_backend("lfq_codebook_entropy_backward", prob_pos.device, _probs_reason(prob_pos),
+                             requested_backend)
     if backend == "torch":
         with _cpu_threads(prob_pos):
             grads = _ref.codebook_entropy_backward(prob_pos, prob_neg, entropy_weight, grad)
@@ -252,17 +255,18 @@ def _entropy_bwd_op(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional
 
 
 @_entropy_bwd_op.register_fake
-def _(prob_pos, prob_neg, entropy_weight, grad):
+def _(prob_pos, prob_neg, entropy_weight, grad, requested_backend):
     return _dense_like(prob_pos), _dense_like(prob_neg)
 
 
 def _entropy_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
+    ctx.requested_backend = get_backend()  # the backward resolves as the forward did (see select_backend)
 
 
 def _entropy_backward(ctx, grad):
     pos, neg, w = ctx.saved_tensors
-    dpos, dneg = _entropy_bwd_op(pos, neg, w, grad)
+    dpos, dneg = _entropy_bwd_op(pos, neg, w, grad, ctx.requested_backend)
     return dpos, dneg, None
 
 
@@ -297,9 +301,10 @@ def _(prob_pos, prob_neg, entropy_weight):
 
 
 @torch.library.custom_op("fastsora::lfq_code_sums_backward", mutates_args=())
-def _sums_bwd_op(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor], grad: Tensor
-                 ) -> Tuple[Tensor, Tensor]:
-    backend = select_backend("lfq_code_sums_backward", prob_pos.device, _probs_reason(prob_pos))
+def _sums_bwd_op(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor], grad: Tensor,
+                 requested_backend: str) -> Tuple[Tensor, Tensor]:
+    backend = select_backend("lfq_code_sums_backward", prob_pos.device, _probs_reason(prob_pos),
+                             requested_backend)
     if backend == "torch":
         with _cpu_threads(prob_pos):
             grads = _ref.code_sums_backward(prob_pos, prob_neg, entropy_weight, grad)
@@ -308,13 +313,13 @@ def _sums_bwd_op(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Te
 
 
 @_sums_bwd_op.register_fake
-def _(prob_pos, prob_neg, entropy_weight, grad):
+def _(prob_pos, prob_neg, entropy_weight, grad, requested_backend):
     return _dense_like(prob_pos), _dense_like(prob_neg)
 
 
 def _sums_backward(ctx, grad):
     pos, neg, w = ctx.saved_tensors
-    dpos, dneg = _sums_bwd_op(pos, neg, w, grad)
+    dpos, dneg = _sums_bwd_op(pos, neg, w, grad, ctx.requested_backend)
     return dpos, dneg, None
 
 

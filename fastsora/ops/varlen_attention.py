@@ -15,7 +15,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
-from fastsora.backend import select_backend
+from fastsora.backend import get_backend, select_backend
 from fastsora.reference import varlen_attention as _ref
 
 OP_NAME = "varlen_attention"
@@ -65,8 +65,9 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode):
 @torch.library.custom_op("fastsora::varlen_attention_bwd", mutates_args=())
 def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
             lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, softmax_scale: float,
-            causal_mode: int, dlse: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    backend = select_backend(OP_NAME, q.device, _unsupported(q))
+            causal_mode: int, dlse: Optional[torch.Tensor], requested_backend: str
+            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    backend = select_backend(OP_NAME, q.device, _unsupported(q), requested_backend)
     if backend == "triton":
         return _kernels().backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale,
                                    causal_mode, dlse)
@@ -76,7 +77,7 @@ def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
 
 @_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode, dlse):
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode, dlse, requested_backend):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
@@ -88,13 +89,14 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
     ctx.scale = scale
     ctx.mode = mode
+    ctx.requested_backend = get_backend()  # the backward resolves as the forward did (see select_backend)
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = _bwd_op(dout, q, k, v, out, lse, cu_q, cu_k, ctx.scale, ctx.mode, dlse)
+    dq, dk, dv = _bwd_op(dout, q, k, v, out, lse, cu_q, cu_k, ctx.scale, ctx.mode, dlse, ctx.requested_backend)
     return dq, dk, dv, None, None, None, None
 
 
