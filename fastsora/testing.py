@@ -1,7 +1,8 @@
 """Test helpers: random inputs, float64 references, tolerances, layout variants, NaN-poisoned outputs."""
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Sequence, Tuple, Union
+import contextlib
+from typing import Any, Iterable, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -88,6 +89,17 @@ def noncontiguous(t: torch.Tensor, dim: int = -1) -> torch.Tensor:
     view.copy_(t.detach())
     assert not view.is_contiguous() or t.shape[dim] <= 1
     return view.requires_grad_(t.requires_grad)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms() -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(True)`` inside the block, the previous setting restored after."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 def spread_past_int32(t: torch.Tensor) -> torch.Tensor:

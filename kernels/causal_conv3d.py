@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from fastsora.kernels import KERNELS_INTERPRETED
-from fastsora.kernels.utils import autotuned, new_output, on_input_device
+from fastsora.kernels.utils import autotuned, launch_tuned, new_output, on_input_device
 from fastsora.registry import KernelConfig, register_kernel
 
 # ----------------------------------------------------------------------------------------------------------
@@ -506,7 +506,7 @@ def _launch(kind: str, kernel, grid, args: tuple, consts: dict, dtype: torch.dty
         variant, arch, klass = _variant(kind, consts), _arch(device), _klass(dtype)
         if unit_channel_stride and (kind, variant + "_cl", klass) in _CONFIGS[arch]:
             variant += "_cl"
-        _tuned(kind, variant, arch, klass)[grid](*args, **consts)
+        launch_tuned(_tuned(kind, variant, arch, klass), grid, *args, **consts)
 
 
 # ----------------------------------------------------------------------------------------------------------

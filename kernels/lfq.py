@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from fastsora.kernels import KERNELS_INTERPRETED
-from fastsora.kernels.utils import autotuned, new_output, on_input_device
+from fastsora.kernels.utils import autotuned, launch_tuned, new_output, on_input_device
 from fastsora.registry import KernelConfig, register_kernel
 
 _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -677,7 +677,7 @@ def code_pair(pos: torch.Tensor, neg: torch.Tensor, weight: Optional[torch.Tenso
         meta = dict(BLOCK_H=bh, BLOCK_L=bl, BLOCK_T=_block_t(t, _CUDA_PAIR["BLOCK_T"], 512))
         _lfq_code_pair_kernel[grid(meta)](*args, MODE=mode, PRECISION=PRECISION, **meta)
     else:
-        _pair_tuned(mode, nh, nl)[grid](*args, MODE=mode, PRECISION=PRECISION)
+        launch_tuned(_pair_tuned(mode, nh, nl), grid, *args, MODE=mode, PRECISION=PRECISION)
     return out
 
 

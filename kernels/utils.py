@@ -69,6 +69,17 @@ def autotuned(name: str, kernel, configs: Sequence[Any], key: Sequence[str], **o
     return tuner
 
 
+def launch_tuned(tuner, grid, *args, **kwargs) -> None:
+    """``tuner[grid](*args, **kwargs)``, except under ``torch.use_deterministic_algorithms(True)``: then the
+    tuner's first candidate runs untimed. A pick by timing can differ between processes, and with it the
+    tile and the accumulation order; a fixed tile makes results bit-reproducible across runs, not only within
+    one (the first candidate of every table is a sound default for its slot)."""
+    if torch.are_deterministic_algorithms_enabled():
+        tuner.fn[grid](*args, **kwargs, **tuner.configs[0].all_kwargs())
+    else:
+        tuner[grid](*args, **kwargs)
+
+
 def autotune_picks() -> Dict[str, Dict[str, str]]:
     """{autotuner name: {tuning key: chosen config}} for every recorded autotuner that has tuned a key."""
     return {name: {str(k): str(cfg) for k, cfg in tuner.cache.items()}

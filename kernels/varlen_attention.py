@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from fastsora.kernels import KERNELS_INTERPRETED
-from fastsora.kernels.utils import autotuned, new_output, on_input_device
+from fastsora.kernels.utils import autotuned, launch_tuned, new_output, on_input_device
 from fastsora.registry import KernelConfig, register_kernel
 
 LOG2E = 1.4426950408889634
@@ -658,7 +658,7 @@ def _launch(kind: str, rows: int, batch: int, heads: int, args: tuple, consts: d
                                                                       num_stages=1)
     else:
         grid = lambda meta: (_grid_items(rows, batch, meta[side]), heads)  # noqa: E731
-        _tuned(kind, _arch(device), _klass(dtype), consts["BLOCK_D"])[grid](*args, **consts)
+        launch_tuned(_tuned(kind, _arch(device), _klass(dtype), consts["BLOCK_D"]), grid, *args, **consts)
 
 
 def _consts(dtype: torch.dtype, head_dim: int, causal_mode: int) -> dict:

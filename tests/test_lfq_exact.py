@@ -7,7 +7,7 @@ import fastsora.kernels.lfq as K
 from fastsora import BackendError, use_backend
 from fastsora.ops.lfq import lfq, lfq_code_sums, lfq_codebook_entropy, lfq_entropy_of_sums, lfq_quantize
 from fastsora.reference.lfq import brute_force_entropies
-from fastsora.testing import noncontiguous, relative_error, spread_past_int32
+from fastsora.testing import deterministic_algorithms, noncontiguous, relative_error, spread_past_int32
 
 TAU = 100.0
 #: the Triton rows of these tests run the kernels on CPU tensors (the interpreter); on CUDA the gpu tests cover them
@@ -255,6 +255,15 @@ def test_code_pair_cuda_launch_autotunes_code_tiles(monkeypatch, pick):
         assert relative_error(got[0].sum((1, 2)), entropy) < 1e-5
         from fastsora.kernels.utils import autotune_picks
         assert any(name.startswith("lfq code_pair mode=0") for name in autotune_picks())
+        # deterministic mode: the first (widest) tile, untimed, whichever tile the timer picked
+        with deterministic_algorithms():
+            again = [K.code_pair(pos, neg, w, n, mode, grad if mode == 1 else None) for mode in (0, 1, 2)]
+        assert len(timed) == 3 * len(tiles), "nothing is timed under torch.use_deterministic_algorithms(True)"
+        # mode 0 writes one partial per tile: the same nonzero pattern as the widest fixed tile's
+        assert torch.equal(again[0], fixed[0])
+        assert relative_error(again[1], fixed[1]) < 1e-6 and relative_error(again[2], fixed[2]) < 1e-6
+        if pick == "widest":
+            assert all(torch.equal(a, b) for a, b in zip(again, got)), "the same tile as the timed pick"
     finally:
         K._pair_tuned.cache_clear()
 

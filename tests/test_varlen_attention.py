@@ -11,7 +11,8 @@ import fastsora.kernels.varlen_attention as kern
 from fastsora import use_backend
 from fastsora.ops.varlen_attention import _attention, varlen_attention
 from fastsora.reference.varlen_attention import varlen_attention as ref_attention
-from fastsora.testing import TOLERANCE, assert_close, grads, relative_error, spread_past_int32, to_float64
+from fastsora.testing import (TOLERANCE, assert_close, deterministic_algorithms, grads, relative_error,
+                              spread_past_int32, to_float64)
 
 ops_mod = importlib.import_module("fastsora.ops.varlen_attention")
 GRAD_TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -362,6 +363,13 @@ def test_cuda_launch_path_autotunes_over_candidates(monkeypatch, poison):
         for kind in kern._KINDS:
             chosen = list(picks[f"varlen_attention {kind} sm_90 fp32 D=32"].values())
             assert chosen == [str(tuned[kern._KINDS.index(kind)].best_config)], (kind, chosen)
+        # deterministic mode: the first candidate of each slot, untimed (the same tile in every process)
+        grids.clear()
+        with deterministic_algorithms():
+            check_against_reference(q, k, v, cu_q, cu_k, 1)
+        assert len(timed) == 6, "nothing is timed under torch.use_deterministic_algorithms(True)"
+        # fwd and dq block query rows by BLOCK_M, dkdv key rows by BLOCK_N: (16, 32) first, (32, 16) timed fastest
+        assert [g[2] for g in grids] == [16, 32, 16], grids
     finally:
         kern._tuned.cache_clear()
 
