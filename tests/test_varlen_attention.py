@@ -250,12 +250,42 @@ def test_validate_false_skips_host_checks(device, monkeypatch):
     with use_backend("torch"):
         varlen_attention(q, k, v, cu_q, cu_k)
     assert len(called) == 2
+    cu_q, cu_k = cu_q.clone(), cu_k.clone()   # tensors not checked yet
     with use_backend("torch"):
         ops_mod.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 4, 4, validate=False)
     assert len(called) == 2, "flash_attn_varlen_func(validate=False) must not check (no host synchronisation)"
     with use_backend("torch"):
         ops_mod.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 4, 4)
     assert len(called) == 4
+
+
+def test_offsets_are_checked_once_until_they_change(monkeypatch):
+    """Every layer gets the same cu_seqlens: their values are read (one host synchronisation) at the first call
+    only; an in-place change or another token count checks them again, and bad values then raise."""
+    q, k, v, cu_q, cu_k = make([3, 4], [5, 2], 2, 2, 16, torch.float32, "cpu")
+    checked = []
+    real = ops_mod._check_values
+    monkeypatch.setattr(ops_mod, "_check_values", lambda name, *a: checked.append(name[11]) or real(name, *a))
+    with use_backend("torch"):
+        for _ in range(3):
+            varlen_attention(q, k, v, cu_q, cu_k)
+        assert checked == ["q", "k"], "checked at the first call only"
+        varlen_attention(q[:6], k, v, offsets([3, 3]), cu_k)
+        assert checked[2:] == ["q"], "a new cu_seqlens_q is checked, the known cu_seqlens_k is not"
+        cu_k[1] = 6   # in place: [0, 6, 7] is still valid
+        varlen_attention(q, k, v, cu_q, cu_k)
+        assert checked[3:] == ["k"]
+        cu_k[1] = 8   # [0, 8, 7]: no longer monotone
+        with pytest.raises(ValueError, match="cu_seqlens_k must be non-decreasing"):
+            varlen_attention(q, k, v, cu_q, cu_k)
+        with pytest.raises(ValueError, match=r"cu_seqlens_q\[-1\] = 7 is past the number of tokens \(6\)"):
+            varlen_attention(q[:6], k, v, cu_q, offsets([5, 2]))
+        with torch.inference_mode():   # inference tensors have no version counter: checked at every call
+            cu_i = offsets([3, 4])
+            del checked[:]
+            for _ in range(2):
+                varlen_attention(q.detach(), k.detach(), v.detach(), cu_i, cu_i.clone())
+        assert checked == ["q", "k", "q", "k"]
 
 
 def test_strided_offsets_are_read_by_value(device, poison):

@@ -14,6 +14,7 @@ import math
 from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from fastsora.backend import get_backend, select_backend
 from fastsora.reference import varlen_attention as _ref
@@ -164,11 +165,35 @@ def _check_inputs(q, k, v, cu_q, cu_k, validate: bool) -> None:
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1); got "
                          f"{cu_q.numel()} and {cu_k.numel()}")
     if validate and not _compiling():
-        # one host synchronisation for both offset tensors
-        both = torch.cat([cu_q, cu_k]).tolist()
-        n = cu_q.numel()
-        _check_values("cu_seqlens_q", both[:n], q.shape[0])
-        _check_values("cu_seqlens_k", both[n:], k.shape[0])
+        _check_offset_values((("cu_seqlens_q", cu_q, q.shape[0]), ("cu_seqlens_k", cu_k, k.shape[0])))
+
+
+#: offsets tensors whose values passed the checks: {tensor: (version counter, token count)}. Every layer of a
+#: model gets the same cu_seqlens, so only the first call of a step synchronises; an in-place change (which
+#: moves the version counter) or another token count checks again. Inference tensors have no version
+#: counter and are checked at every call.
+_CHECKED = WeakIdKeyDictionary()
+
+
+def _version(t: torch.Tensor) -> Optional[int]:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors do not track versions
+        return None
+
+
+def _check_offset_values(offsets: Sequence[Tuple[str, torch.Tensor, int]]) -> None:
+    todo = [(name, cu, total, _version(cu)) for name, cu, total in offsets]
+    todo = [item for item in todo if item[3] is None or _CHECKED.get(item[1]) != (item[3], item[2])]
+    if not todo:
+        return
+    values = torch.cat([cu for _, cu, _, _ in todo]).tolist()  # one host synchronisation for all of them
+    start = 0
+    for name, cu, total, version in todo:
+        _check_values(name, values[start:start + cu.numel()], total)
+        start += cu.numel()
+        if version is not None:
+            _CHECKED[cu] = (version, total)
 
 
 def _causal_mode(causal: bool, top_left: bool = False) -> int:
@@ -214,8 +239,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         causal: mask aligned to the bottom-right corner: query i sees key j iff j <= i + Lk - Lq. A query row
             that sees no key outputs 0 (its LSE is +inf).
         return_lse: also return the log-sum-exp, (Hq, total_q) float32 (differentiable).
-        validate: check the offsets' values (one host synchronisation). Pass False in hot loops whose offsets
-            are known good; the kernels themselves never synchronise. Skipped under torch.compile.
+        validate: check the offsets' values: one host synchronisation the first time an offsets tensor is
+            seen (every layer of a step gets the same one) and again after it changes in place. False skips
+            it; the kernels themselves never synchronise. Skipped under torch.compile.
 
     Returns:
         out (total_q, Hq, D) in q's dtype, or (out, lse) with ``return_lse``.
@@ -240,8 +266,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
     (-1, -1), ``softcap`` != 0, ``alibi_slopes``, ``block_table``, ``dropout_p`` > 0.
     ``return_attn_probs=True`` returns ``(out, softmax_lse, None)``: the LSE (Hq, total_q) float32; the
     dropout mask flash-attn would return as the third item does not exist here (no dropout).
-    ``validate`` (keyword only, not in flash-attn): as in :func:`varlen_attention`, one host synchronisation to
-    check the offsets' values; flash-attn never checks them, pass False for its behaviour (no synchronisation).
+    ``validate`` (keyword only, not in flash-attn): as in :func:`varlen_attention`, a host synchronisation to
+    check a new offsets tensor's values; flash-attn never checks them, pass False for its behaviour.
     """
     if tuple(window_size) != (-1, -1):
         raise NotImplementedError(f"window_size={tuple(window_size)}: sliding-window attention is not supported; "
