@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -57,6 +58,10 @@ def device_name(device: torch.device) -> str:
 
 
 def git_commit() -> Optional[str]:
+    """HEAD of the checkout fastsora runs from, or ``$FASTSORA_GIT_COMMIT`` (a copy without .git, e.g. a lent
+    GPU machine's working tree: pass the commit in the command)."""
+    if os.environ.get("FASTSORA_GIT_COMMIT"):
+        return os.environ["FASTSORA_GIT_COMMIT"].strip()
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
@@ -173,7 +178,8 @@ def _row(item: "BenchItem") -> Dict[str, Any]:
 
 
 def bench_item(item: "BenchItem", device: torch.device, peaks: Dict[str, float]) -> Dict[str, Any]:
-    """Time one point and measure its peak memory; out-of-memory and n/a points are rows too."""
+    """Time one point and measure its peak memory; out-of-memory, n/a and failing points are rows too (a
+    failure's traceback goes to stderr; the run goes on with the next point)."""
     case = item.case
     row = _row(item)
     try:
@@ -185,6 +191,11 @@ def bench_item(item: "BenchItem", device: torch.device, peaks: Dict[str, float])
         ms = median_ms(thunk, device)
     except _OOM as exc:
         row["status"] = f"out of memory: {str(exc).splitlines()[0][:120]}"
+        return row
+    except Exception as exc:  # noqa: BLE001 - one failing impl (a baseline's own limits) must not end the run
+        traceback.print_exc(file=sys.stderr)
+        first = str(exc).splitlines()[0][:160] if str(exc) else ""
+        row["status"] = f"error: {type(exc).__name__}: {first}"
         return row
     finally:
         if device.type == "cuda":
@@ -256,11 +267,15 @@ def run_bench(device: torch.device, ops: Optional[Sequence[str]] = None,
     from fastsora.kernels.utils import autotune_picks  # after the CLI decided on the interpreter
 
     start = time.perf_counter()
+    if device.type == "cuda":
+        # the cuDNN baselines pick their algorithm by timing (at the untimed first call), as tuned training does
+        torch.backends.cudnn.benchmark = True
     plan = bench_plan(device, ops, dtypes, modes, cases, impls)
     peaks = {str(d).removeprefix("torch."): measured_peaks(device, d) for d in {p.dtype for p in plan}}
     report = {
         "device": device_name(device), "device_type": device.type, "versions": versions(),
         "git_commit": git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
         "interpreter_note": None if device.type == "cuda" else
         "CPU: fastsora is timed on its torch backend; Triton kernels run only in the interpreter here and are not timed",
         "selection": {"ops": list(ops) if ops else None, "cases": cases, "impls": list(impls) if impls else None,

@@ -7,7 +7,8 @@
 #   SECONDS  wall-clock budget of the whole run (default 500: run it with the device tool's timeout_s=600,
 #            which leaves time for the install and a margin)
 # Beforehand, on the machine with network: `bash scripts/device_wheels.sh` (the LFQ anchor and its needs as
-# wheels in .whl/), then name .whl in the device tool's `carry`.
+# wheels in .whl/), then name .whl in the device tool's `carry`. The copy there has no .git: put the commit in the
+# command, `FASTSORA_GIT_COMMIT=<sha> bash scripts/device_check.sh all 500`, so the bench JSON records it.
 #
 # Stages, most important first, each with its share of the budget; every file lands in $OUT (the tool brings
 # back at most 8): info.txt, check.log, bench.log, three bench-<device>-<date>.json (one per op), tests.log,
@@ -57,8 +58,13 @@ else
 fi
 
 if [ "$budget_check" -gt 0 ]; then
-  timeout "$budget_check" "${fastsora[@]}" check >"$out/check.log" 2>&1
-  note "check: exit $? after $((SECONDS - start)) s ($(tail -n 1 "$out/check.log"))"
+  # one run per op, a third of the budget each: conv's first-call autotuning alone could fill all of it
+  : >"$out/check.log"
+  for op in lfq varlen_attention causal_conv3d; do
+    timeout $((budget_check / 3)) "${fastsora[@]}" check --ops "$op" >>"$out/check.log" 2>&1
+    echo "== $op: exit $?" >>"$out/check.log"
+  done
+  note "check: after $((SECONDS - start)) s; $(grep '^== ' "$out/check.log" | tr '\n' ' ')"
 fi
 
 if [ "$budget_bench" -gt 0 ]; then

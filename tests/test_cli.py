@@ -217,6 +217,38 @@ def test_bench_selection_budget_and_partial_reports(registered):
     assert all(r["median_ms"] is None for r in report["results"])
 
 
+def test_bench_point_that_raises_is_a_row_and_the_run_goes_on(registered, monkeypatch, capsys):
+    """A point whose impl raises (a baseline's own limits, a launch error) is a row 'error: ...' with the first
+    line of the message, its traceback goes to stderr, and the next points still run."""
+    import fastsora.bench as bench_mod
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    real, calls = bench_mod.median_ms, []
+
+    def first_raises(fn, dev, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("not supported for this shape\nmore detail")
+        return real(fn, dev, *args, **kwargs)
+
+    monkeypatch.setattr(bench_mod, "measured_peaks", lambda device, dtype: {"tflops": 1.0, "gbps": 1.0})
+    monkeypatch.setattr(bench_mod, "median_ms", first_raises)
+    rows = run_bench(device, ops=[registered.name], modes=["fwd"])["results"]
+    assert len(rows) > 1 and rows[0]["status"] == "error: ValueError: not supported for this shape"
+    assert rows[0]["median_ms"] is None and all(r["status"] == "ok" and r["median_ms"] > 0 for r in rows[1:])
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_git_commit_from_the_environment(monkeypatch):
+    """A copy of the tree without .git (a lent GPU machine) records the commit passed in $FASTSORA_GIT_COMMIT."""
+    import fastsora.bench as bench_mod
+
+    monkeypatch.setenv("FASTSORA_GIT_COMMIT", "0123abcd ")
+    assert bench_mod.git_commit() == "0123abcd"
+    monkeypatch.delenv("FASTSORA_GIT_COMMIT")
+    assert bench_mod.git_commit() != "0123abcd"
+
+
 def test_cli_bench_rewrites_one_json_per_run(registered, tmp_path, capsys):
     assert cli.main(["bench", "--ops", registered.name, "--modes", "fwd", "--impls", "reference",
                      "--budget-s", "600", "--out", str(tmp_path)]) == 0
