@@ -167,6 +167,12 @@ def test_bad_inputs():
         causal_conv3d(x, w, randn(5))
     with pytest.raises(ValueError, match="'padding' is not accepted"):
         CausalConv3d(4, 6, 3, padding=1)
+    with pytest.raises(ValueError, match="'padding_mode' is not accepted"):
+        CausalConv3d(4, 6, 3, padding_mode="reflect")
+    with pytest.raises(ValueError, match="pad_mode must be 'constant' or 'replicate'"):
+        CausalConv3d(4, 6, 3, pad_mode="reflect")
+    conv = CausalConv3d(4, 6, 3, padding=0, padding_mode="zeros")   # the defaults are accepted
+    assert conv.conv.padding == (0, 0, 0) and conv.conv.padding_mode == "zeros"
     with pytest.raises(ValueError, match="groups=2 is not supported"):
         CausalConv3d(4, 6, 3, groups=2)
     with pytest.raises(ValueError, match=r"kernel_size must be a positive int or 3 positive ints.*got \(0, 3, 3\)"):

@@ -92,10 +92,19 @@ def test_eval_mode_matches_anchor(name, kw, shape):
     ref, ours = _pair(kw)
     ref.eval()
     ours.eval()
-    x = torch.randn(*shape)
+    x = torch.randn(*shape, requires_grad=True)
     (ra, la), (rb, lb) = _call(ref, x), _call(ours, x)
     assert torch.equal(rb.quantized, ra.quantized) and torch.equal(rb.indices, ra.indices)
     assert rb.entropy_aux_loss.item() == 0 and lb.per_sample_entropy.item() == 0 and lb.commitment.item() == 0
+    # the codes carry no gradient back to x or project_in (None, not zeros: optimisers skip None), only to
+    # project_out where there is one
+    assert rb.quantized.requires_grad == ra.quantized.requires_grad
+    if ra.quantized.requires_grad:
+        g = torch.randn_like(ra.quantized)
+        ga = torch.autograd.grad(ra.quantized, _leaves(ref, x), g, allow_unused=True)
+        gb = torch.autograd.grad(rb.quantized, _leaves(ours, x), g, allow_unused=True)
+        for a, b in zip(ga, gb, strict=True):
+            assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
 
 
 @pytest.mark.interpreter

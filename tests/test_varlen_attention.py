@@ -88,6 +88,20 @@ def test_torch_backend_matches_float64_reference(case, dtype):
     check_against_reference(q, k, v, cu_q, cu_k, mode, scale, backend="torch")
 
 
+def test_torch_backend_float64_keeps_float64_precision():
+    """float64 inputs (the torch backend) keep their LSE in float64, so the analytic backward, which reads it,
+    agrees with autograd through the float64 reference to float64 rounding (a float32 LSE: ~1e-7)."""
+    q, k, v, cu_q, cu_k = make([7, 0, 30], [12, 4, 25], 4, 2, 24, torch.float64, "cpu", extra_q=2)
+    with use_backend("torch"):
+        out, lse = varlen_attention(q, k, v, cu_q, cu_k, causal=True, return_lse=True)
+        g = grads(out, [q, k, v])
+    assert lse.dtype == torch.float64
+    ref_out, _, ref_g = reference(q, k, v, cu_q, cu_k, 24 ** -0.5, 1)
+    assert relative_error(out, ref_out) < 1e-13
+    for a, b in zip(g, ref_g):
+        assert relative_error(a, b) < 1e-12
+
+
 def test_kernels_are_interpreted_on_cpu():
     from fastsora.kernels import KERNELS_INTERPRETED
 

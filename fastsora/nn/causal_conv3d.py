@@ -53,10 +53,10 @@ class CausalConv3d(nn.Module):
         for name, v in (("stride", stride), ("dilation", dilation)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"CausalConv3d: {name} must be a positive int (time only); got {v!r}")
-        for bad in ("padding", "padding_mode"):
-            if bad in kwargs:
-                raise ValueError(f"CausalConv3d: {bad!r} is not accepted: the causal padding is fixed by "
-                                 "kernel_size, stride, dilation and pad_mode")
+        for name, default in (("padding", 0), ("padding_mode", "zeros")):  # the defaults change nothing
+            if name in kwargs and kwargs.pop(name) not in (default, (default,) * 3):
+                raise ValueError(f"CausalConv3d: {name!r} is not accepted (only its default, {default!r}): the "
+                                 "causal padding is fixed by kernel_size, stride, dilation and pad_mode")
         if kwargs.get("groups", 1) != 1:
             raise ValueError(f"CausalConv3d: groups={kwargs['groups']} is not supported (groups=1 only)")
         self.pad_mode = pad_mode

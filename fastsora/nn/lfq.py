@@ -238,6 +238,8 @@ class LFQ(nn.Module):
                       commit_weight=commit_w, straight_through=training, with_entropy=training,
                       clamp_compat=self.entropy_clamp_compat, logit_scale=4.0 * float(inv_temperature) * entropy_scale)
             out = res.out.view(b, n, c, d)
+            if not training:   # the bare codes, as the anchor: no gradient (None, not zeros) to x or project_in
+                out = out.detach()
             indices = res.indices.view(b, n, c)
             if training and not isinstance(self.activation, nn.Identity):
                 q = torch.where(out.detach() > 0, code_value, -code_value).to(out.dtype)

@@ -36,6 +36,11 @@ def _unsupported(q: torch.Tensor) -> Optional[str]:
     return None
 
 
+def _lse_dtype(q: torch.Tensor) -> torch.dtype:
+    """float32, as flash-attn; float64 for float64 inputs (torch backend), whose backward reads it."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
 def _kernels():
     from fastsora.kernels import varlen_attention as kern
 
@@ -54,13 +59,13 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: tor
     if backend == "triton":
         return _kernels().forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode)
     out, lse = _ref.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode)
-    return out.contiguous(), lse.to(torch.float32).contiguous()
+    return out.contiguous(), lse.to(_lse_dtype(q)).contiguous()
 
 
 @_fwd_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode):
     return torch.empty_like(q, memory_format=torch.contiguous_format), \
-        q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+        q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q))
 
 
 @torch.library.custom_op("fastsora::varlen_attention_bwd", mutates_args=())
@@ -238,7 +243,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         softmax_scale: default 1 / sqrt(D).
         causal: mask aligned to the bottom-right corner: query i sees key j iff j <= i + Lk - Lq. A query row
             that sees no key outputs 0 (its LSE is +inf).
-        return_lse: also return the log-sum-exp, (Hq, total_q) float32 (differentiable).
+        return_lse: also return the log-sum-exp, (Hq, total_q) float32 (float64 for float64 inputs),
+            differentiable.
         validate: check the offsets' values: one host synchronisation the first time an offsets tensor is
             seen (every layer of a step gets the same one) and again after it changes in place. False skips
             it; the kernels themselves never synchronise. Skipped under torch.compile.
