@@ -5,6 +5,7 @@ compiled kernels run at realistic shapes in fp32, fp16 and bf16.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
@@ -53,7 +54,9 @@ def check_op(spec: OpSpec, device: torch.device, dtypes: Optional[Sequence[torch
                 ref = _flat(spec.reference(*to_float64(args)))
                 if len(out) != len(ref):
                     raise AssertionError(f"{len(out)} outputs but the reference gave {len(ref)}")
-                row.max_rel_error = max((relative_error(o, r) for o, r in zip(out, ref)), default=0.0)
+                errors = [float(relative_error(o, r)) for o, r in zip(out, ref)]
+                # a NaN error (e.g. the reference itself not finite) fails the row; max() would drop it
+                row.max_rel_error = math.nan if any(math.isnan(e) for e in errors) else max(errors, default=0.0)
             except Exception as exc:
                 row.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
             rows.append(row)

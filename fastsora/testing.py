@@ -131,12 +131,17 @@ def _flatten(tree: TensorTree) -> Iterable[torch.Tensor]:
     return flat
 
 
-def grads(outputs: Any, inputs: Sequence[torch.Tensor], seed: int = 0) -> Tuple[torch.Tensor, ...]:
+def grads(outputs: Any, inputs: Sequence[torch.Tensor], seed: int = 0,
+          spread: bool = False) -> Tuple[torch.Tensor, ...]:
     """Gradients of <outputs, R> (R a fixed random projection, same for every backend) w.r.t. ``inputs``.
 
     The projection is drawn from a seeded CPU generator in float64 and cast, so a kernel run and its float64
-    reference see the same cotangent."""
+    reference see the same cotangent. ``spread``: each cotangent is a :func:`spread_past_int32` view (the
+    same values, its later slices past 2^31 elements of their storage), so a backward that reads the
+    incoming gradient in place must use int64 offsets."""
     gen = torch.Generator().manual_seed(seed)
     outs = [o for o in _flatten(outputs) if o.is_floating_point() and o.requires_grad]
     cot = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device, o.dtype) for o in outs]
+    if spread:
+        cot = [spread_past_int32(c) for c in cot]
     return torch.autograd.grad(outs, list(inputs), cot, allow_unused=False)

@@ -103,16 +103,16 @@ def test_gradients(k, stride, dilation, pad_mode, shape, dtype, device, poison):
 
 @pytest.mark.parametrize("pad_mode", ["constant", "replicate"])
 def test_offsets_past_2_31_elements(pad_mode, dtype, device, poison):
-    """x and the residual are views whose last batch lies past 2^31 elements of their storage (read in place,
-    no copy): forward and every gradient must match the oracle there. With int32 offsets the third batch's
-    loads wrap (wrong values, or a fault in the interpreter)."""
+    """x, the residual and the output's gradient are views whose last batch lies past 2^31 elements of their
+    storage (read in place, no copy): forward and every gradient must match the oracle there. With int32
+    offsets the third batch's loads wrap (wrong values, or a fault in the interpreter)."""
     x, wt, bs, rs = _inputs(3, 3, 4, 3, 4, 5, (3, 3, 3), dtype, device, residual=True)
     x, rs = spread_past_int32(x).requires_grad_(), spread_past_int32(rs).requires_grad_()
     wt.requires_grad_()
     bs.requires_grad_()
     with fastsora.use_backend("triton"):
         y = causal_conv3d(x, wt, bs, pad_mode=pad_mode, residual=rs)
-        got = grads(y, [x, wt, bs, rs])
+        got = grads(y, [x, wt, bs, rs], spread=True)
     x64, w64, b64, r64 = to_float64((x, wt, bs, rs))
     y64 = _oracle(x64, w64, b64, r64, pad_mode=pad_mode)
     assert_close(y, y64, dtype)
@@ -200,8 +200,9 @@ def test_replicate_border_groups(grouped, monkeypatch, device, poison):
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "noncontiguous", "permuted"])
-def test_layouts(layout, device, poison):
-    dtype = torch.float32
+def test_layouts(layout, dtype, device, poison):
+    """channels_last_3d, strided and permuted inputs are read through their strides, forward and backward
+    (grad input in the input's layout), in every dtype; all three gradients match float64."""
     x, wt, bs, _ = _inputs(1, 6, 5, 4, 5, 6, (3, 3, 3), dtype, device, requires_grad=True)
     if layout == "channels_last":
         xin = channels_last(x)
@@ -212,7 +213,7 @@ def test_layouts(layout, device, poison):
     assert not xin.is_contiguous()
     with fastsora.use_backend("triton"):
         y = causal_conv3d(xin, wt, bs, pad_mode="replicate")
-        gx, gw = grads(y, [xin, wt])
+        gx, gw, gb = grads(y, [xin, wt, bs])
     if layout == "channels_last":
         assert y.is_contiguous(memory_format=torch.channels_last_3d), "output keeps channels_last_3d"
         assert gx.is_contiguous(memory_format=torch.channels_last_3d)
@@ -220,8 +221,8 @@ def test_layouts(layout, device, poison):
         assert y.is_contiguous()
     x64, w64, b64 = to_float64((x, wt, bs))
     y64 = _oracle(x64, w64, b64, pad_mode="replicate")
-    gx64, gw64 = grads(y64, [x64, w64])
-    assert_close([y, gx, gw], [y64, gx64, gw64], dtype)
+    gx64, gw64, gb64 = grads(y64, [x64, w64, b64])
+    assert_close([y, gx, gw, gb], [y64, gx64, gw64, gb64], dtype)
 
 
 def test_channels_last_weight_and_noncontiguous_residual(device, poison):

@@ -1,5 +1,6 @@
 """The registry-driven tools behind the CLI: check, compile, bench, info — on a tiny test kernel."""
 import json
+import math
 
 import pytest
 import torch
@@ -90,6 +91,11 @@ def test_check_passes_a_correct_kernel_and_catches_an_unwritten_element(register
     buggy = OpSpec(**{**registered.__dict__, "run": lambda x, y: scaled_add(x, y, buggy=True)})
     rows = check_op(buggy, torch.device("cpu"))
     assert rows and not any(r.ok for r in rows), "a NaN-poisoned element the kernel skipped must fail"
+    # a non-finite reference makes an output's error NaN: the row fails even when another output is exact
+    two = OpSpec(**{**registered.__dict__, "run": lambda x, y: (scaled_add(x, y), x * 0 + 1),
+                    "reference": lambda x, y: (registered.reference(x, y), x * float("nan"))})
+    rows = check_op(two, torch.device("cpu"))
+    assert rows and all(math.isnan(r.max_rel_error) and not r.ok for r in rows), rows
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))

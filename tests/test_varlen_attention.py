@@ -38,11 +38,11 @@ def reference(q, k, v, cu_q, cu_k, scale, mode):
     return out, lse, grads(out, [q64, k64, v64])
 
 
-def check_against_reference(q, k, v, cu_q, cu_k, mode, scale=None, backend="triton"):
+def check_against_reference(q, k, v, cu_q, cu_k, mode, scale=None, backend="triton", spread_cotangent=False):
     scale_v = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     with use_backend(backend):
         out, lse = _attention(q, k, v, cu_q, cu_k, 0.0, scale, mode, True)
-        g = grads(out, [q, k, v])
+        g = grads(out, [q, k, v], spread=spread_cotangent)
     ref_out, ref_lse, ref_g = reference(q, k, v, cu_q, cu_k, scale_v, mode)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert lse.shape == (q.shape[1], q.shape[0]) and lse.dtype == torch.float32
@@ -145,7 +145,7 @@ def test_tail_rows_zero_output_zero_grad_no_nan(device, poison):
             assert t.grad[:n].abs().sum() > 0
 
 
-def test_zero_length_and_empty_pack(device):
+def test_zero_length_and_empty_pack(device, poison):
     # every sequence empty: output is all zeros (no token belongs to a sequence)
     q, k, v, cu_q, cu_k = make([0, 0], [0, 0], 2, 2, 16, torch.float32, device, extra_q=3, extra_k=1)
     with use_backend("triton"):
@@ -438,14 +438,14 @@ def test_misaligned_views_are_copied_to_aligned_rows(device):
 
 
 def test_offsets_past_2_31_elements(dtype, device, poison):
-    """q, k and v are views whose later tokens lie past 2^31 elements of their storages (read in place): the
+    """q, k, v and dO are views whose later tokens lie past 2^31 elements of their storages (read in place): the
     forward, LSE and every gradient must match the reference. With int32 row offsets those loads wrap. (Over
     256 tokens, so the token stride stays under kern.MAX_TOKEN_STRIDE and the views are read in place.)"""
     lens_q, lens_k = [5, 0, 17, 3] + [8] * 33, [9, 4, 11, 1] + [8] * 33
     q, k, v, cu_q, cu_k = make(lens_q, lens_k, 2, 1, 40, dtype, device, seed=11)
     q, k, v = (spread_past_int32(t) for t in (q, k, v))
     assert kern._aligned(q).data_ptr() == q.data_ptr(), "the launcher must read the view in place"
-    check_against_reference(q, k, v, cu_q, cu_k, 1)
+    check_against_reference(q, k, v, cu_q, cu_k, 1, spread_cotangent=True)   # dO read in place too
 
 
 def test_token_strides_past_the_tile_bound_are_copied(device):

@@ -1,5 +1,6 @@
 """Varlen attention entry points: argument errors, flash-attn and xformers drop-ins (duck-typed mask objects),
 torch.compile(fullgraph=True), the packed attention nn.Module, and CUDA checks (flash-attn's error rule)."""
+import copy
 import math
 from dataclasses import dataclass
 from typing import List
@@ -215,7 +216,7 @@ def test_memory_efficient_attention_dense_and_lower_triangular(device):
 
 
 @pytest.mark.parametrize("mq, mk", [(0, 5), (4, 0), (0, 0)])
-def test_memory_efficient_attention_empty_sequences(mq, mk, device):
+def test_memory_efficient_attention_empty_sequences(mq, mk, device, poison):
     """Mq = 0 gives an empty output; Mk = 0 (no key to see) gives zeros, as flash-attn's empty rows."""
     q, k, v = rand(2, mq, 2, 16, device=device), rand(2, mk, 2, 16, seed=1, device=device), \
         rand(2, mk, 2, 16, seed=2, device=device)
@@ -315,17 +316,25 @@ def test_nn_self_attention_qk_norm_gqa(backend):
 
     torch.manual_seed(0)
     m = VarlenAttention(64, 4, num_kv_heads=2, qk_norm=True, causal=True)
+    with torch.no_grad():   # non-unit norm weights, so their gradients are not trivially shaped
+        for p in (m.q_norm.weight, m.k_norm.weight):
+            p.copy_(torch.rand_like(p) + 0.5)
     lens = [5, 12, 1]
     x = torch.randn(sum(lens), 64, requires_grad=True)
     with use_backend(backend):
         y = m(x, offsets(lens))
-        y.sum().backward()
-    qkv = m.qkv(x.detach())
-    q = m.q_norm(qkv[:, :64].view(-1, 4, 16))
+        got = grads(y, [x, *m.parameters()])
+    m64 = copy.deepcopy(m).double()
+    x64 = x.detach().double().requires_grad_()
+    qkv = m64.qkv(x64)
+    q = m64.q_norm(qkv[:, :64].view(-1, 4, 16))
     k, v = qkv[:, 64:].view(-1, 2, 2, 16).unbind(1)
-    ref = m.proj(_manual_attention(q, m.k_norm(k), v, lens, lens, True).reshape(-1, 64))
-    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
-    assert m.qkv.weight.grad is not None and torch.isfinite(x.grad).all()
+    ref = m64.proj(_manual_attention(q, m64.k_norm(k), v, lens, lens, True).reshape(-1, 64))
+    assert_close(y, ref, torch.float32, "out")
+    want = grads(ref, [x64, *m64.parameters()])
+    names = ["x"] + [n for n, _ in m.named_parameters()]
+    for name, a, b in zip(names, got, want, strict=True):
+        assert_close(a, b, torch.float32, f"d{name}")
 
 
 @pytest.mark.interpreter
@@ -335,13 +344,19 @@ def test_nn_cross_attention():
     torch.manual_seed(0)
     m = VarlenAttention(32, 2, cross_attention_dim=24)
     lq, lk = [6, 9], [4, 7]
-    x, ctx = torch.randn(15, 32), torch.randn(11, 24)
+    x, ctx = torch.randn(15, 32, requires_grad=True), torch.randn(11, 24, requires_grad=True)
     with use_backend("triton"):
         y = m(x, offsets(lq), ctx, offsets(lk))
-    q = m.q(x).view(-1, 2, 16)
-    k, v = m.kv(ctx).view(-1, 2, 2, 16).unbind(1)
-    torch.testing.assert_close(y, m.proj(_manual_attention(q, k, v, lq, lk, False).reshape(-1, 32)),
-                               rtol=1e-4, atol=1e-5)
+        got = grads(y, [x, ctx, *m.parameters()])
+    m64 = copy.deepcopy(m).double()
+    x64, ctx64 = (t.detach().double().requires_grad_() for t in (x, ctx))
+    q = m64.q(x64).view(-1, 2, 16)
+    k, v = m64.kv(ctx64).view(-1, 2, 2, 16).unbind(1)
+    ref = m64.proj(_manual_attention(q, k, v, lq, lk, False).reshape(-1, 32))
+    assert_close(y, ref, torch.float32, "out")
+    names = ["x", "context"] + [n for n, _ in m.named_parameters()]
+    for name, a, b in zip(names, got, grads(ref, [x64, ctx64, *m64.parameters()]), strict=True):
+        assert_close(a, b, torch.float32, f"d{name}")
     with pytest.raises(ValueError, match="cross-attention needs context"):
         m(x, offsets(lq))
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
