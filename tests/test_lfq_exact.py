@@ -7,7 +7,8 @@ import fastsora.kernels.lfq as K
 from fastsora import BackendError, use_backend
 from fastsora.ops.lfq import lfq, lfq_code_sums, lfq_codebook_entropy, lfq_entropy_of_sums, lfq_quantize
 from fastsora.reference.lfq import brute_force_entropies
-from fastsora.testing import deterministic_algorithms, noncontiguous, relative_error, spread_past_int32
+from fastsora.testing import (TOLERANCE, deterministic_algorithms, grads, noncontiguous, relative_error,
+                              spread_past_int32, to_float64)
 
 TAU = 100.0
 #: the Triton rows of these tests run the kernels on CPU tensors (the interpreter); on CUDA the gpu tests cover them
@@ -110,6 +111,65 @@ def test_triton_matches_torch_path(poison, dtype, t, c, d, masked):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("weighted", [True, False], ids=["weights", "no-weights"])
+@pytest.mark.parametrize("d,c", [(5, 1), (8, 2)])
+def test_probability_gradients_independent_leaves_vs_float64(poison, d, c, weighted):
+    """d/dprob_pos and d/dprob_neg of lfq_codebook_entropy and lfq_code_sums, each on its own, from the Triton
+    path within 1e-5 relative of the torch path on float64 copies. prob_pos and prob_neg are independent leaves
+    (not neg = 1 - pos, which would only check dpos - dneg: an error added equally to both would cancel); the
+    weights are random positive reals; the code sums get a random cotangent. d = 5 and 8: odd and even splits."""
+    gen = torch.Generator().manual_seed(100 + 10 * d + c)
+    t = 29
+    pos = torch.sigmoid(torch.randn(t, c, d, generator=gen) * 2).requires_grad_()
+    neg = torch.sigmoid(torch.randn(t, c, d, generator=gen) * 2).requires_grad_()
+    w = torch.rand(t, generator=gen) + 0.1 if weighted else None
+    pos64, neg64, w64 = to_float64((pos, neg, w))
+    for op in (lfq_codebook_entropy, lfq_code_sums):
+        with use_backend("triton"):
+            out = op(pos, neg, w)
+            g = grads(out, (pos, neg), seed=d + c)
+        with use_backend("torch"):
+            out64 = op(pos64, neg64, w64)
+            g64 = grads(out64, (pos64, neg64), seed=d + c)
+        assert relative_error(out, out64) <= 1e-5, op.__name__
+        for name, a, b in zip(("dprob_pos", "dprob_neg"), g, g64):
+            assert a.dtype == torch.float32 and b.dtype == torch.float64
+            err = relative_error(a, b)
+            assert err <= 1e-5, f"{op.__name__} {name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("t,c,d,masked", [(37, 2, 5, True), (24, 1, 10, False)])
+def test_fp16_inputs_vs_float64(poison, backend, t, c, d, masked):
+    """lfq() on fp16 x: per-sample entropy, codebook entropy and dx against the torch path on a float64 copy of
+    the same fp16 values. The entropies are computed in fp32 from the (exact) fp16 values, so they are held to
+    the fp32 tolerance TOLERANCE[float32] (the fp16 one, 2e-3, would pass entropies computed from
+    fp16-rounded probabilities); dx is stored in fp16 (rounding <= 2^-11 ~ 4.9e-4 relative to its largest
+    entry) and is held to TOLERANCE[float16] = 2e-3. code_value 0.5 is exact in fp16 (the codes are x.dtype
+    values, so the commitment of a code like 0.7 would differ from float64's by its fp16 rounding)."""
+    x, w = _inputs(t, c, d, 0.02, masked, seed=40 + t + d, dtype=torch.float16)
+    x64, w64 = to_float64((x, w))
+    coef = torch.randn(c + 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+    def run(inp, weight, bk):
+        with use_backend(bk):
+            r = lfq(inp, 0.5, TAU, entropy_weight=weight, commit_weight=weight)
+            cf = coef.to(r.codebook_entropy.dtype)
+            loss = cf[0] * r.per_sample_entropy + (cf[1:-1] * r.codebook_entropy).sum() + cf[-1] * r.commitment
+            return r, torch.autograd.grad(loss, inp)[0]
+
+    res, dx = run(x, w, backend)
+    ref, dx64 = run(x64, w64, "torch")
+    assert res.per_sample_entropy.dtype == torch.float32 and dx.dtype == torch.float16
+    assert torch.equal(res.indices, ref.indices)
+    for name in ("per_sample_entropy", "codebook_entropy", "commitment"):
+        err = relative_error(getattr(res, name), getattr(ref, name))
+        assert err <= TOLERANCE[torch.float32], f"{name}: relative error {err:.2e}"
+    err = relative_error(dx, dx64)
+    assert err <= TOLERANCE[torch.float16], f"dx: relative error {err:.2e}"
+
+
+@pytest.mark.interpreter
 def test_quantize_outputs(poison):
     """Codes ±v, MSB-first indices, probabilities, straight-through / eval outputs, Triton vs torch."""
     x, _ = _inputs(40, 2, 6, 1.0, masked=False, seed=11)
@@ -161,21 +221,25 @@ def test_noncontiguous_input(backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("spread", ["tokens", "codebooks"])
 def test_offsets_past_2_31_elements(poison, dtype, spread):
-    """x is a view whose later tokens (or codebooks) lie past 2^31 elements of its storage: the Triton path reads
-    it in place and every output and gradient equals the torch path's on a compact copy (int32 offsets would
-    wrap: token index x token stride, codebook index x codebook stride)."""
+    """x and the output's incoming gradient are views whose later tokens (or codebooks) lie past 2^31 elements
+    of their storages: the Triton path reads them in place and every output and gradient equals the torch
+    path's on compact copies (int32 offsets would wrap: token index x token stride, codebook index x codebook
+    stride)."""
     x, w = _inputs(19, 3, 7, 0.02, masked=True, seed=13, dtype=dtype)
     if spread == "tokens":
         xs = spread_past_int32(x.detach()).requires_grad_()
     else:
         xs = spread_past_int32(x.detach().transpose(0, 1)).transpose(0, 1).requires_grad_()
         assert xs.stride(1) * 2 >= 2 ** 31
+    cot = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    cot_s = spread_past_int32(cot) if spread == "tokens" else \
+        spread_past_int32(cot.transpose(0, 1)).transpose(0, 1)
     with use_backend("torch"):
         a = lfq(x, 1.0, TAU, entropy_weight=w)
-        ga = torch.autograd.grad(a.out.float().sum() + a.codebook_entropy.sum() + a.commitment, x)[0]
+        ga = torch.autograd.grad([a.out, a.codebook_entropy.sum() + a.commitment], x, [cot, None])[0]
     with use_backend("triton"):
         b = lfq(xs, 1.0, TAU, entropy_weight=w)
-        gb = torch.autograd.grad(b.out.float().sum() + b.codebook_entropy.sum() + b.commitment, xs)[0]
+        gb = torch.autograd.grad([b.out, b.codebook_entropy.sum() + b.commitment], xs, [cot_s, None])[0]
     assert torch.equal(b.out, a.out) and torch.equal(b.indices, a.indices)
     for u, v in zip((b.per_sample_entropy, b.codebook_entropy, b.commitment),
                     (a.per_sample_entropy, a.codebook_entropy, a.commitment)):
