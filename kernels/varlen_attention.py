@@ -674,13 +674,22 @@ MAX_TILE = 256
 MAX_TOKEN_STRIDE = 2 ** 31 // MAX_TILE
 
 
-def _padded_d(heads: int, d: int) -> int:
-    """D rounded up to a multiple of 8: the row length of a compact buffer, whose token stride is heads x that."""
+def token_size_unsupported(heads: int, d: int) -> Optional[str]:
+    """Why a compact (tokens, heads, D) buffer cannot be used (None when it can): its token stride, heads x D
+    padded to 8, must stay below MAX_TOKEN_STRIDE."""
     d8 = (d + 7) // 8 * 8
     if heads * d8 >= MAX_TOKEN_STRIDE:
-        raise ValueError(f"heads x head dim = {heads} x {d8} elements per token: the Triton varlen kernels take "
-                         f"fewer than {MAX_TOKEN_STRIDE} (2^31 / {MAX_TILE}-row tiles, int32 tile offsets)")
-    return d8
+        return (f"heads x head dim = {heads} x {d8} elements per token (the kernels take fewer than "
+                f"{MAX_TOKEN_STRIDE}: 2^31 / {MAX_TILE}-row tiles, int32 tile offsets)")
+    return None
+
+
+def _padded_d(heads: int, d: int) -> int:
+    """D rounded up to a multiple of 8: the row length of a compact buffer, whose token stride is heads x that."""
+    reason = token_size_unsupported(heads, d)
+    if reason:   # the op refuses this input first (a BackendError); a direct launcher call gets this
+        raise ValueError(reason)
+    return (d + 7) // 8 * 8
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:

@@ -98,6 +98,10 @@ def test_triton_refusals_say_why():
     big = rand(4, 1, 300)
     with use_backend("triton"), pytest.raises(BackendError, match="head dim 300 > 256"):
         varlen_attention(big, big, big, offsets([4]), offsets([4]))
+    wide = rand(1, 32768, 256)   # 2^23 elements per token: past the int32 tile offsets
+    with use_backend("triton"), pytest.raises(BackendError, match=r"heads x head dim = 32768 x 256 elements per "
+                                                                    r"token \(the kernels take fewer than 8388608"):
+        varlen_attention(wide, wide[:, :1], wide[:, :1], offsets([1]), offsets([1]))
     # the torch backend takes both
     with use_backend("torch"):
         out = varlen_attention(big, big, big, offsets([4]), offsets([4]))

@@ -199,7 +199,7 @@ def lfq_quantize(x: Tensor, code_value: float = 1.0, logit_scale: float = 400.0,
 
     Returns ``(out, indices, prob_pos, prob_neg, per_sample_entropy, commitment)``:
     out (T, C, D) x.dtype = x + (q - x) (straight-through: gradient 1) or q when ``straight_through`` is
-    False (no gradient); indices (T, C) int64, MSB first; prob_pos/prob_neg (T, C, D) float32 (float64 for
+    False (a zero gradient; ``LFQ`` detaches it in eval mode); indices (T, C) int64, MSB first; prob_pos/prob_neg (T, C, D) float32 (float64 for
     float64 x) = σ(±logit_scale·x), the per-bit probabilities of the code softmax (empty (0,) when
     ``with_entropy`` is False); per_sample_entropy (0-d) = entropy_weight-weighted mean over tokens and
     codebooks of the code distribution's entropy Σ_i h(prob_pos_i) (0 without entropy); commitment (0-d) =

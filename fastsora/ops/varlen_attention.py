@@ -33,7 +33,11 @@ def _unsupported(q: torch.Tensor) -> Optional[str]:
         return f"{str(q.dtype).removeprefix('torch.')} inputs (the kernels take float16, bfloat16 and float32)"
     if q.shape[-1] > MAX_HEAD_DIM:
         return f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
-    return None
+    try:
+        kern = _kernels()
+    except ImportError:   # no Triton: the backend selection says so
+        return None
+    return kern.token_size_unsupported(q.shape[1], q.shape[2])   # k and v have no more heads than q
 
 
 def _lse_dtype(q: torch.Tensor) -> torch.dtype:
@@ -268,9 +272,11 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
     """Drop-in for ``flash_attn.flash_attn_varlen_func`` (flash-attn 2 keyword names).
 
     Supported: everything :func:`varlen_attention` supports. ``deterministic`` is accepted either way (the
-    backward is always deterministic: no atomics). Refused with NotImplementedError: ``window_size`` other than
+    backward has no atomics: bit-identical within a process; across processes
+    ``torch.use_deterministic_algorithms(True)`` also fixes the autotuned tiles). Refused with NotImplementedError: ``window_size`` other than
     (-1, -1), ``softcap`` != 0, ``alibi_slopes``, ``block_table``, ``dropout_p`` > 0.
-    ``return_attn_probs=True`` returns ``(out, softmax_lse, None)``: the LSE (Hq, total_q) float32; the
+    ``return_attn_probs=True`` returns ``(out, softmax_lse, None)``: the LSE (Hq, total_q) float32 (float64 for
+    float64 inputs); the
     dropout mask flash-attn would return as the third item does not exist here (no dropout).
     ``validate`` (keyword only, not in flash-attn): as in :func:`varlen_attention`, a host synchronisation to
     check a new offsets tensor's values; flash-attn never checks them, pass False for its behaviour.
