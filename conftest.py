@@ -1,10 +1,19 @@
 """Top-level pytest set-up: runs before any test module imports fastsora or a Triton kernel.
 
-Without a CUDA device, Triton's interpreter is switched on so the kernels run on CPU tensors.
+Without a CUDA device, Triton's interpreter is switched on so the kernels run on CPU tensors. TorchInductor
+caches into a fresh directory per run.
 """
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+# torch.compile tests compile from scratch: a TorchInductor disk cache written by an older fastsora can replay a
+# compiled backward that calls a custom op with its old arguments (seen with torch 2.11)
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastsora-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 
 def _has_cuda() -> bool:
