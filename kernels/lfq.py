@@ -247,9 +247,10 @@ def _lfq_code_pair_kernel(hi_ptr, lo_ptr, n_ptr, g_ptr, out_ptr, T, NH, NL, stri
     else:
         n = tl.load(n_ptr)
         a = acc / n
-        log_a = tl.log(tl.maximum(a, 1.1754943508222875e-38))
+        # a NaN stays NaN (maximum(NaN, tiny) and `a > 0` would both turn it into a plausible 0 entropy)
+        log_a = tl.log(tl.where(a < 1.1754943508222875e-38, 1.1754943508222875e-38, a))
         if MODE == 0:
-            ent = tl.where(valid & (a > 0), -a * log_a, 0.0)
+            ent = tl.where(valid, tl.where(a <= 0, 0.0, -a * log_a), 0.0)
             part = _sum(_sum(ent, axis=1), axis=0)
             # codebook c's partials start at its row of the output; tiles of any size index within it
             tl.store(out_ptr + c.to(tl.int64) * stride_oc + pid_h * tl.num_programs(2) + pid_l, part)

@@ -179,6 +179,10 @@ def test_bad_inputs():
         CausalConv3d(4, 6, (0, 3, 3))
     with pytest.raises(ValueError, match=r"kernel_size must be a positive int.*got \(-1, -1, -1\)"):
         CausalConv3d(4, 6, -1)
+    for shape in ((1, 4, 4, 0, 5), (1, 4, 4, 5, 0)):   # both backends: the same clear error
+        for backend in ("torch", "triton"):
+            with fastsora.use_backend(backend), pytest.raises(ValueError, match=r"x must have H >= 1 and W >= 1"):
+                causal_conv3d(randn(*shape), w)
     with pytest.raises(ValueError, match=r"weight shape \(6, 0, 3, 3, 3\) has an empty dimension"):
         causal_conv3d(randn(1, 0, 4, 5, 5), randn(6, 0, 3, 3, 3))
 

@@ -203,6 +203,20 @@ def test_zero_total_weight_gives_nan_like_the_anchor(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_input_gives_nan_entropy(backend):
+    """A NaN in x reaches the codebook entropy and the gradient as NaN on both backends: a NaN in training must
+    not come back as a plausible entropy (the Triton epilogue's `a > 0` and max(a, tiny) used to drop it)."""
+    x, _ = _inputs(9, 2, 6, 0.02, masked=False, seed=21)
+    with torch.no_grad():
+        x[4, 1, 2] = float("nan")
+    with use_backend(backend):
+        r = lfq(x, 1.0, TAU)
+        g = torch.autograd.grad(r.codebook_entropy.sum(), x)[0]
+    assert torch.isnan(r.codebook_entropy[1]) and torch.isfinite(r.codebook_entropy[0])
+    assert torch.isnan(g[:, 1]).any() and torch.isfinite(g[:, 0]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_noncontiguous_input(backend):
     x, w = _inputs(21, 2, 6, 0.02, masked=True, seed=5)
     xn = noncontiguous(x.detach(), dim=0).requires_grad_()

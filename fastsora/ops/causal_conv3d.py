@@ -69,6 +69,9 @@ def _validate(x, weight, bias, residual, cache, stride, dilation, pad_mode, acti
                          f"{tuple(weight.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"causal_conv3d: x must be a floating tensor; got {x.dtype}")
+    if x.shape[3] < 1 or x.shape[4] < 1:
+        raise ValueError(f"causal_conv3d: x must have H >= 1 and W >= 1 (an empty frame has nothing to pad); "
+                         f"got shape {tuple(x.shape)}")
     C_out, C_in, kt, kh, kw = weight.shape
     if x.shape[1] != C_in:
         raise ValueError(f"causal_conv3d: x has {x.shape[1]} channels but weight expects C_in={C_in} "
