@@ -674,10 +674,14 @@ MAX_TILE = 256
 MAX_TOKEN_STRIDE = 2 ** 31 // MAX_TILE
 
 
+def _round8(d: int) -> int:
+    return (d + 7) // 8 * 8
+
+
 def token_size_unsupported(heads: int, d: int) -> Optional[str]:
     """Why a compact (tokens, heads, D) buffer cannot be used (None when it can): its token stride, heads x D
     padded to 8, must stay below MAX_TOKEN_STRIDE."""
-    d8 = (d + 7) // 8 * 8
+    d8 = _round8(d)
     if heads * d8 >= MAX_TOKEN_STRIDE:
         return (f"heads x head dim = {heads} x {d8} elements per token (the kernels take fewer than "
                 f"{MAX_TOKEN_STRIDE}: 2^31 / {MAX_TILE}-row tiles, int32 tile offsets)")
@@ -689,7 +693,7 @@ def _padded_d(heads: int, d: int) -> int:
     reason = token_size_unsupported(heads, d)
     if reason:   # the op refuses this input first (a BackendError); a direct launcher call gets this
         raise ValueError(reason)
-    return (d + 7) // 8 * 8
+    return _round8(d)
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:

@@ -115,6 +115,11 @@ def _probs_reason(pos: Tensor) -> Optional[str]:
     return _x_reason(pos)
 
 
+def _dense_like(t: Tensor) -> Tensor:
+    """The fake of a (T, C, D) output or gradient: both backends return it contiguous, whatever t's strides."""
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
 # ----------------------------------------------------------------------------------------------- quantize
 @torch.library.custom_op("fastsora::lfq_quantize", mutates_args=())
 def _quantize_op(x: Tensor, code_value: float, logit_scale: float, straight_through: bool, with_entropy: bool,
@@ -139,7 +144,7 @@ def _(x, code_value, logit_scale, straight_through, with_entropy, entropy_weight
     t, c, d = x.shape
     pdt = _ref.prob_dtype(x.dtype)
     pshape = (t, c, d) if with_entropy else (0,)
-    return (torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((t, c), dtype=torch.int64),
+    return (_dense_like(x), x.new_empty((t, c), dtype=torch.int64),
             x.new_empty(pshape, dtype=pdt), x.new_empty(pshape, dtype=pdt), x.new_empty((), dtype=pdt),
             x.new_empty((), dtype=pdt))
 
@@ -166,7 +171,7 @@ def _quantize_bwd_op(x: Tensor, grad_out: Optional[Tensor], grad_pos: Optional[T
 @_quantize_bwd_op.register_fake
 def _(x, grad_out, grad_pos, grad_neg, grad_per_sample, grad_commit, entropy_weight, commit_weight, code_value,
       logit_scale, straight_through, requested_backend):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return _dense_like(x)
 
 
 def _quantize_setup(ctx, inputs, output):
@@ -199,12 +204,12 @@ def lfq_quantize(x: Tensor, code_value: float = 1.0, logit_scale: float = 400.0,
 
     Returns ``(out, indices, prob_pos, prob_neg, per_sample_entropy, commitment)``:
     out (T, C, D) x.dtype = x + (q - x) (straight-through: gradient 1) or q when ``straight_through`` is
-    False (a zero gradient; ``LFQ`` detaches it in eval mode); indices (T, C) int64, MSB first; prob_pos/prob_neg (T, C, D) float32 (float64 for
-    float64 x) = σ(±logit_scale·x), the per-bit probabilities of the code softmax (empty (0,) when
-    ``with_entropy`` is False); per_sample_entropy (0-d) = entropy_weight-weighted mean over tokens and
-    codebooks of the code distribution's entropy Σ_i h(prob_pos_i) (0 without entropy); commitment (0-d) =
-    commit_weight-weighted mean over tokens of mean (x - q)². vector-quantize-pytorch's softmax over codes
-    with logits 2·τ·<x, c> has logit_scale = 4·τ·code_value.
+    False (a zero gradient; ``LFQ`` detaches it in eval mode); indices (T, C) int64, MSB first;
+    prob_pos/prob_neg (T, C, D) float32 (float64 for float64 x) = σ(±logit_scale·x), the per-bit
+    probabilities of the code softmax (empty (0,) when ``with_entropy`` is False); per_sample_entropy (0-d) =
+    entropy_weight-weighted mean over tokens and codebooks of the code distribution's entropy Σ_i h(prob_pos_i)
+    (0 without entropy); commitment (0-d) = commit_weight-weighted mean over tokens of mean (x - q)².
+    vector-quantize-pytorch's softmax over codes with logits 2·τ·<x, c> has logit_scale = 4·τ·code_value.
     """
     _check_x(x)
     t = x.shape[0]
@@ -212,11 +217,6 @@ def lfq_quantize(x: Tensor, code_value: float = 1.0, logit_scale: float = 400.0,
     _check_weight(commit_weight, t, x.device, "commit_weight")
     return _quantize_op(x, float(code_value), float(logit_scale), bool(straight_through), bool(with_entropy),
                         entropy_weight, commit_weight)
-
-
-def _dense_like(t: Tensor) -> Tensor:
-    """The fake of a per-bit gradient: both backends return it contiguous, whatever the input's strides."""
-    return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
 # --------------------------------------------------------------------------------------- codebook entropy

@@ -273,8 +273,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
 
     Supported: everything :func:`varlen_attention` supports. ``deterministic`` is accepted either way (the
     backward has no atomics: bit-identical within a process; across processes
-    ``torch.use_deterministic_algorithms(True)`` also fixes the autotuned tiles). Refused with NotImplementedError: ``window_size`` other than
-    (-1, -1), ``softcap`` != 0, ``alibi_slopes``, ``block_table``, ``dropout_p`` > 0.
+    ``torch.use_deterministic_algorithms(True)`` also fixes the autotuned tiles). Refused with
+    NotImplementedError: ``window_size`` other than (-1, -1), ``softcap`` != 0, ``alibi_slopes``,
+    ``block_table``, ``dropout_p`` > 0.
     ``return_attn_probs=True`` returns ``(out, softmax_lse, None)``: the LSE (Hq, total_q) float32 (float64 for
     float64 inputs); the
     dropout mask flash-attn would return as the third item does not exist here (no dropout).
