@@ -59,6 +59,19 @@ def test_module_without_bias_and_dtype_kwargs():
     assert m.conv.stride == (1, 1, 1) and m.conv.padding == (0, 0, 0)
 
 
+def _rows_exact() -> bool:
+    """Whether the interpreter's tl.dot (numpy's float32 matmul) gives a row the same bits wherever the row sits
+    in the tile. OpenBLAS's kernels for some CPUs (e.g. its Haswell kernel on AMD EPYC) sum the tail rows of a
+    tile in another order, and a streamed chunk puts a frame's positions at other rows than the one call does."""
+    import numpy as np
+    a = np.random.default_rng(0).standard_normal((256, 96)).astype(np.float32)
+    b = np.random.default_rng(1).standard_normal((96, 32)).astype(np.float32)
+    full = a @ b
+    return all(np.array_equal(np.roll(np.roll(a, s, 0) @ b, -s, 0), full) for s in (1, 7, 16, 100))
+
+
+_ROWS_EXACT = _rows_exact()
+
 STREAMS = [
     # (kernel, stride, dilation, chunk lengths, input channels: <= 8 takes the flattened-(tap, channel) kernels)
     ((3, 3, 3), 1, 1, [1, 4, 4], 10),
@@ -86,8 +99,14 @@ def test_streaming_matches_one_call(k, stride, dilation, chunks, ci, pad_mode, d
             assert cache.shape == (1, ci, n_cache, 5, 6), "the cache keeps only the frames the next chunk needs"
             outs.append(y)
             t0 += n
-    # exactly the slices of the one-call output (same kernel, same accumulation order)
-    torch.testing.assert_close(torch.cat(outs, 2), full, rtol=0, atol=0)
+    # the slices of the one-call output: same kernel, same accumulation order, so bitwise where a row's dot
+    # product does not depend on the row's place in the tile (see _ROWS_EXACT); else within a unit or two in the
+    # last place (a wrong cache frame or offset is off by O(1))
+    if device.type == "cpu" and _ROWS_EXACT:
+        torch.testing.assert_close(torch.cat(outs, 2), full, rtol=0, atol=0)
+    else:
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(torch.cat(outs, 2), full, rtol=2 * eps, atol=2 * eps * full.abs().max().item())
     from fastsora.reference.causal_conv3d import causal_conv3d as ref_conv
 
     expect = ref_conv(to_float64(x), to_float64(m.conv.weight), to_float64(m.conv.bias), stride=stride,
