@@ -653,6 +653,7 @@ def causal_conv3d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     if B * T_out * H * W == 0 or C_out == 0:
         return y, z
     wp = pack_weight(weight)
+    bias = bias.contiguous() if bias is not None else None   # the kernel reads bias[n] at b_ptr + n
     for b0, b1 in batch_chunks(B, T * H * W, max_positions):
         _fwd_launch(x[b0:b1], wp, weight.shape, bias, _rows(residual, b0, b1), _rows(cache, b0, b1), y[b0:b1],
                     _rows(z, b0, b1), stride, dilation, time_pad, replicate, activation)

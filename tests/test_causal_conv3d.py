@@ -252,9 +252,11 @@ def test_short_clip_fallback(pad_mode, device, poison):
 
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_fused_epilogue(with_residual, dtype, device, poison):
-    """y = silu(conv(x) + bias) + residual; gradients of every input including the residual."""
+    """y = silu(conv(x) + bias) + residual; gradients of every input including the residual. The bias is a
+    strided view (a slice of a longer parameter): the kernel once read it with unit stride."""
     x, wt, bs, rs = _inputs(1, 5, 6, 4, 5, 6, (3, 3, 3), dtype, device, residual=with_residual, stride=1,
                             requires_grad=True)
+    bs = noncontiguous(bs)
     leaves = [x, wt, bs] + ([rs] if with_residual else [])
     with fastsora.use_backend("triton"):
         y = causal_conv3d(x, wt, bs, activation="silu", residual=rs, pad_mode="replicate")
