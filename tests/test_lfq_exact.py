@@ -7,7 +7,7 @@ import fastsora.kernels.lfq as K
 from fastsora import BackendError, use_backend
 from fastsora.ops.lfq import lfq, lfq_code_sums, lfq_codebook_entropy, lfq_entropy_of_sums, lfq_quantize
 from fastsora.reference.lfq import brute_force_entropies
-from fastsora.testing import (TOLERANCE, deterministic_algorithms, grads, noncontiguous, relative_error,
+from fastsora.testing import (TOLERANCE, deterministic_algorithms, grads, noncontiguous, randn, relative_error,
                               spread_past_int32, to_float64)
 
 TAU = 100.0
@@ -200,6 +200,14 @@ def test_zero_total_weight_gives_nan_like_the_anchor(backend):
         clamped = lfq(x, 1.0, TAU, entropy_weight=w, clamp_compat=True)
     assert torch.isnan(r.codebook_entropy).all() and torch.isnan(r.per_sample_entropy)
     assert torch.isnan(clamped.codebook_entropy).all()
+    # a loss on the quantized output alone (the NaN losses left out of the graph, as the anchor allows): the
+    # straight-through gradient is exactly the incoming one, not NaN, also when no token is under commit_weight
+    x.requires_grad_(True)
+    g = randn(*x.shape)
+    for kw in (dict(entropy_weight=w), dict(entropy_weight=w, commit_weight=w)):
+        with use_backend(backend):
+            dx, = torch.autograd.grad(lfq(x, 1.0, TAU, **kw).out, x, g)
+        assert torch.equal(dx, g), kw
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

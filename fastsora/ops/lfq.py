@@ -162,8 +162,9 @@ def _quantize_bwd_op(x: Tensor, grad_out: Optional[Tensor], grad_pos: Optional[T
                                           entropy_weight, commit_weight, code_value, logit_scale,
                                           straight_through).contiguous()
     f32 = torch.float32
-    coef = torch.stack([grad_per_sample.to(f32) / (_count(entropy_weight, t, grad_per_sample.to(f32)) * c),
-                        2 * grad_commit.to(f32) / (_count(commit_weight, t, grad_commit.to(f32)) * c * d)])
+    g_ps, g_cm = grad_per_sample.to(f32), grad_commit.to(f32)
+    coef = torch.stack([_ref.mean_cotangent(g_ps, _count(entropy_weight, t, g_ps) * c),
+                        2 * _ref.mean_cotangent(g_cm, _count(commit_weight, t, g_cm) * c * d)])
     return _kernels().quantize_bwd(x, grad_out if straight_through else None, grad_pos, grad_neg, coef,
                                    entropy_weight, commit_weight, code_value, logit_scale)
 

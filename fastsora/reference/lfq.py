@@ -40,6 +40,13 @@ def _weights(weight: Optional[Tensor], t: int, like: Tensor) -> Tensor:
     return weight.to(like.dtype)
 
 
+def mean_cotangent(grad: Tensor, total: Tensor) -> Tensor:
+    """grad / total: the cotangent of a weighted mean's terms (total = weight sum × elements averaged). A zero
+    grad (autograd's zeros for a loss left out of the graph) gives 0 even when no token is selected (total 0,
+    where the loss itself is NaN), so an unused loss never turns the straight-through gradient into NaN."""
+    return torch.where(grad == 0, torch.zeros_like(grad), grad / total)
+
+
 def _stable_bits(z: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """σ(z), σ(-z) and the binary entropy h(σ(z)), each accurate to relative rounding for any z."""
     a = z.abs()
@@ -96,12 +103,12 @@ def quantize_backward(x: Tensor, grad_out: Optional[Tensor], grad_pos: Optional[
     if grad_pos is not None and grad_pos.numel():
         dz = dz + (grad_pos.to(pdt) - grad_neg.to(pdt)) * pos * neg
     ew = _weights(entropy_weight, t, xf)
-    coef = grad_per_sample.to(pdt) / (ew.sum() * c)
+    coef = mean_cotangent(grad_per_sample.to(pdt), ew.sum() * c)
     dz = dz + coef * ew[:, None, None] * (-z * pos * neg)
     dx = dz * logit_scale
     q = torch.where(x > 0, code_value, -code_value).to(x.dtype).to(pdt)
     cw = _weights(commit_weight, t, xf)
-    dx = dx + grad_commit.to(pdt) * 2 * cw[:, None, None] * (xf - q) / (cw.sum() * c * d)
+    dx = dx + 2 * mean_cotangent(grad_commit.to(pdt), cw.sum() * c * d) * cw[:, None, None] * (xf - q)
     if straight_through and grad_out is not None:
         dx = dx + grad_out.to(pdt)
     return dx.to(x.dtype)
