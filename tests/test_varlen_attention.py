@@ -294,6 +294,11 @@ def test_offsets_are_checked_once_until_they_change(monkeypatch):
             varlen_attention(q, k, v, cu_q, cu_k)
         with pytest.raises(ValueError, match=r"cu_seqlens_q\[-1\] = 7 is past the number of tokens \(6\)"):
             varlen_attention(q[:6], k, v, cu_q, offsets([5, 2]))
+        cu_k[1] = 6
+        varlen_attention(q, k, v, cu_q, cu_k)   # valid again, and remembered as checked
+        cu_k.data = offsets([9, 2])   # new storage, version counter untouched: [0, 9, 11] is past 7 keys
+        with pytest.raises(ValueError, match=r"cu_seqlens_k\[-1\] = 11 is past the number of tokens \(7\)"):
+            varlen_attention(q, k, v, cu_q, cu_k)
         with torch.inference_mode():   # inference tensors have no version counter: checked at every call
             cu_i = offsets([3, 4])
             del checked[:]

@@ -53,6 +53,20 @@ def test_bad_offset_values(cu_q, err, match):
         varlen_attention(q, k, v, torch.tensor(cu_q, dtype=torch.int32), cu_k)
 
 
+def test_max_seqlen_types():
+    """max_seqlen_q/k as flash-attn's ``int`` arguments take them: int, numpy integer, 0-d integer tensor (the
+    usual ``(cu[1:] - cu[:-1]).max()``) or None; the value is not needed, so it is never read. Floats, bools and
+    1-d tensors are refused by name."""
+    np = pytest.importorskip("numpy")
+    q, k, v, cu_q, cu_k = _inputs()
+    want = varlen_attention(q, k, v, cu_q, cu_k)
+    for m in (6, np.int64(6), np.int32(7), (cu_q[1:] - cu_q[:-1]).max(), None):
+        assert torch.equal(varlen_attention(q, k, v, cu_q, cu_k, m, m), want), type(m)
+    for bad in (6.0, True, torch.tensor([6]), torch.tensor(6.0), "6"):
+        with pytest.raises(TypeError, match="max_seqlen_k must be an integer"):
+            varlen_attention(q, k, v, cu_q, cu_k, 6, bad)
+
+
 def test_bad_offsets_type_device_shape():
     q, k, v, cu_q, cu_k = _inputs()
     with pytest.raises(TypeError, match="cu_seqlens_q must have dtype torch.int32.*got torch.int64"):
@@ -245,6 +259,10 @@ def test_memory_efficient_attention_errors():
         memory_efficient_attention(q[:1], q[:1], q[:1], bias, p=0.1)
     with pytest.raises(ValueError, match="4-D"):
         memory_efficient_attention(q[0], q[0], q[0])
+    # a mask-named object without xformers' seqinfo attributes: a TypeError naming what is missing
+    BlockDiagonalMask_ = type("BlockDiagonalMask", (), {})
+    with pytest.raises(TypeError, match="attn_bias has no 'q_seqinfo' attribute"):
+        memory_efficient_attention(q[:1], q[:1], q[:1], BlockDiagonalMask_())
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ Both go through the custom ops ``fastsora::varlen_attention_fwd`` / ``fastsora::
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
@@ -177,10 +178,11 @@ def _check_inputs(q, k, v, cu_q, cu_k, validate: bool) -> None:
         _check_offset_values((("cu_seqlens_q", cu_q, q.shape[0]), ("cu_seqlens_k", cu_k, k.shape[0])))
 
 
-#: offsets tensors whose values passed the checks: {tensor: (version counter, token count)}. Every layer of a
-#: model gets the same cu_seqlens, so only the first call of a step synchronises; an in-place change (which
-#: moves the version counter) or another token count checks again. Inference tensors have no version
-#: counter and are checked at every call.
+#: offsets tensors whose values passed the checks: {tensor: (version counter, token count, data pointer)}.
+#: Every layer of a model gets the same cu_seqlens, so only the first call of a step synchronises; an in-place
+#: change (which moves the version counter), another token count or new storage (``cu.data = ...``) checks
+#: again. Writes that bypass the version counter (through ``cu.numpy()``) cannot be seen. Inference tensors
+#: have no version counter and are checked at every call.
 _CHECKED = WeakIdKeyDictionary()
 
 
@@ -193,7 +195,8 @@ def _version(t: torch.Tensor) -> Optional[int]:
 
 def _check_offset_values(offsets: Sequence[Tuple[str, torch.Tensor, int]]) -> None:
     todo = [(name, cu, total, _version(cu)) for name, cu, total in offsets]
-    todo = [item for item in todo if item[3] is None or _CHECKED.get(item[1]) != (item[3], item[2])]
+    todo = [item for item in todo
+            if item[3] is None or _CHECKED.get(item[1]) != (item[3], item[2], item[1].data_ptr())]
     if not todo:
         return
     values = torch.cat([cu for _, cu, _, _ in todo]).tolist()  # one host synchronisation for all of them
@@ -202,7 +205,16 @@ def _check_offset_values(offsets: Sequence[Tuple[str, torch.Tensor, int]]) -> No
         _check_values(name, values[start:start + cu.numel()], total)
         start += cu.numel()
         if version is not None:
-            _CHECKED[cu] = (version, total)
+            _CHECKED[cu] = (version, total, cu.data_ptr())
+
+
+def _is_int_like(value: Any) -> bool:
+    """None, an int (or SymInt, numpy integer) or a 0-d integer tensor: what flash-attn's ``int`` arguments take.
+    The value itself is never read (no host synchronisation): the offsets define the lengths."""
+    if value is None or isinstance(value, (numbers.Integral, torch.SymInt)):
+        return not isinstance(value, bool)
+    return isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() \
+        and not value.is_complex() and value.dtype != torch.bool
 
 
 def _causal_mode(causal: bool, top_left: bool = False) -> int:
@@ -242,7 +254,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,) on q's device: sequence b owns query rows
             ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` and key rows ``cu_seqlens_k[b]:cu_seqlens_k[b+1]``.
             Zero-length sequences are allowed; rows past ``cu_seqlens_q[-1]`` output 0 (and get zero gradient).
-        max_seqlen_q, max_seqlen_k: accepted for flash-attn compatibility and not needed (may be None).
+        max_seqlen_q, max_seqlen_k: accepted for flash-attn compatibility and not needed: int, numpy integer,
+            0-d integer tensor (never read) or None.
         dropout_p: must be 0.0 (no dropout; NotImplementedError otherwise).
         softmax_scale: default 1 / sqrt(D).
         causal: mask aligned to the bottom-right corner: query i sees key j iff j <= i + Lk - Lq. A query row
@@ -256,10 +269,10 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     Returns:
         out (total_q, Hq, D) in q's dtype, or (out, lse) with ``return_lse``.
     """
-    if max_seqlen_q is not None and not isinstance(max_seqlen_q, (int, torch.SymInt)):
-        raise TypeError(f"max_seqlen_q must be an int or None; got {type(max_seqlen_q).__name__}")
-    if max_seqlen_k is not None and not isinstance(max_seqlen_k, (int, torch.SymInt)):
-        raise TypeError(f"max_seqlen_k must be an int or None; got {type(max_seqlen_k).__name__}")
+    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if not _is_int_like(value):
+            raise TypeError(f"{name} must be an integer (int, numpy integer or 0-d integer tensor) or None; got "
+                            f"{type(value).__name__}")
     out, lse = _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, softmax_scale,
                           _causal_mode(bool(causal)), validate)
     return (out, lse) if return_lse else out
@@ -311,6 +324,8 @@ _XFORMERS_BIASES = {
 
 
 def _seqstart(info: Any, name: str, device: torch.device, total: int) -> torch.Tensor:
+    if info is None:
+        raise TypeError(f"attn_bias has no '{name}' attribute; expected an xformers BlockDiagonalMask-style object")
     seqstart = getattr(info, "seqstart", None)
     if seqstart is None:
         raise TypeError(f"attn_bias.{name} has no 'seqstart' attribute; expected an xformers _SeqLenInfo")
@@ -373,8 +388,8 @@ def memory_efficient_attention(query: torch.Tensor, key: torch.Tensor, value: to
         if b != 1:
             raise ValueError(f"with a {type(attn_bias).__name__} the batch size must be 1 (sequences packed along "
                              f"M); got B={b}")
-        cu_q = _seqstart(attn_bias.q_seqinfo, "q_seqinfo", device, mq)
-        cu_k = _seqstart(attn_bias.k_seqinfo, "k_seqinfo", device, mk)
+        cu_q = _seqstart(getattr(attn_bias, "q_seqinfo", None), "q_seqinfo", device, mq)
+        cu_k = _seqstart(getattr(attn_bias, "k_seqinfo", None), "k_seqinfo", device, mk)
         if cu_q.numel() != cu_k.numel():
             raise ValueError(f"attn_bias: {cu_q.numel() - 1} query blocks but {cu_k.numel() - 1} key blocks")
         validate = getattr(attn_bias.q_seqinfo, "seqstart_py", None) is None or \
