@@ -87,6 +87,18 @@ def test_parity_with_anchor(name, kw, shape):
         assert (gb - ga).abs().max().item() <= 5e-4 * max(ga.abs().max().item(), 1e-4)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_straight_through_activation_with_large_inputs(backend):
+    """A straight-through activation takes its codes from x's signs, as the anchor: x + (q - x) rounds to 0 or
+    the wrong sign once |x| dwarfs the code value (x = 3e7 against 1; 5e4 against codebook_scale 1e-3)."""
+    for kw, big in ((dict(codebook_size=2 ** 4), 3e7), (dict(codebook_size=2 ** 4, codebook_scale=1e-3), 5e4)):
+        ref, ours = _pair(dict(kw, straight_through_activation=nn.Tanh()))
+        x = torch.randn(2, 3, 4)
+        x[0, 1] = torch.tensor([big, -big, big / 3, -2.0])
+        (ra, _), (rb, _) = _call(ref, x), _call(ours, x, backend=backend)
+        assert torch.equal(rb.quantized, ra.quantized) and torch.equal(rb.indices, ra.indices)
+
+
 @pytest.mark.parametrize("name,kw,shape", CONFIGS[:6] + CONFIGS[12:13], ids=[c[0] for c in CONFIGS[:6] + CONFIGS[12:13]])
 def test_eval_mode_matches_anchor(name, kw, shape):
     ref, ours = _pair(kw)

@@ -242,7 +242,9 @@ class LFQ(nn.Module):
                 out = out.detach()
             indices = res.indices.view(b, n, c)
             if training and not isinstance(self.activation, nn.Identity):
-                q = torch.where(out.detach() > 0, code_value, -code_value).to(out.dtype)
+                # the codes from x's signs, as the kernel and the anchor (the straight-through out = x + (q - x)
+                # rounds to 0 or the wrong sign when |x| dwarfs the code value)
+                q = torch.where(original_input.detach() > 0, code_value, -code_value).to(out.dtype)
                 act = self.activation(original_input)
                 out = act + (q - act).detach()
             if training:
