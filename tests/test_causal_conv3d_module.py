@@ -149,6 +149,10 @@ def test_stream_errors():
         m(x[:, :, :3], return_cache=True)
     with pytest.raises(ValueError, match="cache must have shape"):
         m(x, cache=randn(1, 3, 3, 5, 5))
+    # the op: a cache implies streaming, so an odd chunk is refused there too (its last frame would be dropped)
+    for backend in ("torch", "triton"):
+        with fastsora.use_backend(backend), pytest.raises(ValueError, match="multiple of stride=2"):
+            causal_conv3d(x[:, :, :3], m.conv.weight, stride=2, cache=randn(1, 3, 1, 5, 5))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -100,7 +100,7 @@ def _validate(x, weight, bias, residual, cache, stride, dilation, pad_mode, acti
     B, _, T, H, W = x.shape
     if T // stride < 1:
         raise ValueError(f"causal_conv3d: x has {T} frames, fewer than the time stride {stride}: no output frame")
-    if streaming and T % stride:
+    if (streaming or cache is not None) and T % stride:   # a cache implies streaming
         raise ValueError(f"causal_conv3d: streamed chunks must have a multiple of stride={stride} frames; got {T}")
     if bias is not None and tuple(bias.shape) != (C_out,):
         raise ValueError(f"causal_conv3d: bias must have shape ({C_out},); got {tuple(bias.shape)}")
