@@ -211,6 +211,20 @@ def test_zero_total_weight_gives_nan_like_the_anchor(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("t,d,tau,scale", [(6, 12, 0.25, 0.01), (64, 10, TAU, 1e-4)])
+def test_codebook_entropy_gradient_near_uniform_codes(backend, t, d, tau, scale):
+    """Logits 4·tau·x near 0: the code distribution is almost uniform and the entropy gradient tiny. lfq's
+    backward centres the code-sum cotangents (-(log a + H) instead of -(log a + 1)), so fp32 keeps it exact to
+    1e-5 of its largest entry (uncentred: 2e-4 to 7e-4, the d·log 2 parts cancelling only at the end)."""
+    x, w = _inputs(t, 2, d, scale, masked=True, seed=5)
+    x64 = to_float64(x)
+    want = torch.autograd.grad(brute_force_entropies(x64, 1.0, tau, w.double())[1].sum(), x64)[0]
+    with use_backend(backend):
+        got = torch.autograd.grad(lfq(x, 1.0, tau, entropy_weight=w).codebook_entropy.sum(), x)[0]
+    assert relative_error(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_input_gives_nan_entropy(backend):
     """A NaN in x reaches the codebook entropy and the gradient as NaN on both backends: a NaN in training must
     not come back as a plausible entropy (the Triton epilogue's `a > 0` and max(a, tiny) used to drop it)."""

@@ -222,7 +222,9 @@ def lfq_quantize(x: Tensor, code_value: float = 1.0, logit_scale: float = 400.0,
 
 # --------------------------------------------------------------------------------------- codebook entropy
 @torch.library.custom_op("fastsora::lfq_codebook_entropy", mutates_args=())
-def _entropy_op(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor]) -> Tensor:
+def _entropy_op(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor],
+                centered: bool = False) -> Tensor:
+    """``centered`` changes the backward only (see :func:`_entropy_bwd_op`)."""
     t, c, d = prob_pos.shape
     backend = select_backend("lfq_codebook_entropy", prob_pos.device, _probs_reason(prob_pos))
     if backend == "torch":
@@ -234,41 +236,54 @@ def _entropy_op(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Ten
 
 
 @_entropy_op.register_fake
-def _(prob_pos, prob_neg, entropy_weight):
+def _(prob_pos, prob_neg, entropy_weight, centered=False):
     return prob_pos.new_empty((prob_pos.shape[1],))
 
 
 @torch.library.custom_op("fastsora::lfq_codebook_entropy_backward", mutates_args=())
 def _entropy_bwd_op(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor], grad: Tensor,
-                    requested_backend: str) -> Tuple[Tensor, Tensor]:
+                    entropy: Optional[Tensor], requested_backend: str) -> Tuple[Tensor, Tensor]:
+    """With ``entropy`` (the forward's H, (C,)) the code-sum cotangents -(log a + 1)·g/n are centred on their
+    a-weighted mean (H - 1)·g/n: a constant per codebook adds the same amount to d/dprob_pos and d/dprob_neg, so
+    their difference (all that lfq_quantize's backward uses) keeps its value, and near a uniform code
+    distribution it no longer cancels d·log 2-sized terms in fp32."""
     t, c, d = prob_pos.shape
     backend = select_backend("lfq_codebook_entropy_backward", prob_pos.device, _probs_reason(prob_pos),
                              requested_backend)
     if backend == "torch":
         with _cpu_threads(prob_pos):
-            grads = _ref.codebook_entropy_backward(prob_pos, prob_neg, entropy_weight, grad)
+            grads = _ref.codebook_entropy_backward(prob_pos, prob_neg, entropy_weight, grad, entropy)
         return tuple(g.contiguous() for g in grads)
     k = _kernels()
     pos, neg = prob_pos.contiguous(), prob_neg.contiguous()
     tables = k.code_tables(pos, neg, entropy_weight)
-    g_sums = k.code_pair(pos, neg, entropy_weight, _count(entropy_weight, t, pos), 1, grad, tables)
+    n = _count(entropy_weight, t, pos)
+    g_sums = k.code_pair(pos, neg, entropy_weight, n, 1, grad, tables)
+    if entropy is not None:
+        g_sums = g_sums - ((entropy.to(g_sums.dtype) - 1) * grad.to(g_sums.dtype) / n).view(-1, 1, 1)
     return k.code_pair_bwd(pos, neg, entropy_weight, g_sums, tables)
 
 
 @_entropy_bwd_op.register_fake
-def _(prob_pos, prob_neg, entropy_weight, grad, requested_backend):
+def _(prob_pos, prob_neg, entropy_weight, grad, entropy, requested_backend):
     return _dense_like(prob_pos), _dense_like(prob_neg)
 
 
-def _entropy_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+def _probs_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:3])   # prob_pos, prob_neg, entropy_weight
     ctx.requested_backend = get_backend()  # the backward resolves as the forward did (see select_backend)
 
 
+def _entropy_setup(ctx, inputs, output):
+    centered = len(inputs) > 3 and inputs[3]   # the centred backward keeps H (see _entropy_bwd_op)
+    ctx.save_for_backward(*inputs[:3], output if centered else None)
+    ctx.requested_backend = get_backend()
+
+
 def _entropy_backward(ctx, grad):
-    pos, neg, w = ctx.saved_tensors
-    dpos, dneg = _entropy_bwd_op(pos, neg, w, grad, ctx.requested_backend)
-    return dpos, dneg, None
+    pos, neg, w, entropy = ctx.saved_tensors
+    dpos, dneg = _entropy_bwd_op(pos, neg, w, grad, entropy, ctx.requested_backend)
+    return dpos, dneg, None, None
 
 
 _entropy_op.register_autograd(_entropy_backward, setup_context=_entropy_setup)
@@ -324,7 +339,7 @@ def _sums_backward(ctx, grad):
     return dpos, dneg, None
 
 
-_sums_op.register_autograd(_sums_backward, setup_context=_entropy_setup)
+_sums_op.register_autograd(_sums_backward, setup_context=_probs_setup)
 
 
 def lfq_code_sums(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor] = None) -> Tensor:
@@ -390,5 +405,7 @@ def lfq(x: Tensor, code_value: float = 1.0, inv_temperature: float = 100.0, *, e
             count = all_reduce(count)
         cb = lfq_entropy_of_sums(sums, count, 1e-5 if clamp_compat else None)
     else:
-        cb = lfq_codebook_entropy(pos, neg, entropy_weight)
+        # pos and neg reach x only through lfq_quantize's backward, which takes d/dpos - d/dneg: the centred
+        # backward is exact for it and keeps fp32 precision near a uniform code distribution
+        cb = _entropy_op(pos, neg, entropy_weight, True)
     return LFQOutput(out, idx, ps, cb, cm)

@@ -206,12 +206,15 @@ def codebook_entropy(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optiona
 
 
 def codebook_entropy_backward(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor],
-                              grad: Tensor) -> Tuple[Tensor, Tensor]:
-    """Gradients w.r.t. prob_pos/prob_neg of <codebook_entropy(...), grad> (grad: (C,))."""
+                              grad: Tensor, entropy: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Gradients w.r.t. prob_pos/prob_neg of <codebook_entropy(...), grad> (grad: (C,)). With ``entropy`` (the
+    forward's H, (C,)), both are shifted by the same amount per token and bit (the code-sum cotangent centred on
+    its a-weighted mean): d/dprob_pos - d/dprob_neg is unchanged and keeps its precision near uniform codes."""
     hi, pos, neg, w, ps_hi, ps_lo = _tables(prob_pos, prob_neg, entropy_weight)
     n = w.sum()
     a = ((ps_hi * w[None, :, None]).transpose(1, 2) @ ps_lo) / n
-    g = a.clamp_min_(torch.finfo(a.dtype).tiny).log_().add_(1).mul_(-grad.to(a.dtype)[:, None, None] / n)
+    shift = 1 if entropy is None else entropy.to(a.dtype)[:, None, None]   # -(log a + 1) or -(log a + H)
+    g = a.clamp_min_(torch.finfo(a.dtype).tiny).log_().add_(shift).mul_(-grad.to(a.dtype)[:, None, None] / n)
     return _sums_backward(hi, pos, neg, w, ps_hi, ps_lo, g)
 
 
