@@ -270,14 +270,11 @@ def _(prob_pos, prob_neg, entropy_weight, grad, entropy, requested_backend):
 
 
 def _probs_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:3])   # prob_pos, prob_neg, entropy_weight
-    ctx.requested_backend = get_backend()  # the backward resolves as the forward did (see select_backend)
-
-
-def _entropy_setup(ctx, inputs, output):
-    centered = len(inputs) > 3 and inputs[3]   # the centred backward keeps H (see _entropy_bwd_op)
+    """Saves prob_pos, prob_neg, entropy_weight and, for the centred codebook entropy, its output H (else None:
+    see _entropy_bwd_op)."""
+    centered = len(inputs) > 3 and inputs[3]
     ctx.save_for_backward(*inputs[:3], output if centered else None)
-    ctx.requested_backend = get_backend()
+    ctx.requested_backend = get_backend()  # the backward resolves as the forward did (see select_backend)
 
 
 def _entropy_backward(ctx, grad):
@@ -286,7 +283,7 @@ def _entropy_backward(ctx, grad):
     return dpos, dneg, None, None
 
 
-_entropy_op.register_autograd(_entropy_backward, setup_context=_entropy_setup)
+_entropy_op.register_autograd(_entropy_backward, setup_context=_probs_setup)
 
 
 def lfq_codebook_entropy(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor] = None) -> Tensor:
@@ -334,7 +331,7 @@ def _(prob_pos, prob_neg, entropy_weight, grad, requested_backend):
 
 
 def _sums_backward(ctx, grad):
-    pos, neg, w = ctx.saved_tensors
+    pos, neg, w, _ = ctx.saved_tensors
     dpos, dneg = _sums_bwd_op(pos, neg, w, grad, ctx.requested_backend)
     return dpos, dneg, None
 

@@ -211,8 +211,10 @@ def _check_offset_values(offsets: Sequence[Tuple[str, torch.Tensor, int]]) -> No
 def _is_int_like(value: Any) -> bool:
     """None, an int (or SymInt, numpy integer) or a 0-d integer tensor: what flash-attn's ``int`` arguments take.
     The value itself is never read (no host synchronisation): the offsets define the lengths."""
+    if isinstance(value, bool):
+        return False
     if value is None or isinstance(value, (numbers.Integral, torch.SymInt)):
-        return not isinstance(value, bool)
+        return True
     return isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() \
         and not value.is_complex() and value.dtype != torch.bool
 
