@@ -56,15 +56,18 @@ def test_bad_offset_values(cu_q, err, match):
 def test_max_seqlen_types():
     """max_seqlen_q/k as flash-attn's ``int`` arguments take them: int, numpy integer, 0-d integer tensor (the
     usual ``(cu[1:] - cu[:-1]).max()``) or None; the value is not needed, so it is never read. Floats, bools and
-    1-d tensors are refused by name."""
+    1-d tensors are refused by name, by both entry points."""
     np = pytest.importorskip("numpy")
     q, k, v, cu_q, cu_k = _inputs()
     want = varlen_attention(q, k, v, cu_q, cu_k)
-    for m in (6, np.int64(6), np.int32(7), (cu_q[1:] - cu_q[:-1]).max(), None):
-        assert torch.equal(varlen_attention(q, k, v, cu_q, cu_k, m, m), want), type(m)
-    for bad in (6.0, True, torch.tensor([6]), torch.tensor(6.0), "6"):
-        with pytest.raises(TypeError, match="max_seqlen_k must be an integer"):
-            varlen_attention(q, k, v, cu_q, cu_k, 6, bad)
+    for fn in (varlen_attention, flash_attn_varlen_func):
+        for m in (6, np.int64(6), np.int32(7), (cu_q[1:] - cu_q[:-1]).max(), None):
+            assert torch.equal(fn(q, k, v, cu_q, cu_k, m, m), want), (fn.__name__, type(m))
+        for bad in (6.0, True, torch.tensor([6]), torch.tensor(6.0), "6"):
+            with pytest.raises(TypeError, match="max_seqlen_k must be an integer"):
+                fn(q, k, v, cu_q, cu_k, 6, bad)
+            with pytest.raises(TypeError, match="max_seqlen_q must be an integer"):
+                fn(q, k, v, cu_q, cu_k, bad, 6)
 
 
 def test_bad_offsets_type_device_shape():

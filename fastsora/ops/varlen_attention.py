@@ -219,6 +219,13 @@ def _is_int_like(value: Any) -> bool:
         and not value.is_complex() and value.dtype != torch.bool
 
 
+def _check_max_seqlen(max_seqlen_q: Any, max_seqlen_k: Any) -> None:
+    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if not _is_int_like(value):
+            raise TypeError(f"{name} must be an integer (int, numpy integer or 0-d integer tensor) or None; got "
+                            f"{type(value).__name__}")
+
+
 def _causal_mode(causal: bool, top_left: bool = False) -> int:
     if not causal:
         return CAUSAL_NONE
@@ -271,10 +278,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     Returns:
         out (total_q, Hq, D) in q's dtype, or (out, lse) with ``return_lse``.
     """
-    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if not _is_int_like(value):
-            raise TypeError(f"{name} must be an integer (int, numpy integer or 0-d integer tensor) or None; got "
-                            f"{type(value).__name__}")
+    _check_max_seqlen(max_seqlen_q, max_seqlen_k)
     out, lse = _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, softmax_scale,
                           _causal_mode(bool(causal)), validate)
     return (out, lse) if return_lse else out
@@ -306,6 +310,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
         raise NotImplementedError("alibi_slopes: ALiBi biases are not supported; pass alibi_slopes=None")
     if block_table is not None:
         raise NotImplementedError("block_table: paged KV caches are not supported; pass block_table=None")
+    _check_max_seqlen(max_seqlen_q, max_seqlen_k)
     out, lse = _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, softmax_scale,
                           _causal_mode(bool(causal)), validate)
     return (out, lse, None) if return_attn_probs else out
