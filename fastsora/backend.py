@@ -103,17 +103,50 @@ def installed_interpreter_incompatibility() -> Optional[str]:
     return interpreter_incompatibility(triton.__version__, numpy.__version__)
 
 
+def backend_request() -> str:
+    """:func:`get_backend` as a public op reads it to hand to its custom ops (forward and backward).
+
+    Under ``torch.compile`` it is read once, when the function is traced, and becomes a constant of the graph
+    (dynamo cannot read a ContextVar): the compiled forward and backward both use the request in effect at
+    trace time, and graphs traced under different requests never share a compile-cache entry.
+    """
+    return get_backend()
+
+
+# What torch.compiler.assume_constant_result(backend_request) does, without importing torch._dynamo (and with
+# it triton, before a process can unset TRITON_INTERPRET) when fastsora is imported; tests/test_backend.py
+# checks that the decorator still sets exactly this.
+backend_request._dynamo_marked_constant = True
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (e.g. a checkpointed forward being recomputed)."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
+
+
 def select_backend(op: str, device: torch.device, unsupported: Optional[str] = None,
-                   requested: Optional[str] = None) -> str:
+                   requested: Optional[str] = None, *, forward: bool = False) -> str:
     """Resolve the backend for one call of ``op`` on ``device``: returns 'triton' or 'torch'.
 
     ``unsupported`` is the Triton kernels' own reason for refusing this input (None when they take it);
     it is raised, never silently routed to torch, whenever the Triton path was chosen. ``requested``
-    (default :func:`get_backend`) is what a backward op passes: the request its forward saw, so the backward
-    resolves the same way even where ``use_backend`` does not reach (autograd runs CUDA backwards on its own
-    threads, and a ``with`` block may have closed before ``.backward()``).
+    (default :func:`get_backend`) is what the public op read with :func:`backend_request` and handed to its
+    forward and backward ops, so the backward resolves as the forward did even where ``use_backend`` does not
+    reach (autograd runs CUDA backwards on its own threads, and a ``with`` block may have closed before
+    ``.backward()``). A forward op (``forward=True``) also checks that request against the one in effect now:
+    they differ only when ``torch.compile`` traced the call under another request, and running the traced
+    backend would ignore the current one silently, so that raises (not inside a backward pass, where a
+    recomputed forward may run on a thread ``use_backend`` does not reach).
     """
     requested = get_backend() if requested is None else _validate(requested, "requested")
+    if forward and not _in_backward():
+        current = get_backend()
+        if current != requested:
+            raise BackendError(
+                f"{op}: torch.compile traced this call while backend {requested!r} was requested, but backend "
+                f"{current!r} is requested now; the compiled graph keeps the backend it was traced with, so "
+                "call torch.compiler.reset() (or compile the function again) after changing the backend")
     if requested == "torch":
         return "torch"
     if requested == "auto" and device.type != "cuda":

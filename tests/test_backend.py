@@ -229,3 +229,42 @@ def test_backward_resolves_the_backend_its_forward_saw(family, monkeypatch):
     assert not errors, errors
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+def test_backend_request_is_what_assume_constant_result_marks():
+    """backend.py marks backend_request for dynamo by hand (importing torch._dynamo at fastsora import would
+    import triton before a process can unset TRITON_INTERPRET): the public decorator must still set just that."""
+    from fastsora.backend import backend_request
+
+    marked = torch.compiler.assume_constant_result(lambda: None)
+    assert marked._dynamo_marked_constant is True and backend_request._dynamo_marked_constant is True
+
+
+@pytest.mark.parametrize("family", ["causal_conv3d", "varlen_attention", "lfq"])
+def test_compiled_call_keeps_its_traced_backend_or_refuses(family):
+    """torch.compile cannot guard the use_backend context. The request in effect at trace time is an argument of
+    every fastsora op in the graph (so graphs traced under different requests never share a compile-cache entry,
+    and the compiled backward resolves as its forward), and a compiled call made under another request raises
+    instead of running the traced backend's forward (the Triton path would silently ignore 'torch', or here
+    refuse float64 with an unrelated message)."""
+    ins, f = _family_case(family)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend=capture, fullgraph=True)
+    with fastsora.use_backend("torch"):
+        want = torch.autograd.grad(f(*ins), ins)
+        got = torch.autograd.grad(compiled(*ins), ins)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    calls = [n for gm in graphs for n in gm.graph.nodes
+             if n.op == "call_function" and "fastsora" in str(n.target)]
+    assert calls and all("torch" in n.args for n in calls), [(n.target, n.args) for n in calls]
+    with fastsora.use_backend("triton"), pytest.raises(BackendError, match="torch.compile traced this call while "
+                                                                              "backend 'torch' was requested"):
+        compiled(*ins)
+    torch._dynamo.reset()

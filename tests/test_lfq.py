@@ -418,6 +418,6 @@ def test_op_fakes_match_outputs_on_permuted_views(backend):
     assert not xv.is_contiguous() and not neg.is_contiguous()
     ops = torch.ops.fastsora
     with use_backend(backend):
-        torch.library.opcheck(ops.lfq_quantize.default, (xv, 1.0, 100.0, True, True, None, None))
-        torch.library.opcheck(ops.lfq_codebook_entropy.default, (pos, neg, None))
-        torch.library.opcheck(ops.lfq_code_sums.default, (pos, neg, None))
+        torch.library.opcheck(ops.lfq_quantize.default, (xv, 1.0, 100.0, True, True, None, None, backend))
+        torch.library.opcheck(ops.lfq_codebook_entropy.default, (pos, neg, None, backend))
+        torch.library.opcheck(ops.lfq_code_sums.default, (pos, neg, None, backend))

@@ -310,7 +310,7 @@ def test_fake_tensor_shapes():
     with FakeTensorMode():
         q, k, v = torch.empty(10, 4, 72), torch.empty(7, 2, 72), torch.empty(7, 2, 72)
         cu = torch.zeros(3, dtype=torch.int32)
-        out, lse = torch.ops.fastsora.varlen_attention_fwd(q, k, v, cu, cu, 0.1, 1)
+        out, lse = torch.ops.fastsora.varlen_attention_fwd(q, k, v, cu, cu, 0.1, 1, "auto")
         assert out.shape == (10, 4, 72) and lse.shape == (4, 10) and lse.dtype == torch.float32
 
 

@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from fastsora.backend import get_backend, select_backend
+from fastsora.backend import backend_request, select_backend
 from fastsora.reference import causal_conv3d as _ref
 
 __all__ = ["causal_conv3d"]
@@ -124,10 +124,10 @@ def _validate(x, weight, bias, residual, cache, stride, dilation, pad_mode, acti
 @torch.library.custom_op("fastsora::causal_conv3d", mutates_args=())
 def _causal_conv3d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                       residual: Optional[torch.Tensor], cache: Optional[torch.Tensor], stride: int, dilation: int,
-                      pad_mode: str, activation: str, streaming: bool, save_pre: bool
+                      pad_mode: str, activation: str, streaming: bool, save_pre: bool, requested_backend: str
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
     act = activation or None
-    backend = select_backend(OP_NAME, x.device, _triton_unsupported(x, weight))
+    backend = select_backend(OP_NAME, x.device, _triton_unsupported(x, weight), requested_backend, forward=True)
     tp = _ref.time_padding(weight.shape[2], stride, dilation)
     mode = _ref.effective_pad_mode(pad_mode, tp, x.shape[2], streaming or cache is not None)
     if backend == "triton":
@@ -151,7 +151,8 @@ def _causal_conv3d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
 
 
 @_causal_conv3d_op.register_fake
-def _(x, weight, bias, residual, cache, stride, dilation, pad_mode, activation, streaming, save_pre):
+def _(x, weight, bias, residual, cache, stride, dilation, pad_mode, activation, streaming, save_pre,
+      requested_backend):
     B, _, T, H, W = x.shape
     shape = (B, weight.shape[0], T // stride, H, W)
     fmt = _memory_format(x)
@@ -197,13 +198,14 @@ def _(dy, x, weight, bias, pre, cache, stride, dilation, pad_mode, activation, s
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, residual, cache, stride, dilation, pad_mode, activation, streaming, save_pre = inputs
+    (x, weight, bias, residual, cache, stride, dilation, pad_mode, activation, streaming, save_pre,
+     requested_backend) = inputs
     _, pre = output
     ctx.save_for_backward(x, weight, bias, pre, cache)
     ctx.args = (stride, dilation, pad_mode, activation, streaming)
     ctx.has_bias = bias is not None
     ctx.has_residual = residual is not None
-    ctx.requested_backend = get_backend()  # the backward resolves as the forward did (see select_backend)
+    ctx.requested_backend = requested_backend  # the backward resolves as the forward did (see select_backend)
 
 
 def _backward(ctx, dy, dpre):
@@ -219,7 +221,7 @@ def _backward(ctx, dy, dpre):
         dw = gw if ctx.needs_input_grad[1] else None
         db = gb if (ctx.has_bias and ctx.needs_input_grad[2]) else None
     dres = dy if (ctx.has_residual and ctx.needs_input_grad[3]) else None
-    return dx, dw, db, dres, None, None, None, None, None, None, None
+    return dx, dw, db, dres, None, None, None, None, None, None, None, None
 
 
 _causal_conv3d_op.register_autograd(_backward, setup_context=_setup_context)
@@ -257,5 +259,5 @@ def causal_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     save_pre = activation == "silu" and torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
     y, _ = _causal_conv3d_op(x, weight, bias, residual, cache, stride, dilation, pad_mode, activation or "",
-                             bool(streaming), bool(save_pre))
+                             bool(streaming), bool(save_pre), backend_request())
     return y

@@ -24,7 +24,7 @@ import contextlib
 import torch
 from torch import Tensor
 
-from fastsora.backend import get_backend, select_backend
+from fastsora.backend import backend_request, select_backend
 from fastsora.reference import lfq as _ref
 
 __all__ = ["lfq", "lfq_quantize", "lfq_codebook_entropy", "lfq_code_sums", "LFQOutput", "lfq_entropy_of_sums"]
@@ -123,10 +123,10 @@ def _dense_like(t: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------- quantize
 @torch.library.custom_op("fastsora::lfq_quantize", mutates_args=())
 def _quantize_op(x: Tensor, code_value: float, logit_scale: float, straight_through: bool, with_entropy: bool,
-                 entropy_weight: Optional[Tensor], commit_weight: Optional[Tensor]
+                 entropy_weight: Optional[Tensor], commit_weight: Optional[Tensor], requested_backend: str
                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     t, c, d = x.shape
-    backend = select_backend("lfq_quantize", x.device, _x_reason(x))
+    backend = select_backend("lfq_quantize", x.device, _x_reason(x), requested_backend, forward=True)
     if backend == "torch":
         with _cpu_threads(x):  # contiguous, as the fake says (the reference keeps a permuted x's strides)
             return tuple(r.contiguous() for r in _ref.quantize(x, code_value, logit_scale, straight_through,
@@ -140,7 +140,7 @@ def _quantize_op(x: Tensor, code_value: float, logit_scale: float, straight_thro
 
 
 @_quantize_op.register_fake
-def _(x, code_value, logit_scale, straight_through, with_entropy, entropy_weight, commit_weight):
+def _(x, code_value, logit_scale, straight_through, with_entropy, entropy_weight, commit_weight, requested_backend):
     t, c, d = x.shape
     pdt = _ref.prob_dtype(x.dtype)
     pshape = (t, c, d) if with_entropy else (0,)
@@ -176,10 +176,10 @@ def _(x, grad_out, grad_pos, grad_neg, grad_per_sample, grad_commit, entropy_wei
 
 
 def _quantize_setup(ctx, inputs, output):
-    x, code_value, logit_scale, straight_through, with_entropy, ew, cw = inputs
+    x, code_value, logit_scale, straight_through, with_entropy, ew, cw, requested_backend = inputs
     ctx.save_for_backward(x, ew, cw)
     ctx.args = (code_value, logit_scale, straight_through)
-    ctx.requested_backend = get_backend()  # the backward resolves as the forward did (see select_backend)
+    ctx.requested_backend = requested_backend  # the backward resolves as the forward did (see select_backend)
 
 
 def _quantize_backward(ctx, g_out, g_idx, g_pos, g_neg, g_ps, g_cm):
@@ -192,7 +192,7 @@ def _quantize_backward(ctx, g_out, g_idx, g_pos, g_neg, g_ps, g_cm):
         g_pos = g_neg = None
     dx = _quantize_bwd_op(x, g_out, g_pos, g_neg, g_ps, g_cm, ew, cw, code_value, logit_scale, straight_through,
                           ctx.requested_backend)
-    return dx, None, None, None, None, None, None
+    return dx, None, None, None, None, None, None, None
 
 
 _quantize_op.register_autograd(_quantize_backward, setup_context=_quantize_setup)
@@ -217,16 +217,17 @@ def lfq_quantize(x: Tensor, code_value: float = 1.0, logit_scale: float = 400.0,
     _check_weight(entropy_weight, t, x.device, "entropy_weight")
     _check_weight(commit_weight, t, x.device, "commit_weight")
     return _quantize_op(x, float(code_value), float(logit_scale), bool(straight_through), bool(with_entropy),
-                        entropy_weight, commit_weight)
+                        entropy_weight, commit_weight, backend_request())
 
 
 # --------------------------------------------------------------------------------------- codebook entropy
 @torch.library.custom_op("fastsora::lfq_codebook_entropy", mutates_args=())
-def _entropy_op(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor],
+def _entropy_op(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor], requested_backend: str,
                 centered: bool = False) -> Tensor:
     """``centered`` changes the backward only (see :func:`_entropy_bwd_op`)."""
     t, c, d = prob_pos.shape
-    backend = select_backend("lfq_codebook_entropy", prob_pos.device, _probs_reason(prob_pos))
+    backend = select_backend("lfq_codebook_entropy", prob_pos.device, _probs_reason(prob_pos), requested_backend,
+                             forward=True)
     if backend == "torch":
         with _cpu_threads(prob_pos):
             return _ref.codebook_entropy(prob_pos, prob_neg, entropy_weight)
@@ -236,7 +237,7 @@ def _entropy_op(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Ten
 
 
 @_entropy_op.register_fake
-def _(prob_pos, prob_neg, entropy_weight, centered=False):
+def _(prob_pos, prob_neg, entropy_weight, requested_backend, centered=False):
     return prob_pos.new_empty((prob_pos.shape[1],))
 
 
@@ -271,16 +272,16 @@ def _(prob_pos, prob_neg, entropy_weight, grad, entropy, requested_backend):
 
 def _probs_setup(ctx, inputs, output):
     """Saves prob_pos, prob_neg, entropy_weight and, for the centred codebook entropy, its output H (else None:
-    see _entropy_bwd_op)."""
-    centered = len(inputs) > 3 and inputs[3]
+    see _entropy_bwd_op); inputs are (prob_pos, prob_neg, entropy_weight, requested_backend[, centered])."""
+    centered = len(inputs) > 4 and inputs[4]
     ctx.save_for_backward(*inputs[:3], output if centered else None)
-    ctx.requested_backend = get_backend()  # the backward resolves as the forward did (see select_backend)
+    ctx.requested_backend = inputs[3]  # the backward resolves as the forward did (see select_backend)
 
 
 def _entropy_backward(ctx, grad):
     pos, neg, w, entropy = ctx.saved_tensors
     dpos, dneg = _entropy_bwd_op(pos, neg, w, grad, entropy, ctx.requested_backend)
-    return dpos, dneg, None, None
+    return dpos, dneg, None, None, None
 
 
 _entropy_op.register_autograd(_entropy_backward, setup_context=_probs_setup)
@@ -292,14 +293,16 @@ def lfq_codebook_entropy(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Opt
     entropy reduced in its epilogue: O(T·2^(D/2)) work memory, the 2^D distribution is never stored."""
     _check_probs(prob_pos, prob_neg)
     _check_weight(entropy_weight, prob_pos.shape[0], prob_pos.device, "entropy_weight")
-    return _entropy_op(prob_pos, prob_neg, entropy_weight)
+    return _entropy_op(prob_pos, prob_neg, entropy_weight, backend_request())
 
 
 # --------------------------------------------------------------------------------------------- code sums
 @torch.library.custom_op("fastsora::lfq_code_sums", mutates_args=())
-def _sums_op(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor]) -> Tensor:
+def _sums_op(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor], requested_backend: str
+             ) -> Tensor:
     t, c, d = prob_pos.shape
-    backend = select_backend("lfq_code_sums", prob_pos.device, _probs_reason(prob_pos))
+    backend = select_backend("lfq_code_sums", prob_pos.device, _probs_reason(prob_pos), requested_backend,
+                             forward=True)
     if backend == "torch":
         with _cpu_threads(prob_pos):
             return _ref.code_sums(prob_pos, prob_neg, entropy_weight)
@@ -308,7 +311,7 @@ def _sums_op(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor
 
 
 @_sums_op.register_fake
-def _(prob_pos, prob_neg, entropy_weight):
+def _(prob_pos, prob_neg, entropy_weight, requested_backend):
     t, c, d = prob_pos.shape
     return prob_pos.new_empty((c, 2 ** (d // 2), 2 ** (d - d // 2)))
 
@@ -333,7 +336,7 @@ def _(prob_pos, prob_neg, entropy_weight, grad, requested_backend):
 def _sums_backward(ctx, grad):
     pos, neg, w, _ = ctx.saved_tensors
     dpos, dneg = _sums_bwd_op(pos, neg, w, grad, ctx.requested_backend)
-    return dpos, dneg, None
+    return dpos, dneg, None, None
 
 
 _sums_op.register_autograd(_sums_backward, setup_context=_probs_setup)
@@ -344,7 +347,7 @@ def lfq_code_sums(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[T
     (code index = row·2^⌈D/2⌉ + column, MSB first). Materialises 2^D floats per codebook (once)."""
     _check_probs(prob_pos, prob_neg)
     _check_weight(entropy_weight, prob_pos.shape[0], prob_pos.device, "entropy_weight")
-    return _sums_op(prob_pos, prob_neg, entropy_weight)
+    return _sums_op(prob_pos, prob_neg, entropy_weight, backend_request())
 
 
 def lfq_entropy_of_sums(sums: Tensor, count: Tensor, clamp: Optional[float] = None) -> Tensor:
@@ -404,5 +407,5 @@ def lfq(x: Tensor, code_value: float = 1.0, inv_temperature: float = 100.0, *, e
     else:
         # pos and neg reach x only through lfq_quantize's backward, which takes d/dpos - d/dneg: the centred
         # backward is exact for it and keeps fp32 precision near a uniform code distribution
-        cb = _entropy_op(pos, neg, entropy_weight, True)
+        cb = _entropy_op(pos, neg, entropy_weight, backend_request(), True)
     return LFQOutput(out, idx, ps, cb, cm)

@@ -17,7 +17,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from fastsora.backend import get_backend, select_backend
+from fastsora.backend import backend_request, select_backend
 from fastsora.reference import varlen_attention as _ref
 
 OP_NAME = "varlen_attention"
@@ -59,8 +59,9 @@ def _kernels():
 
 @torch.library.custom_op("fastsora::varlen_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-            cu_seqlens_k: torch.Tensor, softmax_scale: float, causal_mode: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    backend = select_backend(OP_NAME, q.device, _unsupported(q))
+            cu_seqlens_k: torch.Tensor, softmax_scale: float, causal_mode: int, requested_backend: str
+            ) -> Tuple[torch.Tensor, torch.Tensor]:
+    backend = select_backend(OP_NAME, q.device, _unsupported(q), requested_backend, forward=True)
     if backend == "triton":
         return _kernels().forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode)
     out, lse = _ref.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode)
@@ -68,7 +69,7 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: tor
 
 
 @_fwd_op.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode, requested_backend):
     return torch.empty_like(q, memory_format=torch.contiguous_format), \
         q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q))
 
@@ -95,12 +96,12 @@ def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, scale, mode = inputs
+    q, k, v, cu_q, cu_k, scale, mode, requested_backend = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
     ctx.scale = scale
     ctx.mode = mode
-    ctx.requested_backend = get_backend()  # the backward resolves as the forward did (see select_backend)
+    ctx.requested_backend = requested_backend  # the backward resolves as the forward did (see select_backend)
 
 
 def _backward(ctx, dout, dlse):
@@ -108,7 +109,7 @@ def _backward(ctx, dout, dlse):
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = _bwd_op(dout, q, k, v, out, lse, cu_q, cu_k, ctx.scale, ctx.mode, dlse, ctx.requested_backend)
-    return dq, dk, dv, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -242,7 +243,7 @@ def _attention(q, k, v, cu_q, cu_k, dropout_p, softmax_scale, causal_mode, valid
     cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()  # the kernels index the offsets with unit stride
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-    return _fwd_op(q, k, v, cu_q, cu_k, float(softmax_scale), int(causal_mode))
+    return _fwd_op(q, k, v, cu_q, cu_k, float(softmax_scale), int(causal_mode), backend_request())
 
 
 # ----------------------------------------------------------------------------------------------------------
