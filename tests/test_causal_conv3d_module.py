@@ -307,6 +307,27 @@ def test_torch_compile_fullgraph_training(backend, device):
     assert_close([y, gx, gw], [y_e, gx_e, gw_e], torch.float32)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize("x_layout,w_layout", [("channels_last", "contiguous"), ("contiguous", "channels_last"),
+                                               ("channels_last", "channels_last")])
+def test_op_fakes_match_outputs_in_every_layout(backend, x_layout, w_layout):
+    """The fake implementations give each output the layout the backend returns (torch.library.opcheck), for
+    the forward and the backward op: ATen's grad weight follows x's layout, ours follows the weight's (a
+    mismatch fails inductor's stride asserts in a compiled training step)."""
+    fmt = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last_3d}
+    x = randn(2, 3, 4, 3, 3).contiguous(memory_format=fmt[x_layout]).requires_grad_()
+    w = randn(2, 3, 3, 3, 3).contiguous(memory_format=fmt[w_layout]).requires_grad_()
+    b = randn(2, requires_grad=True)
+    dy = randn(2, 2, 4, 3, 3).contiguous(memory_format=fmt[x_layout])
+    ops = torch.ops.fastsora
+    with fastsora.use_backend(backend):
+        torch.library.opcheck(ops.causal_conv3d.default,
+                              (x, w, b, None, None, 1, 1, "replicate", "silu", False, True, backend))
+        torch.library.opcheck(ops.causal_conv3d_backward.default,
+                              (dy, x.detach(), w.detach(), b.detach(), x.new_empty(0), None, 1, 1, "constant", "",
+                               False, True, True, backend))
+
+
 def test_torch_compile_streaming():
     """A compiled streaming step (cache in, cache out) gives the eager chunks."""
     torch._dynamo.reset()

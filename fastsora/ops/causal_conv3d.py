@@ -182,6 +182,8 @@ def _causal_conv3d_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.
         dx, dw, db = _ref.causal_conv3d_backward(dy, x, weight, bias, cache, stride, dilation, pad_mode, act,
                                                  streaming)
         dx = dx.contiguous(memory_format=_memory_format(x))
+        if dw is not None:  # ATen picks grad weight's layout from x's; the fake (and the kernels) use weight's
+            dw = dw.contiguous(memory_format=_memory_format(weight))
     return (dx if (need_input and dx is not None) else x.new_empty(0),
             dw if (need_weight and dw is not None) else x.new_empty(0),
             db if (need_weight and db is not None) else x.new_empty(0))
@@ -192,8 +194,10 @@ def _(dy, x, weight, bias, pre, cache, stride, dilation, pad_mode, activation, s
       requested_backend):
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x)) \
         if need_input else x.new_empty(0)
-    dw = torch.empty_like(weight) if need_weight else x.new_empty(0)
-    db = torch.empty_like(bias) if (need_weight and bias is not None) else x.new_empty(0)
+    dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device,
+                     memory_format=_memory_format(weight)) if need_weight else x.new_empty(0)
+    db = torch.empty(bias.shape, dtype=bias.dtype, device=bias.device) \
+        if (need_weight and bias is not None) else x.new_empty(0)
     return dx, dw, db
 
 
