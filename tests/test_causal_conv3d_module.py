@@ -194,8 +194,12 @@ def test_bad_inputs():
         CausalConv3d(4, 6, 3, padding_mode="reflect")
     with pytest.raises(ValueError, match="pad_mode must be 'constant' or 'replicate'"):
         CausalConv3d(4, 6, 3, pad_mode="reflect")
-    conv = CausalConv3d(4, 6, 3, padding=0, padding_mode="zeros")   # the defaults are accepted
-    assert conv.conv.padding == (0, 0, 0) and conv.conv.padding_mode == "zeros"
+    for padding in (0, (0, 0, 0), [0, 0, 0], "valid"):  # nn.Conv3d's spellings of the defaults are accepted
+        conv = CausalConv3d(4, 6, 3, padding=padding, padding_mode="zeros")
+        assert conv.conv.padding == (0, 0, 0) and conv.conv.padding_mode == "zeros"
+    for padding in ((0, 1, 0), [0, 0], "same", True):
+        with pytest.raises(ValueError, match="'padding' is not accepted"):
+            CausalConv3d(4, 6, 3, padding=padding)
     with pytest.raises(ValueError, match="groups=2 is not supported"):
         CausalConv3d(4, 6, 3, groups=2)
     with pytest.raises(ValueError, match=r"kernel_size must be a positive int or 3 positive ints.*got \(0, 3, 3\)"):

@@ -25,6 +25,15 @@ def _triple(k) -> Tuple[int, int, int]:
     return k
 
 
+def _is_no_padding(name: str, value) -> bool:
+    """nn.Conv3d's spellings of its defaults: padding 0, 'valid', (0, 0, 0) or [0, 0, 0]; padding_mode 'zeros'."""
+    if name == "padding_mode":
+        return value == "zeros"
+    if isinstance(value, (tuple, list)):
+        return len(value) == 3 and all(_is_no_padding(name, v) for v in value)
+    return value == "valid" or (isinstance(value, int) and not isinstance(value, bool) and value == 0)
+
+
 class CausalConv3d(nn.Module):
     """Causal 3-D convolution, magvit2-pytorch 0.5.1 semantics.
 
@@ -54,7 +63,7 @@ class CausalConv3d(nn.Module):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"CausalConv3d: {name} must be a positive int (time only); got {v!r}")
         for name, default in (("padding", 0), ("padding_mode", "zeros")):  # the defaults change nothing
-            if name in kwargs and kwargs.pop(name) not in (default, (default,) * 3):
+            if name in kwargs and not _is_no_padding(name, kwargs.pop(name)):
                 raise ValueError(f"CausalConv3d: {name!r} is not accepted (only its default, {default!r}): the "
                                  "causal padding is fixed by kernel_size, stride, dilation and pad_mode")
         if kwargs.get("groups", 1) != 1:
