@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import inspect
 import os
 import re
 from typing import Iterator, Optional, Tuple
@@ -117,6 +118,29 @@ def backend_request() -> str:
 # it triton, before a process can unset TRITON_INTERPRET) when fastsora is imported; tests/test_backend.py
 # checks that the decorator still sets exactly this.
 backend_request._dynamo_marked_constant = True
+
+
+_AUTOCAST_DEVICES = ("cuda", "cpu")
+
+
+def without_autocast(fn):
+    """Decorator for a custom op's body: run it with autocast off, so that it computes in its inputs' dtypes on
+    either backend, as its fake implementation says. Autocast casts nothing at a fastsora op (they have no
+    autocast rule), but it would reach the torch path's convolutions and matmuls, and a launcher's host-side
+    reductions, inside the body and change their dtypes (the Triton path would not)."""
+
+    @functools.wraps(fn)
+    def body(*args, **kwargs):
+        enabled = [d for d in _AUTOCAST_DEVICES if torch.is_autocast_enabled(d)]
+        if not enabled:
+            return fn(*args, **kwargs)
+        with contextlib.ExitStack() as stack:
+            for device_type in enabled:
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+            return fn(*args, **kwargs)
+
+    body.__signature__ = inspect.signature(fn, eval_str=True)  # torch.library reads the op's schema from it
+    return body
 
 
 def _in_backward() -> bool:

@@ -268,3 +268,26 @@ def test_compiled_call_keeps_its_traced_backend_or_refuses(family):
                                                                               "backend 'torch' was requested"):
         compiled(*ins)
     torch._dynamo.reset()
+
+
+def _float32_case(family):
+    ins, f = _family_case(family)
+    return tuple(t.detach().float().requires_grad_() for t in ins), f
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize("family", ["varlen_attention", "lfq"])
+def test_autocast_does_not_reach_inside_the_ops(family, backend):
+    """Autocast has no rule for these ops (flash-attn's and the anchor's quantizer take their inputs' dtypes),
+    and must not reach the torch path's matmuls inside them either: under autocast the outputs and gradients
+    are those computed without it, in float32, on both backends."""
+    ins, f = _float32_case(family)
+    with fastsora.use_backend(backend):
+        want = f(*ins)
+        want_grads = torch.autograd.grad(want, ins)
+        with torch.autocast("cpu", dtype=torch.float16):
+            got = f(*ins)
+        got_grads = torch.autograd.grad(got, ins)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    for a, b in zip(got_grads, want_grads):
+        assert a.dtype == torch.float32 and torch.equal(a, b)

@@ -347,3 +347,21 @@ def test_torch_compile_streaming():
         y2, c2 = step(x[:, :, 1:], c1)
         y2c, c2c = compiled(x[:, :, 1:], c1)
     assert_close([y2c, c2c], [y2, c2], torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_autocast_casts_like_nn_conv3d(backend):
+    """Under torch.autocast the conv runs in the autocast dtype, as magvit2-pytorch's nn.Conv3d does: float32
+    inputs and parameters give a float16 output equal to the conv of their float16 casts, a float16 activation
+    from an earlier autocast layer meets float32 parameters without a dtype error, and the gradients reach the
+    float32 parameters in float32."""
+    m = CausalConv3d(3, 4, 3, pad_mode="replicate")
+    x = randn(1, 3, 4, 5, 5, requires_grad=True)
+    with fastsora.use_backend(backend):
+        want = causal_conv3d(x.half(), m.conv.weight.half(), m.conv.bias.half(), pad_mode="replicate")
+        with torch.autocast("cpu", dtype=torch.float16):
+            got = m(x)
+            got_half_input = m(x.half())
+        gx, gw = torch.autograd.grad(got.float().square().sum(), [x, m.conv.weight])
+    assert got.dtype == torch.float16 and torch.equal(got, want) and torch.equal(got_half_input, want)
+    assert gx.dtype == torch.float32 and gw.dtype == torch.float32 and gw.abs().sum() > 0

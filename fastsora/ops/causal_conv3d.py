@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from fastsora.backend import backend_request, select_backend
+from fastsora.backend import backend_request, select_backend, without_autocast
 from fastsora.reference import causal_conv3d as _ref
 
 __all__ = ["causal_conv3d"]
@@ -122,6 +122,7 @@ def _validate(x, weight, bias, residual, cache, stride, dilation, pad_mode, acti
 # ---------------------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("fastsora::causal_conv3d", mutates_args=())
+@without_autocast
 def _causal_conv3d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                       residual: Optional[torch.Tensor], cache: Optional[torch.Tensor], stride: int, dilation: int,
                       pad_mode: str, activation: str, streaming: bool, save_pre: bool, requested_backend: str
@@ -162,6 +163,7 @@ def _(x, weight, bias, residual, cache, stride, dilation, pad_mode, activation, 
 
 
 @torch.library.custom_op("fastsora::causal_conv3d_backward", mutates_args=())
+@without_autocast
 def _causal_conv3d_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                                bias: Optional[torch.Tensor], pre: torch.Tensor, cache: Optional[torch.Tensor],
                                stride: int, dilation: int, pad_mode: str, activation: str, streaming: bool,
@@ -235,6 +237,15 @@ _causal_conv3d_op.register_autograd(_backward, setup_context=_setup_context)
 # public API
 # ---------------------------------------------------------------------------------------------------------
 
+def _autocast_inputs(device_type: str, *tensors):
+    """What autocast does for nn.Conv3d (a lower-precision op): floating-point inputs other than float64 in
+    the autocast dtype."""
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.float16,
+                                                                             torch.bfloat16) else t
+                 for t in tensors)
+
+
 def causal_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, stride: int = 1,
                   dilation: int = 1, pad_mode: str = "constant", activation: Optional[str] = None,
                   residual: Optional[torch.Tensor] = None, cache: Optional[torch.Tensor] = None,
@@ -255,9 +266,14 @@ def causal_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
             :class:`fastsora.nn.CausalConv3d`). It is a constant for autograd.
         streaming: treat x as a chunk of a longer video (no short-clip fallback); implied by ``cache``.
 
+    Under ``torch.autocast`` x, weight, bias, residual and cache are first cast to the autocast dtype, as
+    autocast casts nn.Conv3d's inputs (float64 is left alone).
+
     Returns:
-        (B, C_out, T // stride, H, W) in x's dtype and memory format.
+        (B, C_out, T // stride, H, W) in x's dtype (the autocast dtype under autocast) and memory format.
     """
+    if isinstance(x, torch.Tensor) and x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
+        x, weight, bias, residual, cache = _autocast_inputs(x.device.type, x, weight, bias, residual, cache)
     tp = _validate(x, weight, bias, residual, cache, stride, dilation, pad_mode, activation, streaming)
     del tp
     save_pre = activation == "silu" and torch.is_grad_enabled() and (

@@ -24,7 +24,7 @@ import contextlib
 import torch
 from torch import Tensor
 
-from fastsora.backend import backend_request, select_backend
+from fastsora.backend import backend_request, select_backend, without_autocast
 from fastsora.reference import lfq as _ref
 
 __all__ = ["lfq", "lfq_quantize", "lfq_codebook_entropy", "lfq_code_sums", "LFQOutput", "lfq_entropy_of_sums"]
@@ -122,6 +122,7 @@ def _dense_like(t: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------------------------- quantize
 @torch.library.custom_op("fastsora::lfq_quantize", mutates_args=())
+@without_autocast
 def _quantize_op(x: Tensor, code_value: float, logit_scale: float, straight_through: bool, with_entropy: bool,
                  entropy_weight: Optional[Tensor], commit_weight: Optional[Tensor], requested_backend: str
                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -150,6 +151,7 @@ def _(x, code_value, logit_scale, straight_through, with_entropy, entropy_weight
 
 
 @torch.library.custom_op("fastsora::lfq_quantize_backward", mutates_args=())
+@without_autocast
 def _quantize_bwd_op(x: Tensor, grad_out: Optional[Tensor], grad_pos: Optional[Tensor],
                      grad_neg: Optional[Tensor], grad_per_sample: Tensor, grad_commit: Tensor,
                      entropy_weight: Optional[Tensor], commit_weight: Optional[Tensor], code_value: float,
@@ -222,6 +224,7 @@ def lfq_quantize(x: Tensor, code_value: float = 1.0, logit_scale: float = 400.0,
 
 # --------------------------------------------------------------------------------------- codebook entropy
 @torch.library.custom_op("fastsora::lfq_codebook_entropy", mutates_args=())
+@without_autocast
 def _entropy_op(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor], requested_backend: str,
                 centered: bool = False) -> Tensor:
     """``centered`` changes the backward only (see :func:`_entropy_bwd_op`)."""
@@ -242,6 +245,7 @@ def _(prob_pos, prob_neg, entropy_weight, requested_backend, centered=False):
 
 
 @torch.library.custom_op("fastsora::lfq_codebook_entropy_backward", mutates_args=())
+@without_autocast
 def _entropy_bwd_op(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor], grad: Tensor,
                     entropy: Optional[Tensor], requested_backend: str) -> Tuple[Tensor, Tensor]:
     """With ``entropy`` (the forward's H, (C,)) the code-sum cotangents -(log a + 1)·g/n are centred on their
@@ -298,6 +302,7 @@ def lfq_codebook_entropy(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Opt
 
 # --------------------------------------------------------------------------------------------- code sums
 @torch.library.custom_op("fastsora::lfq_code_sums", mutates_args=())
+@without_autocast
 def _sums_op(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor], requested_backend: str
              ) -> Tensor:
     t, c, d = prob_pos.shape
@@ -317,6 +322,7 @@ def _(prob_pos, prob_neg, entropy_weight, requested_backend):
 
 
 @torch.library.custom_op("fastsora::lfq_code_sums_backward", mutates_args=())
+@without_autocast
 def _sums_bwd_op(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor], grad: Tensor,
                  requested_backend: str) -> Tuple[Tensor, Tensor]:
     backend = select_backend("lfq_code_sums_backward", prob_pos.device, _probs_reason(prob_pos),

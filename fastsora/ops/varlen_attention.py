@@ -17,7 +17,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from fastsora.backend import backend_request, select_backend
+from fastsora.backend import backend_request, select_backend, without_autocast
 from fastsora.reference import varlen_attention as _ref
 
 OP_NAME = "varlen_attention"
@@ -58,6 +58,7 @@ def _kernels():
 
 
 @torch.library.custom_op("fastsora::varlen_attention_fwd", mutates_args=())
+@without_autocast
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
             cu_seqlens_k: torch.Tensor, softmax_scale: float, causal_mode: int, requested_backend: str
             ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -75,6 +76,7 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode, requested
 
 
 @torch.library.custom_op("fastsora::varlen_attention_bwd", mutates_args=())
+@without_autocast
 def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
             lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, softmax_scale: float,
             causal_mode: int, dlse: Optional[torch.Tensor], requested_backend: str
