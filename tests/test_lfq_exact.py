@@ -208,6 +208,14 @@ def test_zero_total_weight_gives_nan_like_the_anchor(backend):
         with use_backend(backend):
             dx, = torch.autograd.grad(lfq(x, 1.0, TAU, **kw).out, x, g)
         assert torch.equal(dx, g), kw
+    # the NaN losses in the loss too: a mean over no token has no terms, so they add nothing to x's gradient
+    # (the anchor's gradient of an empty selection); with 0 · inf cotangents it was NaN
+    for clamp in (False, True):
+        with use_backend(backend):
+            r = lfq(x, 1.0, TAU, entropy_weight=w, commit_weight=w, clamp_compat=clamp)
+            loss = (r.out * g).sum() + r.per_sample_entropy + r.codebook_entropy.sum() + r.commitment
+            dx, = torch.autograd.grad(loss, x)
+        assert torch.isnan(loss) and torch.equal(dx, g), clamp
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

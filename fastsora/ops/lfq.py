@@ -262,10 +262,11 @@ def _entropy_bwd_op(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional
     k = _kernels()
     pos, neg = prob_pos.contiguous(), prob_neg.contiguous()
     tables = k.code_tables(pos, neg, entropy_weight)
-    n = _count(entropy_weight, t, pos)
+    n = _ref.safe_count(_count(entropy_weight, t, pos))
     g_sums = k.code_pair(pos, neg, entropy_weight, n, 1, grad, tables)
     if entropy is not None:
-        g_sums = g_sums - ((entropy.to(g_sums.dtype) - 1) * grad.to(g_sums.dtype) / n).view(-1, 1, 1)
+        shift = entropy.to(g_sums.dtype).nan_to_num(1.0) - 1  # H is NaN only when no token is weighted
+        g_sums = g_sums - (shift * grad.to(g_sums.dtype) / n).view(-1, 1, 1)
     return k.code_pair_bwd(pos, neg, entropy_weight, g_sums, tables)
 
 

@@ -41,10 +41,17 @@ def _weights(weight: Optional[Tensor], t: int, like: Tensor) -> Tensor:
 
 
 def mean_cotangent(grad: Tensor, total: Tensor) -> Tensor:
-    """grad / total: the cotangent of a weighted mean's terms (total = weight sum × elements averaged). A zero
-    grad (autograd's zeros for a loss left out of the graph) gives 0 even when no token is selected (total 0,
-    where the loss itself is NaN), so an unused loss never turns the straight-through gradient into NaN."""
-    return torch.where(grad == 0, torch.zeros_like(grad), grad / total)
+    """grad / total: the cotangent of a weighted mean's terms (total = weight sum × elements averaged). With no
+    token selected (total 0) the mean is NaN but has no terms, so the cotangent is 0, as the anchor's gradient of
+    an empty selection: a NaN loss then leaves x's gradient finite. A zero grad (autograd's zeros for a loss left
+    out of the graph) also gives 0."""
+    return torch.where((grad == 0) | (total == 0), torch.zeros_like(grad), grad / total)
+
+
+def safe_count(count: Tensor) -> Tensor:
+    """count, with 0 (no token weighted) replaced by 1: every token then has weight 0, so dividing by 1 gives
+    the empty selection's zero gradient where dividing by 0 would give 0·inf = NaN."""
+    return torch.where(count > 0, count, torch.ones_like(count))
 
 
 def _stable_bits(z: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -193,9 +200,10 @@ def entropy_of_sums(sums: Tensor, count: Tensor, clamp: Optional[float] = None) 
 
     ``clamp=None``: exact, -Σ a·log a. ``clamp=1e-5``: vector-quantize-pytorch's -Σ a·log(max(a, 1e-5)).
     """
-    a = (sums / count).flatten(1)
+    a = (sums / safe_count(count)).flatten(1)
     floor = torch.finfo(a.dtype).tiny if clamp is None else clamp
-    return -(a * a.clamp_min(floor).log()).sum(-1)
+    h = -(a * a.clamp_min(floor).log()).sum(-1)
+    return torch.where(count > 0, h, torch.nan)  # no token weighted: 0/0 (the anchor's NaN), with zero gradient
 
 
 def codebook_entropy(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor]) -> Tensor:
@@ -211,9 +219,9 @@ def codebook_entropy_backward(prob_pos: Tensor, prob_neg: Tensor, entropy_weight
     forward's H, (C,)), both are shifted by the same amount per token and bit (the code-sum cotangent centred on
     its a-weighted mean): d/dprob_pos - d/dprob_neg is unchanged and keeps its precision near uniform codes."""
     hi, pos, neg, w, ps_hi, ps_lo = _tables(prob_pos, prob_neg, entropy_weight)
-    n = w.sum()
+    n = safe_count(w.sum())
     a = ((ps_hi * w[None, :, None]).transpose(1, 2) @ ps_lo) / n
-    shift = 1 if entropy is None else entropy.to(a.dtype)[:, None, None]   # -(log a + 1) or -(log a + H)
+    shift = 1 if entropy is None else entropy.to(a.dtype).nan_to_num(1.0)[:, None, None]  # -(log a + 1 or H)
     g = a.clamp_min_(torch.finfo(a.dtype).tiny).log_().add_(shift).mul_(-grad.to(a.dtype)[:, None, None] / n)
     return _sums_backward(hi, pos, neg, w, ps_hi, ps_lo, g)
 
