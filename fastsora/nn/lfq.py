@@ -206,7 +206,9 @@ class LFQ(nn.Module):
         if should_transpose:
             x = x.movedim(1, -1)
             spatial = x.shape[1:-1]
-            x = x.reshape(x.shape[0], -1, x.shape[-1])
+            # a contiguous copy, as the anchor's einops.pack: the matmuls below then sum in its order, which
+            # decides the signs of components within rounding of 0
+            x = x.reshape(x.shape[0], -1, x.shape[-1]).contiguous()
         elif x.ndim != 3:
             raise ValueError(f"channel_first=False takes (batch, seq, {self.dim}) inputs, got shape {tuple(x.shape)}")
         if x.shape[-1] != self.dim:
@@ -225,13 +227,17 @@ class LFQ(nn.Module):
 
         force_f32 = self.force_quantization_f32
         context = torch.autocast("cuda", enabled=False) if force_f32 else nullcontext()
-        entropy_w, commit_w = self._token_weights(mask, b, n, x.device)
         with context:
             orig_dtype = x.dtype
             if force_f32:
                 x = x.float()
             original_input = x
             training = self.training
+            custom_activation = training and not isinstance(self.activation, nn.Identity)
+            # before the token sampling, as in the anchor: a random activation (RReLU, Dropout) and
+            # frac_per_sample_entropy's draw share the global generator
+            act = self.activation(original_input) if custom_activation else None
+            entropy_w, commit_w = self._token_weights(mask, b, n, x.device)
             code_value = self._code_values.get(x.dtype, float(self.codebook_scale))
             entropy_scale = self._code_values[torch.float32]   # the anchor's codebook is float32
             res = lfq(original_input.reshape(b * n, c, d), code_value, 1.0, entropy_weight=entropy_w,
@@ -241,11 +247,10 @@ class LFQ(nn.Module):
             if not training:   # the bare codes, as the anchor: no gradient (None, not zeros) to x or project_in
                 out = out.detach()
             indices = res.indices.view(b, n, c)
-            if training and not isinstance(self.activation, nn.Identity):
+            if custom_activation:
                 # the codes from x's signs, as the kernel and the anchor (the straight-through out = x + (q - x)
                 # rounds to 0 or the wrong sign when |x| dwarfs the code value)
                 q = torch.where(original_input.detach() > 0, code_value, -code_value).to(out.dtype)
-                act = self.activation(original_input)
                 out = act + (q - act).detach()
             if training:
                 per_sample_entropy = res.per_sample_entropy
