@@ -120,6 +120,15 @@ def backend_request() -> str:
 backend_request._dynamo_marked_constant = True
 
 
+def interpreter_dtype_reason(t: torch.Tensor) -> Optional[str]:
+    """The Triton kernels' reason to refuse ``t`` because of its dtype on CPU (None otherwise): CPU tensors run
+    in Triton's interpreter, whose bfloat16 arithmetic is wrong (tl.dot returns values near 1e9, and
+    x + (q - x) is not rounded per operation), so its results would be silent garbage."""
+    if t.device.type == "cpu" and t.dtype == torch.bfloat16:
+        return "bfloat16 inputs on CPU (Triton's interpreter computes bfloat16 wrongly; use float16 or float32)"
+    return None
+
+
 _AUTOCAST_DEVICES = ("cuda", "cpu")
 
 

@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from fastsora.backend import backend_request, select_backend, without_autocast
+from fastsora.backend import backend_request, interpreter_dtype_reason, select_backend, without_autocast
 from fastsora.reference import causal_conv3d as _ref
 
 __all__ = ["causal_conv3d"]
@@ -37,8 +37,8 @@ def _memory_format(x: torch.Tensor):
 def _triton_unsupported(x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> Optional[str]:
     if x.dtype not in _FLOATS:
         return f"{str(x.dtype).removeprefix('torch.')} inputs (the kernels take float16, bfloat16 and float32)"
-    if x.device.type == "cpu" and x.dtype == torch.bfloat16:
-        return "bfloat16 inputs on CPU (Triton's interpreter computes bfloat16 wrongly)"
+    if interpreter_dtype_reason(x):
+        return interpreter_dtype_reason(x)
     per_sample = x.shape[2] * x.shape[3] * x.shape[4]
     if per_sample > MAX_LAUNCH_POSITIONS:
         return f"T*H*W = {per_sample} positions in one sample > {MAX_LAUNCH_POSITIONS} (the kernels index " \

@@ -24,7 +24,7 @@ import contextlib
 import torch
 from torch import Tensor
 
-from fastsora.backend import backend_request, select_backend, without_autocast
+from fastsora.backend import backend_request, interpreter_dtype_reason, select_backend, without_autocast
 from fastsora.reference import lfq as _ref
 
 __all__ = ["lfq", "lfq_quantize", "lfq_codebook_entropy", "lfq_code_sums", "LFQOutput", "lfq_entropy_of_sums"]
@@ -106,7 +106,7 @@ def _x_reason(x: Tensor) -> Optional[str]:
         kernels = _kernels()
     except ImportError:
         return None
-    return kernels.unsupported_reason(x)
+    return interpreter_dtype_reason(x) or kernels.unsupported_reason(x)
 
 
 def _probs_reason(pos: Tensor) -> Optional[str]:

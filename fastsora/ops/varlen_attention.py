@@ -17,7 +17,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from fastsora.backend import backend_request, select_backend, without_autocast
+from fastsora.backend import backend_request, interpreter_dtype_reason, select_backend, without_autocast
 from fastsora.reference import varlen_attention as _ref
 
 OP_NAME = "varlen_attention"
@@ -32,6 +32,8 @@ def _unsupported(q: torch.Tensor) -> Optional[str]:
     """Why the Triton kernels cannot take this input (None when they can)."""
     if q.dtype not in _KERNEL_DTYPES:
         return f"{str(q.dtype).removeprefix('torch.')} inputs (the kernels take float16, bfloat16 and float32)"
+    if interpreter_dtype_reason(q):
+        return interpreter_dtype_reason(q)
     if q.shape[-1] > MAX_HEAD_DIM:
         return f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
     try:
