@@ -386,6 +386,12 @@ def test_nn_cross_attention():
         m(x, offsets(lq))
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         VarlenAttention(32, 4, num_kv_heads=3)
+    # a self-attention module's keys are x's own tokens: context or cu_seqlens_k are refused, not ignored
+    self_attn = VarlenAttention(32, 2)
+    with pytest.raises(ValueError, match="context given to a self-attention module"):
+        self_attn(x, offsets(lq), ctx)
+    with pytest.raises(ValueError, match="cu_seqlens_k given to a self-attention module"):
+        self_attn(x, offsets(lq), cu_seqlens_k=offsets([5, 10]))
 
 
 # --------------------------------------------------------------------------------------------------------------

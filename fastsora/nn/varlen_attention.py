@@ -64,8 +64,10 @@ class VarlenAttention(nn.Module):
             q = self.q(x).view(-1, h, d)
             k, v = self.kv(context).view(-1, 2, hkv, d).unbind(1)
         else:
-            if context is not None:
-                raise ValueError("context given to a self-attention module; build it with cross_attention_dim")
+            if context is not None or cu_seqlens_k is not None:
+                given = "context" if context is not None else "cu_seqlens_k"
+                raise ValueError(f"{given} given to a self-attention module (its keys are x's tokens, with "
+                                 "cu_seqlens); build it with cross_attention_dim for cross-attention")
             cu_seqlens_k = cu_seqlens
             qkv = self.qkv(x)
             q = qkv[:, : h * d].view(-1, h, d)
