@@ -414,8 +414,9 @@ def test_torch_compile_fullgraph_ops():
         r = lfq(x, 1.0, TAU, entropy_weight=w)
         return r.out, r.per_sample_entropy, r.codebook_entropy, r.commitment
 
-    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
-    for backend in ("torch", "triton"):
+    for backend in ("torch", "triton"):   # a compiled graph keeps the backend it was traced with: one each
+        torch._dynamo.reset()
+        cf = torch.compile(f, fullgraph=True, backend="aot_eager")
         with use_backend(backend):
             got, want = cf(x, w), f(x, w)
             ga = torch.autograd.grad(got[0].sum() + got[2].sum() + got[1], x)[0]

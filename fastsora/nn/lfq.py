@@ -206,9 +206,12 @@ class LFQ(nn.Module):
         if should_transpose:
             x = x.movedim(1, -1)
             spatial = x.shape[1:-1]
-            # a contiguous copy, as the anchor's einops.pack: the matmuls below then sum in its order, which
-            # decides the signs of components within rounding of 0
-            x = x.reshape(x.shape[0], -1, x.shape[-1]).contiguous()
+            x = x.reshape(x.shape[0], -1, x.shape[-1])
+            if not isinstance(self.project_in, nn.Identity) or self.orthogonal_rotation:
+                # a contiguous copy, as the anchor's einops.pack makes, for the matmuls below to sum in its
+                # order, which decides the signs of components within rounding of 0 (without a matmul the
+                # kernels read the permuted view in place)
+                x = x.contiguous()
         elif x.ndim != 3:
             raise ValueError(f"channel_first=False takes (batch, seq, {self.dim}) inputs, got shape {tuple(x.shape)}")
         if x.shape[-1] != self.dim:
