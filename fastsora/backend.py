@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import inspect
 import os
 import re
 from typing import Iterator, Optional, Tuple
@@ -127,29 +126,6 @@ def interpreter_dtype_reason(t: torch.Tensor) -> Optional[str]:
     if t.device.type == "cpu" and t.dtype == torch.bfloat16:
         return "bfloat16 inputs on CPU (Triton's interpreter computes bfloat16 wrongly; use float16 or float32)"
     return None
-
-
-_AUTOCAST_DEVICES = ("cuda", "cpu")
-
-
-def without_autocast(fn):
-    """Decorator for a custom op's body: run it with autocast off, so that it computes in its inputs' dtypes on
-    either backend, as its fake implementation says. Autocast casts nothing at a fastsora op (they have no
-    autocast rule), but it would reach the torch path's convolutions and matmuls, and a launcher's host-side
-    reductions, inside the body and change their dtypes (the Triton path would not)."""
-
-    @functools.wraps(fn)
-    def body(*args, **kwargs):
-        enabled = [d for d in _AUTOCAST_DEVICES if torch.is_autocast_enabled(d)]
-        if not enabled:
-            return fn(*args, **kwargs)
-        with contextlib.ExitStack() as stack:
-            for device_type in enabled:
-                stack.enter_context(torch.autocast(device_type, enabled=False))
-            return fn(*args, **kwargs)
-
-    body.__signature__ = inspect.signature(fn, eval_str=True)  # torch.library reads the op's schema from it
-    return body
 
 
 def _in_backward() -> bool:

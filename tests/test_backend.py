@@ -304,3 +304,14 @@ def test_triton_refuses_bfloat16_in_the_interpreter(family):
         f(*ins)
     with fastsora.use_backend("torch"):
         assert torch.isfinite(f(*ins))
+
+
+@pytest.mark.parametrize("family", ["causal_conv3d", "varlen_attention", "lfq"])
+def test_double_backward_is_refused_by_name(family):
+    """A gradient of the gradient (create_graph=True, then a second backward) is not supported: it raises a
+    NotImplementedError naming the op, not torch's advice to register an autograd formula."""
+    ins, f = _family_case(family)
+    with fastsora.use_backend("torch"):
+        grads = torch.autograd.grad(f(*ins), ins, create_graph=True)
+        with pytest.raises(NotImplementedError, match=r"(causal_conv3d|varlen_attention|lfq_\w+): double backward"):
+            torch.autograd.grad(sum(g.square().sum() for g in grads), ins)

@@ -16,7 +16,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from fastsora.backend import backend_request, interpreter_dtype_reason, select_backend, without_autocast
+from fastsora.backend import backend_request, interpreter_dtype_reason, select_backend
+from fastsora.ops._custom_op import refuse_double_backward, without_autocast
 from fastsora.reference import causal_conv3d as _ref
 
 __all__ = ["causal_conv3d"]
@@ -231,6 +232,7 @@ def _backward(ctx, dy, dpre):
 
 
 _causal_conv3d_op.register_autograd(_backward, setup_context=_setup_context)
+refuse_double_backward(_causal_conv3d_backward_op, "causal_conv3d")
 
 
 # ---------------------------------------------------------------------------------------------------------

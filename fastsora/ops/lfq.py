@@ -24,7 +24,8 @@ import contextlib
 import torch
 from torch import Tensor
 
-from fastsora.backend import backend_request, interpreter_dtype_reason, select_backend, without_autocast
+from fastsora.backend import backend_request, interpreter_dtype_reason, select_backend
+from fastsora.ops._custom_op import refuse_double_backward, without_autocast
 from fastsora.reference import lfq as _ref
 
 __all__ = ["lfq", "lfq_quantize", "lfq_codebook_entropy", "lfq_code_sums", "LFQOutput", "lfq_entropy_of_sums"]
@@ -198,6 +199,7 @@ def _quantize_backward(ctx, g_out, g_idx, g_pos, g_neg, g_ps, g_cm):
 
 
 _quantize_op.register_autograd(_quantize_backward, setup_context=_quantize_setup)
+refuse_double_backward(_quantize_bwd_op, "lfq_quantize")
 
 
 def lfq_quantize(x: Tensor, code_value: float = 1.0, logit_scale: float = 400.0, straight_through: bool = True,
@@ -290,6 +292,7 @@ def _entropy_backward(ctx, grad):
 
 
 _entropy_op.register_autograd(_entropy_backward, setup_context=_probs_setup)
+refuse_double_backward(_entropy_bwd_op, "lfq_codebook_entropy")
 
 
 def lfq_codebook_entropy(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor] = None) -> Tensor:
@@ -347,6 +350,7 @@ def _sums_backward(ctx, grad):
 
 
 _sums_op.register_autograd(_sums_backward, setup_context=_probs_setup)
+refuse_double_backward(_sums_bwd_op, "lfq_code_sums")
 
 
 def lfq_code_sums(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor] = None) -> Tensor:

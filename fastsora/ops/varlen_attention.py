@@ -17,7 +17,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from fastsora.backend import backend_request, interpreter_dtype_reason, select_backend, without_autocast
+from fastsora.backend import backend_request, interpreter_dtype_reason, select_backend
+from fastsora.ops._custom_op import refuse_double_backward, without_autocast
 from fastsora.reference import varlen_attention as _ref
 
 OP_NAME = "varlen_attention"
@@ -117,6 +118,7 @@ def _backward(ctx, dout, dlse):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+refuse_double_backward(_bwd_op, "varlen_attention")
 
 
 # ----------------------------------------------------------------------------------------------------------
