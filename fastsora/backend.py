@@ -153,9 +153,10 @@ def select_backend(op: str, device: torch.device, unsupported: Optional[str] = N
         current = get_backend()
         if current != requested:
             raise BackendError(
-                f"{op}: torch.compile traced this call while backend {requested!r} was requested, but backend "
-                f"{current!r} is requested now; the compiled graph keeps the backend it was traced with, so "
-                "call torch.compiler.reset() (or compile the function again) after changing the backend")
+                f"{op}: this call carries the backend request {requested!r}, but {current!r} is requested now. "
+                "Under torch.compile a call keeps the request in effect when it was traced: call "
+                "torch.compiler.reset() after changing the backend (compiling the function again reuses its "
+                "traced graph). Calling torch.ops.fastsora.* directly, pass fastsora.backend.get_backend()")
     if requested == "torch":
         return "torch"
     if requested == "auto" and device.type != "cuda":

@@ -1,5 +1,6 @@
 """fastsora.nn.CausalConv3d: magvit2-pytorch compatibility (state_dict both ways), streaming with a frame cache,
 bad inputs, backend dispatch (no ATen convolution or padded copy on the Triton path), torch.compile."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -197,7 +198,8 @@ def test_bad_inputs():
     for padding in (0, (0, 0, 0), [0, 0, 0], "valid"):  # nn.Conv3d's spellings of the defaults are accepted
         conv = CausalConv3d(4, 6, 3, padding=padding, padding_mode="zeros")
         assert conv.conv.padding == (0, 0, 0) and conv.conv.padding_mode == "zeros"
-    for padding in ((0, 1, 0), [0, 0], "same", True):
+    conv = CausalConv3d(4, 6, 3, padding=(np.int64(0),) * 3)   # numpy zeros, as nn.Conv3d takes them
+    for padding in ((0, 1, 0), [0, 0], "same", True, ("valid",) * 3):
         with pytest.raises(ValueError, match="'padding' is not accepted"):
             CausalConv3d(4, 6, 3, padding=padding)
     with pytest.raises(ValueError, match="groups=2 is not supported"):
@@ -365,3 +367,17 @@ def test_autocast_casts_like_nn_conv3d(backend):
         gx, gw = torch.autograd.grad(got.float().square().sum(), [x, m.conv.weight])
     assert got.dtype == torch.float16 and torch.equal(got, want) and torch.equal(got_half_input, want)
     assert gx.dtype == torch.float32 and gw.dtype == torch.float32 and gw.abs().sum() > 0
+    # the fused residual: an fp32 residual stream is added after the kernel, promoted as conv(x) + r would be;
+    # an fp16 one is fused (one rounding where the unfused sum rounds twice)
+    r = randn(1, 4, 4, 5, 5, requires_grad=True)
+    with fastsora.use_backend(backend):
+        for res in (r.half(), r):
+            with torch.autocast("cpu", dtype=torch.float16):
+                fused, unfused = m(x, activation="silu", residual=res), m(x, activation="silu") + res
+            assert fused.dtype == unfused.dtype == res.dtype
+            assert_close(fused, unfused, torch.float16)
+        assert torch.equal(fused, unfused)   # the fp32 residual: the same addition
+        gr, = torch.autograd.grad(fused.float().sum(), r)
+        assert gr.dtype == torch.float32 and torch.equal(gr, torch.ones_like(r))
+        with torch.autocast("cpu", dtype=torch.float16), pytest.raises(ValueError, match="residual must have"):
+            m(x, residual=r[:, :, :2])

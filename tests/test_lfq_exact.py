@@ -78,6 +78,8 @@ def test_code_sums_and_clamped_entropy(backend):
     n = w.sum()
     _, cb_clamped = brute_force_entropies(x64.detach(), 1.0, TAU, w.double(), clamp=1e-5)
     assert relative_error(lfq_entropy_of_sums(sums, n, 1e-5), cb_clamped) <= 1e-5
+    # the count as a plain number (what a caller who counted tokens on the host passes)
+    assert torch.equal(lfq_entropy_of_sums(sums, n.item(), 1e-5), lfq_entropy_of_sums(sums, n, 1e-5))
     with use_backend(backend):
         res = lfq(x, 1.0, TAU, entropy_weight=w, clamp_compat=True)
     assert relative_error(res.codebook_entropy, cb_clamped) <= 1e-5

@@ -6,6 +6,7 @@ state_dict keys ``conv.weight`` / ``conv.bias``), backed by :func:`fastsora.ops.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Tuple, Union
 
 import torch
@@ -29,9 +30,12 @@ def _is_no_padding(name: str, value) -> bool:
     """nn.Conv3d's spellings of its defaults: padding 0, 'valid', (0, 0, 0) or [0, 0, 0]; padding_mode 'zeros'."""
     if name == "padding_mode":
         return value == "zeros"
+    def zero(v) -> bool:
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v == 0
+
     if isinstance(value, (tuple, list)):
-        return len(value) == 3 and all(_is_no_padding(name, v) for v in value)
-    return value == "valid" or (isinstance(value, int) and not isinstance(value, bool) and value == 0)
+        return len(value) == 3 and all(zero(v) for v in value)
+    return (isinstance(value, str) and value == "valid") or zero(value)
 
 
 class CausalConv3d(nn.Module):

@@ -38,8 +38,8 @@ def _memory_format(x: torch.Tensor):
 def _triton_unsupported(x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> Optional[str]:
     if x.dtype not in _FLOATS:
         return f"{str(x.dtype).removeprefix('torch.')} inputs (the kernels take float16, bfloat16 and float32)"
-    if interpreter_dtype_reason(x):
-        return interpreter_dtype_reason(x)
+    if reason := interpreter_dtype_reason(x):
+        return reason
     per_sample = x.shape[2] * x.shape[3] * x.shape[4]
     if per_sample > MAX_LAUNCH_POSITIONS:
         return f"T*H*W = {per_sample} positions in one sample > {MAX_LAUNCH_POSITIONS} (the kernels index " \
@@ -58,7 +58,8 @@ def _check_int(name: str, value, minimum: int = 1) -> int:
     return value
 
 
-def _validate(x, weight, bias, residual, cache, stride, dilation, pad_mode, activation, streaming) -> int:
+def _validate(x, weight, bias, residual, cache, stride, dilation, pad_mode, activation, streaming,
+              residual_any_dtype: bool = False) -> int:
     """Check every argument; return the time padding."""
     for name, t in (("x", x), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
@@ -94,7 +95,7 @@ def _validate(x, weight, bias, residual, cache, stride, dilation, pad_mode, acti
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"causal_conv3d: {name} must be a tensor or None; got {type(t).__name__}")
-        if t.dtype != x.dtype:
+        if t.dtype != x.dtype and not (name == "residual" and residual_any_dtype):
             raise TypeError(f"causal_conv3d: {name} has dtype {t.dtype} but x has {x.dtype}; cast them to one dtype")
         if t.device != x.device:
             raise ValueError(f"causal_conv3d: {name} is on {t.device} but x is on {x.device}")
@@ -268,18 +269,26 @@ def causal_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
             :class:`fastsora.nn.CausalConv3d`). It is a constant for autograd.
         streaming: treat x as a chunk of a longer video (no short-clip fallback); implied by ``cache``.
 
-    Under ``torch.autocast`` x, weight, bias, residual and cache are first cast to the autocast dtype, as
-    autocast casts nn.Conv3d's inputs (float64 is left alone).
+    Under ``torch.autocast`` x, weight, bias and cache are first cast to the autocast dtype, as autocast casts
+    nn.Conv3d's inputs (float64 is left alone); a residual in another dtype is then added after the kernel,
+    as ``conv(x) + residual`` would be (an fp32 residual stream stays fp32).
 
     Returns:
-        (B, C_out, T // stride, H, W) in x's dtype (the autocast dtype under autocast) and memory format.
+        (B, C_out, T // stride, H, W) in x's dtype (under autocast: the autocast dtype, promoted with a
+        residual's) and memory format.
     """
+    late_residual = None
     if isinstance(x, torch.Tensor) and x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
-        x, weight, bias, residual, cache = _autocast_inputs(x.device.type, x, weight, bias, residual, cache)
-    tp = _validate(x, weight, bias, residual, cache, stride, dilation, pad_mode, activation, streaming)
+        x, weight, bias, cache = _autocast_inputs(x.device.type, x, weight, bias, cache)
+        if isinstance(residual, torch.Tensor) and residual.dtype != x.dtype:
+            late_residual = residual   # added after the op, as conv(x) + residual: an fp32 residual stays fp32
+    tp = _validate(x, weight, bias, residual, cache, stride, dilation, pad_mode, activation, streaming,
+                   residual_any_dtype=late_residual is not None)
     del tp
+    if late_residual is not None:
+        residual = None
     save_pre = activation == "silu" and torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
     y, _ = _causal_conv3d_op(x, weight, bias, residual, cache, stride, dilation, pad_mode, activation or "",
                              bool(streaming), bool(save_pre), backend_request())
-    return y
+    return y if late_residual is None else y + late_residual

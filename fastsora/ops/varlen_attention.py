@@ -33,8 +33,8 @@ def _unsupported(q: torch.Tensor) -> Optional[str]:
     """Why the Triton kernels cannot take this input (None when they can)."""
     if q.dtype not in _KERNEL_DTYPES:
         return f"{str(q.dtype).removeprefix('torch.')} inputs (the kernels take float16, bfloat16 and float32)"
-    if interpreter_dtype_reason(q):
-        return interpreter_dtype_reason(q)
+    if reason := interpreter_dtype_reason(q):
+        return reason
     if q.shape[-1] > MAX_HEAD_DIM:
         return f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
     try:

@@ -200,6 +200,7 @@ def entropy_of_sums(sums: Tensor, count: Tensor, clamp: Optional[float] = None) 
 
     ``clamp=None``: exact, -Σ a·log a. ``clamp=1e-5``: vector-quantize-pytorch's -Σ a·log(max(a, 1e-5)).
     """
+    count = torch.as_tensor(count, dtype=sums.dtype, device=sums.device)
     a = (sums / safe_count(count)).flatten(1)
     floor = torch.finfo(a.dtype).tiny if clamp is None else clamp
     h = -(a * a.clamp_min(floor).log()).sum(-1)
