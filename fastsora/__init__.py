@@ -7,10 +7,10 @@ still set ``TRITON_INTERPRET`` after ``import fastsora`` and before the kernels 
 """
 import importlib
 
-from .backend import BackendError, get_backend, use_backend
+from .backend import BackendError, checkpoint_context, get_backend, use_backend
 
 __version__ = "0.1.0"
-__all__ = ["BackendError", "get_backend", "use_backend", "ops", "nn", "__version__"]
+__all__ = ["BackendError", "checkpoint_context", "get_backend", "use_backend", "ops", "nn", "__version__"]
 
 
 def __getattr__(name):

@@ -60,6 +60,14 @@ def use_backend(name: str) -> Iterator[str]:
         _override.reset(token)
 
 
+def checkpoint_context() -> Tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """``context_fn`` for ``torch.utils.checkpoint.checkpoint(fn, ..., use_reentrant=False,
+    context_fn=fastsora.checkpoint_context)``: the recomputed forward runs under the backend request of the
+    original one. Without it the recompute reads the request where it runs, during the backward (on a CUDA
+    backward, autograd's own thread, where a ``use_backend`` block does not reach)."""
+    return contextlib.nullcontext(), use_backend(get_backend())
+
+
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401

@@ -317,3 +317,41 @@ def test_double_backward_is_refused_by_name(family):
         grads = torch.autograd.grad(f(*ins), ins, create_graph=True)
         with pytest.raises(NotImplementedError, match=r"(causal_conv3d|varlen_attention|lfq_\w+): double backward"):
             torch.autograd.grad(sum(g.square().sum() for g in grads), ins)
+
+
+@pytest.mark.parametrize("family", ["causal_conv3d", "varlen_attention", "lfq"])
+def test_checkpoint_context_recomputes_under_the_forward_request(family, monkeypatch):
+    """torch.utils.checkpoint recomputes the forward during the backward, which runs (here, as on CUDA) on another
+    thread where the forward's use_backend block does not reach and $FASTSORA_BACKEND says 'triton'. With
+    context_fn=fastsora.checkpoint_context the recompute takes the forward's request ('torch': the Triton path
+    would refuse float64) and the gradients are those of the plain call; without it the recompute reads
+    'triton' and refuses."""
+    from torch.utils.checkpoint import checkpoint
+
+    ins, f = _family_case(family)
+    with fastsora.use_backend("torch"):
+        want = torch.autograd.grad(f(*ins), ins)
+    monkeypatch.setenv(fastsora.backend.ENV_VAR, "triton")
+
+    def backward_on_a_thread(loss):
+        out = []
+
+        def run():
+            try:
+                out.append(torch.autograd.grad(loss, ins))
+            except Exception as e:  # noqa: BLE001 - returned to the test
+                out.append(e)
+        worker = threading.Thread(target=run)
+        worker.start()
+        worker.join()
+        return out[0]
+
+    with fastsora.use_backend("torch"):
+        loss = checkpoint(f, *ins, use_reentrant=False, context_fn=fastsora.checkpoint_context)
+    got = backward_on_a_thread(loss)
+    assert not isinstance(got, Exception), got
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    with fastsora.use_backend("torch"):
+        loss = checkpoint(f, *ins, use_reentrant=False)
+    assert isinstance(backward_on_a_thread(loss), BackendError)
