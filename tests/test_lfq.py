@@ -460,3 +460,20 @@ def test_random_activation_and_frac_sampling_draw_like_anchor(activation):
     assert abs(lb.per_sample_entropy.item() - la.per_sample_entropy.item()) <= tol
     g = torch.randn_like(ra.quantized)
     assert torch.equal(torch.autograd.grad(rb.quantized, x, g)[0], torch.autograd.grad(ra.quantized, x, g)[0])
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_empty_selection_gives_the_anchors_finite_gradients(backend):
+    """A mask selecting no token makes the entropies and the aux loss NaN (as the anchor's); with
+    experimental_softplus_entropy_loss the NaN also reaches the entropies' cotangents (softplus'(NaN)). The means
+    have no terms, so x and every parameter still get the anchor's gradient: that of the quantized output."""
+    kw = dict(dim=5, codebook_size=2 ** 4, experimental_softplus_entropy_loss=True, commitment_loss_weight=0.3)
+    for mask in (torch.zeros(2, dtype=torch.bool), torch.zeros(2, 4, dtype=torch.bool)):
+        ref, ours = _pair(kw, compat=False)
+        x = (torch.randn(2, 4, 5) * 0.3).requires_grad_()
+        (ra, _), (rb, _) = _call(ref, x, mask=mask), _call(ours, x, backend, mask=mask)
+        assert torch.isnan(ra.entropy_aux_loss) and torch.isnan(rb.entropy_aux_loss)
+        ga = torch.autograd.grad(ra.entropy_aux_loss + ra.quantized.sum(), _leaves(ref, x))
+        gb = torch.autograd.grad(rb.entropy_aux_loss + rb.quantized.sum(), _leaves(ours, x))
+        for a, b in zip(ga, gb, strict=True):
+            assert torch.isfinite(b).all() and torch.equal(a, b)

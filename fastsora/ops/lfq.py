@@ -287,6 +287,9 @@ def _probs_setup(ctx, inputs, output):
 
 def _entropy_backward(ctx, grad):
     pos, neg, w, entropy = ctx.saved_tensors
+    # no token weighted: the (NaN) entropy has no terms, so its gradient is 0 whatever the cotangent, also a NaN
+    # one from a loss that is NaN for the same reason (experimental_softplus_entropy_loss: softplus'(NaN))
+    grad = torch.where(_count(w, pos.shape[0], grad) > 0, grad, torch.zeros_like(grad))
     dpos, dneg = _entropy_bwd_op(pos, neg, w, grad, entropy, ctx.requested_backend)
     return dpos, dneg, None, None, None
 
