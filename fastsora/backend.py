@@ -64,7 +64,13 @@ def checkpoint_context() -> Tuple[contextlib.AbstractContextManager, contextlib.
     """``context_fn`` for ``torch.utils.checkpoint.checkpoint(fn, ..., use_reentrant=False,
     context_fn=fastsora.checkpoint_context)``: the recomputed forward runs under the backend request of the
     original one. Without it the recompute reads the request where it runs, during the backward (on a CUDA
-    backward, autograd's own thread, where a ``use_backend`` block does not reach)."""
+    backward, autograd's own thread, where a ``use_backend`` block does not reach). Under torch.compile the
+    traced ops already carry their request, and torch takes only dispatch-mode contexts there: plain
+    recomputation."""
+    if torch.compiler.is_compiling():
+        from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+        return create_selective_checkpoint_contexts(lambda ctx, op, *args, **kwargs: CheckpointPolicy.PREFER_RECOMPUTE)
     return contextlib.nullcontext(), use_backend(get_backend())
 
 

@@ -355,3 +355,24 @@ def test_checkpoint_context_recomputes_under_the_forward_request(family, monkeyp
     with fastsora.use_backend("torch"):
         loss = checkpoint(f, *ins, use_reentrant=False)
     assert isinstance(backward_on_a_thread(loss), BackendError)
+
+
+@pytest.mark.parametrize("family", ["causal_conv3d", "varlen_attention", "lfq"])
+def test_checkpoint_context_under_torch_compile(family):
+    """Compiled, torch takes only dispatch-mode contexts from a checkpoint's context_fn (the traced ops carry
+    their backend request already): checkpoint_context then gives plain recomputation, with the eager
+    gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    ins, f = _family_case(family)
+
+    def g(*args):
+        return checkpoint(f, *args, use_reentrant=False, context_fn=fastsora.checkpoint_context)
+
+    torch._dynamo.reset()
+    with fastsora.use_backend("torch"):
+        want = torch.autograd.grad(f(*ins), ins)
+        got = torch.autograd.grad(torch.compile(g, backend="aot_eager")(*ins), ins)
+    torch._dynamo.reset()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
