@@ -63,10 +63,47 @@ def test_ddp_halves_give_global_entropy_and_gradients(tmp_path, backend):
     for name, p in model.named_parameters():
         assert relative_error(ranks[0]["grads"][name], p.grad) <= 1e-5, name
         assert torch.equal(ranks[0]["grads"][name], ranks[1]["grads"][name])
-    # all_reduce's backward sums over ranks: each rank's input gradient is WORLD x its slice of the global one
+    # the backward scales the local cotangent by WORLD: each rank's input gradient is WORLD x its slice of the
+    # global one, as a summing (collective) backward would give
     per = x.shape[0] // WORLD
     for r, res in enumerate(ranks):
         assert relative_error(res["x_grad"], WORLD * x.grad[r * per:(r + 1) * per]) <= 1e-5
+
+
+def _worker_empty_rank(rank, init_file, out_dir, backend):
+    """Rank 1 selects no token: its losses are NaN (as the anchor's), with the softplus loss NaN cotangents too."""
+    import datetime
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.manual_seed(0)
+        model = LFQ(**KW, experimental_softplus_entropy_loss=True)
+        x = (torch.randn(2, 9, 10, generator=torch.Generator().manual_seed(rank)) * 0.05).requires_grad_()
+        mask = torch.zeros(2, dtype=torch.bool) if rank == 1 else None
+        out = {}
+        for round_ in ("skip", "all"):   # rank 1 skips its NaN loss's backward, then runs it
+            with use_backend(backend):
+                ret = model(x, mask=mask)
+            loss = ret.entropy_aux_loss + ret.quantized.square().mean()
+            if torch.isfinite(loss) or round_ == "all":
+                out[round_] = torch.autograd.grad(loss, [x, *model.parameters()])
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_rank_with_empty_selection_neither_hangs_nor_poisons_the_others(tmp_path, backend):
+    """The backward has no collective: a rank that skips its backward (a NaN loss) does not block the others,
+    and a rank whose selection is empty sends no NaN to them (its own gradients are finite too)."""
+    mp.spawn(_worker_empty_rank, args=(str(tmp_path / "init"), str(tmp_path), backend), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    assert "skip" in ranks[0] and "skip" not in ranks[1]
+    for r in ranks:
+        assert all(torch.isfinite(g).all() for g in r["all"])
+    assert all(torch.isfinite(g).all() for g in ranks[0]["skip"])
 
 
 def test_single_process_group_is_not_distributed(tmp_path):

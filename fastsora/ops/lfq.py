@@ -348,6 +348,8 @@ def _(prob_pos, prob_neg, entropy_weight, grad, requested_backend):
 
 def _sums_backward(ctx, grad):
     pos, neg, w, _ = ctx.saved_tensors
+    # no token weighted (here: on this rank) gives sums that depend on nothing: gradient 0, also for a NaN cotangent
+    grad = torch.where(_count(w, pos.shape[0], grad) > 0, grad, torch.zeros_like(grad))
     dpos, dneg = _sums_bwd_op(pos, neg, w, grad, ctx.requested_backend)
     return dpos, dneg, None, None
 
@@ -379,6 +381,26 @@ class LFQOutput(NamedTuple):
     commitment: Tensor          # 0-d
 
 
+class _GlobalSum(torch.autograd.Function):
+    """all_reduce (sum) across the default process group; backward: the local cotangent times the world size.
+    Every rank's loss weighs the global value alike (LFQ's does), so a collective backward would sum world-size
+    equal cotangents: the same gradient, but this backward has no collective (a rank that skips its backward,
+    e.g. for a NaN loss, does not hang the others) and one rank's NaN cotangent stays on that rank."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        out = t.clone()
+        dist.all_reduce(out)
+        ctx.world_size = dist.get_world_size()
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad * ctx.world_size
+
+
 def _distributed() -> bool:
     import torch.distributed as dist
 
@@ -395,7 +417,7 @@ def lfq(x: Tensor, code_value: float = 1.0, inv_temperature: float = 100.0, *, e
     computes the codebook entropy as vector-quantize-pytorch does (log clamped at 1e-5; the 2^D distribution
     is then materialised once). ``distributed`` (default: a process group with >1 rank is initialised): the
     code distribution is all-reduced (sums and token counts) so the codebook entropy is the exact global
-    one; gradients follow ``torch.distributed.nn.functional.all_reduce`` (summed across ranks), so DDP's
+    one; the backward scales the local cotangent by the world size (see :class:`_GlobalSum`), so DDP's
     gradient averaging yields the gradient of the global entropy. ``logit_scale`` overrides
     4·inv_temperature·code_value (the per-bit logit is logit_scale·x).
 
@@ -413,10 +435,10 @@ def lfq(x: Tensor, code_value: float = 1.0, inv_temperature: float = 100.0, *, e
         sums = lfq_code_sums(pos, neg, entropy_weight)
         count = _count(entropy_weight, x.shape[0], sums)
         if distributed:
-            from torch.distributed.nn.functional import all_reduce
+            import torch.distributed as dist
 
-            sums = all_reduce(sums)
-            count = all_reduce(count)
+            sums = _GlobalSum.apply(sums)
+            dist.all_reduce(count)   # a fresh tensor, no gradient
         cb = lfq_entropy_of_sums(sums, count, 1e-5 if clamp_compat else None)
     else:
         # pos and neg reach x only through lfq_quantize's backward, which takes d/dpos - d/dneg: the centred
