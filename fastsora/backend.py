@@ -60,7 +60,7 @@ def use_backend(name: str) -> Iterator[str]:
         _override.reset(token)
 
 
-def checkpoint_context() -> Tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+def checkpoint_context() -> tuple:
     """``context_fn`` for ``torch.utils.checkpoint.checkpoint(fn, ..., use_reentrant=False,
     context_fn=fastsora.checkpoint_context)``: the recomputed forward runs under the backend request of the
     original one. Without it the recompute reads the request where it runs, during the backward (on a CUDA
@@ -70,7 +70,10 @@ def checkpoint_context() -> Tuple[contextlib.AbstractContextManager, contextlib.
     if torch.compiler.is_compiling():
         from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-        return create_selective_checkpoint_contexts(lambda ctx, op, *args, **kwargs: CheckpointPolicy.PREFER_RECOMPUTE)
+        def recompute(ctx, op, *args, **kwargs):
+            return CheckpointPolicy.PREFER_RECOMPUTE
+
+        return create_selective_checkpoint_contexts(recompute)
     return contextlib.nullcontext(), use_backend(get_backend())
 
 
@@ -158,9 +161,10 @@ def select_backend(op: str, device: torch.device, unsupported: Optional[str] = N
     forward and backward ops, so the backward resolves as the forward did even where ``use_backend`` does not
     reach (autograd runs CUDA backwards on its own threads, and a ``with`` block may have closed before
     ``.backward()``). A forward op (``forward=True``) also checks that request against the one in effect now:
-    they differ only when ``torch.compile`` traced the call under another request, and running the traced
-    backend would ignore the current one silently, so that raises (not inside a backward pass, where a
-    recomputed forward may run on a thread ``use_backend`` does not reach).
+    they differ when ``torch.compile`` traced the call under another request (or a direct
+    ``torch.ops.fastsora`` call passed another), and running that backend would ignore the current request
+    silently, so it raises (not inside a backward pass, where a recomputed forward may run on a thread
+    ``use_backend`` does not reach).
     """
     requested = get_backend() if requested is None else _validate(requested, "requested")
     if forward and not _in_backward():
