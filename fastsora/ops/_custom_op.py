@@ -8,7 +8,8 @@ import typing
 
 import torch
 
-_AUTOCAST_DEVICES = ("cuda", "cpu")
+#: device types whose autocast state fastsora reads (torch.is_autocast_enabled takes a device type)
+AUTOCAST_DEVICES = ("cuda", "cpu")
 
 
 def without_autocast(fn):
@@ -19,7 +20,7 @@ def without_autocast(fn):
 
     @functools.wraps(fn)
     def body(*args, **kwargs):
-        enabled = [d for d in _AUTOCAST_DEVICES if torch.is_autocast_enabled(d)]
+        enabled = [d for d in AUTOCAST_DEVICES if torch.is_autocast_enabled(d)]
         if not enabled:
             return fn(*args, **kwargs)
         # the flag alone (torch.autocast's context manager costs about 10 us a call)

@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 import torch
 
 from fastsora.backend import backend_request, interpreter_dtype_reason, select_backend
-from fastsora.ops._custom_op import refuse_double_backward, without_autocast
+from fastsora.ops._custom_op import AUTOCAST_DEVICES, refuse_double_backward, without_autocast
 from fastsora.reference import causal_conv3d as _ref
 
 __all__ = ["causal_conv3d"]
@@ -278,7 +278,7 @@ def causal_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         residual's) and memory format.
     """
     late_residual = None
-    if isinstance(x, torch.Tensor) and x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
+    if isinstance(x, torch.Tensor) and x.device.type in AUTOCAST_DEVICES and torch.is_autocast_enabled(x.device.type):
         x, weight, bias, cache = _autocast_inputs(x.device.type, x, weight, bias, cache)
         if isinstance(residual, torch.Tensor) and residual.dtype != x.dtype:
             late_residual = residual   # added after the op, as conv(x) + residual: an fp32 residual stays fp32

@@ -285,11 +285,16 @@ def _probs_setup(ctx, inputs, output):
     ctx.requested_backend = inputs[3]  # the backward resolves as the forward did (see select_backend)
 
 
+def _zero_without_tokens(grad: Tensor, pos: Tensor, w: Optional[Tensor]) -> Tensor:
+    """The cotangent, or 0 when no token is weighted (on this rank): the output then depends on no token, so
+    its gradient is 0 whatever the cotangent, also a NaN one from a loss that is NaN for the same reason
+    (experimental_softplus_entropy_loss: softplus'(NaN))."""
+    return torch.where(_count(w, pos.shape[0], grad) > 0, grad, torch.zeros_like(grad))
+
+
 def _entropy_backward(ctx, grad):
     pos, neg, w, entropy = ctx.saved_tensors
-    # no token weighted: the (NaN) entropy has no terms, so its gradient is 0 whatever the cotangent, also a NaN
-    # one from a loss that is NaN for the same reason (experimental_softplus_entropy_loss: softplus'(NaN))
-    grad = torch.where(_count(w, pos.shape[0], grad) > 0, grad, torch.zeros_like(grad))
+    grad = _zero_without_tokens(grad, pos, w)
     dpos, dneg = _entropy_bwd_op(pos, neg, w, grad, entropy, ctx.requested_backend)
     return dpos, dneg, None, None, None
 
@@ -348,8 +353,7 @@ def _(prob_pos, prob_neg, entropy_weight, grad, requested_backend):
 
 def _sums_backward(ctx, grad):
     pos, neg, w, _ = ctx.saved_tensors
-    # no token weighted (here: on this rank) gives sums that depend on nothing: gradient 0, also for a NaN cotangent
-    grad = torch.where(_count(w, pos.shape[0], grad) > 0, grad, torch.zeros_like(grad))
+    grad = _zero_without_tokens(grad, pos, w)
     dpos, dneg = _sums_bwd_op(pos, neg, w, grad, ctx.requested_backend)
     return dpos, dneg, None, None
 

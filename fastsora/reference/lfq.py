@@ -43,9 +43,8 @@ def _weights(weight: Optional[Tensor], t: int, like: Tensor) -> Tensor:
 def mean_cotangent(grad: Tensor, total: Tensor) -> Tensor:
     """grad / total: the cotangent of a weighted mean's terms (total = weight sum × elements averaged). With no
     token selected (total 0) the mean is NaN but has no terms, so the cotangent is 0, as the anchor's gradient of
-    an empty selection: a NaN loss then leaves x's gradient finite. A zero grad (autograd's zeros for a loss left
-    out of the graph) also gives 0."""
-    return torch.where((grad == 0) | (total == 0), torch.zeros_like(grad), grad / total)
+    an empty selection, whatever grad is (a NaN loss, or autograd's zeros for a loss left out of the graph)."""
+    return torch.where(total == 0, torch.zeros_like(grad), grad / total)
 
 
 def safe_count(count: Tensor) -> Tensor:
