@@ -60,6 +60,15 @@ def use_backend(name: str) -> Iterator[str]:
         _override.reset(token)
 
 
+def _tracing_a_graph() -> bool:
+    """True under torch.compile or export, including AOTAutograd's tracing of a checkpointed region, where
+    torch calls ``context_fn``: torch 2.13's ``torch.compiler.is_compiling()`` is True there, torch 2.11's
+    only while Dynamo traces, so also look for the proxy dispatch mode that torch's checkpoint itself tests."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None
+
+
 def checkpoint_context() -> tuple:
     """``context_fn`` for ``torch.utils.checkpoint.checkpoint(fn, ..., use_reentrant=False,
     context_fn=fastsora.checkpoint_context)``: the recomputed forward runs under the backend request of the
@@ -67,7 +76,7 @@ def checkpoint_context() -> tuple:
     backward, autograd's own thread, where a ``use_backend`` block does not reach). Under torch.compile the
     traced ops already carry their request, and torch takes only dispatch-mode contexts there: plain
     recomputation."""
-    if torch.compiler.is_compiling():
+    if _tracing_a_graph():
         from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
         def recompute(ctx, op, *args, **kwargs):
