@@ -6,6 +6,7 @@ k/v (total_k, Hkv, D) grad leaves, int32 offsets, causal_mode 0 / 1 (bottom-righ
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
@@ -218,16 +219,13 @@ def _torch_varlen(args, mode):
         return None
     lq, lk = torch.diff(cu_q).max(), torch.diff(cu_k).max()
     mq, mk = int(lq), int(lk)  # setup only, outside the timed thunk
+    kwargs = dict(scale=scale) if scale is not None else {}
+    if causal_mode == 1:  # releases with is_causal take it; the others (torch 2.11) mask by window_size
+        causal_kw = "is_causal" if "is_causal" in inspect.signature(varlen_attn).parameters else "window_size"
+        kwargs[causal_kw] = True if causal_kw == "is_causal" else (-1, 0)
 
     def fn():
-        kwargs = dict(scale=scale) if scale is not None else {}
-        if causal_mode == 1:
-            kwargs["is_causal"] = True
-        try:
-            return varlen_attn(q, k, v, cu_q, cu_k, mq, mk, **kwargs)
-        except TypeError:
-            kwargs.pop("is_causal", None)
-            return varlen_attn(q, k, v, cu_q, cu_k, mq, mk, window_size=(-1, 0), **kwargs)
+        return varlen_attn(q, k, v, cu_q, cu_k, mq, mk, **kwargs)
     return _fwd_bwd(fn, (q, k, v), mode)
 
 
