@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import importlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -34,10 +35,15 @@ MODE_FLOPS = {"fwd": lambda f, k: f, "bwd": lambda f, k: f * k, "fwd+bwd": lambd
 _OOM = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError)
 
 
-def _installed_version(module: str) -> Optional[str]:
-    """``module.__version__``, or None when it is not installed."""
+def _installed_version(dist: str, module: Optional[str] = None) -> Optional[str]:
+    """The installed version of distribution ``dist`` (or of its import ``module``, for builds installed under
+    another distribution name), or None when it is not installed."""
     try:
-        return importlib.import_module(module).__version__
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    try:
+        return getattr(importlib.import_module(module or dist), "__version__", None)
     except ImportError:
         return None
 
@@ -48,7 +54,8 @@ def versions() -> Dict[str, Optional[str]]:
             "triton": _installed_version("triton"), "numpy": _installed_version("numpy"),
             "cuda": torch.version.cuda,
             "cudnn": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else None,
-            "xformers": _installed_version("xformers")}
+            "xformers": _installed_version("xformers"), "flash-attn": _installed_version("flash-attn", "flash_attn"),
+            "vector-quantize-pytorch": _installed_version("vector-quantize-pytorch", "vector_quantize_pytorch")}
 
 
 def device_name(device: torch.device) -> str:
@@ -156,7 +163,8 @@ def _impls(spec: OpSpec, device: torch.device) -> Dict[str, Callable]:
             variant = name[len("fastsora["):-1] if name != "fastsora" else ""
 
             def make_fast(args, mode, _make=make, _backend=backend):
-                thunk = _make(args, mode)
+                with use_backend(_backend):  # set-up work (a forward to differentiate) on the timed backend too
+                    thunk = _make(args, mode)
                 if thunk is None:
                     return None
 

@@ -348,3 +348,38 @@ def test_device_check_selects_target_cases_of_every_op():
         assert 2 <= len(chosen) < len(labels), (spec.name, chosen)
         registered |= {name.split("[")[0] if name.startswith("fastsora") else name for name in spec.bench_impls}
     assert set(impls) <= registered, set(impls) - registered
+
+
+def test_bench_versions_name_the_baselines():
+    """The JSON's versions say which baselines ran: installed distributions by their metadata (the LFQ anchor has
+    no __version__), None for what is not installed."""
+    import importlib.metadata
+
+    from fastsora.bench import _installed_version, versions
+
+    got = versions()
+    assert got["vector-quantize-pytorch"] == importlib.metadata.version("vector-quantize-pytorch")
+    assert {"flash-attn", "xformers", "cudnn", "triton"} <= set(got)
+    assert _installed_version("no-such-distribution-fastsora", "no_such_module_fastsora") is None
+
+
+def test_bench_sets_up_fastsora_on_the_backend_it_times(monkeypatch):
+    """Set-up work of a fastsora impl (e.g. the forward a backward-only point differentiates) runs under the
+    backend its timed call uses, whatever FASTSORA_BACKEND or use_backend says around the run."""
+    from fastsora import use_backend
+    from fastsora.backend import get_backend
+    from fastsora.bench import _impls
+
+    seen = []
+
+    def make(args, mode):
+        seen.append(get_backend())
+        return lambda: seen.append(get_backend())
+
+    spec = OpSpec(name="test_backend_of_setup", family="test", run=scaled_add, reference=scaled_add,
+                  check_cases=lambda device: [], tolerance={}, bench_impls={"fastsora": make})
+    (name, make_fast), = _impls(spec, torch.device("cpu")).items()
+    assert name == "fastsora[torch]"
+    with use_backend("triton"):
+        make_fast((), "bwd")()
+    assert seen == ["torch", "torch"]

@@ -184,6 +184,12 @@ def _flex(args, mode):
     except ImportError:
         return None
     if "fn" not in _FLEX:
+        # every case (shapes, grad mode, mask) recompiles flex_attention's one code object; past Dynamo's
+        # recompile limit (8) it would run uncompiled, materialising the scores, and be timed as FlexAttention:
+        # raise the limit, and make hitting it an error row rather than such a timing
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+        if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
+            torch._dynamo.config.fail_on_recompile_limit_hit = True
         _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
     flex = _FLEX["fn"]
     tq, hq, d = q.shape
@@ -194,14 +200,17 @@ def _flex(args, mode):
         sq = torch.searchsorted(cu_q[1:], torch.arange(tq, device=dev), right=True)
         sk = torch.searchsorted(cu_k[1:], torch.arange(tk, device=dev), right=True)
         start_q, start_k = cu_q[sq.clamp_max(cu_q.numel() - 1)], cu_k[sk.clamp_max(cu_k.numel() - 1)]
-        lq, lk = cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]
+        # the diagonal of each query's sequence (bottom-right causal), per query: every tensor the mask reads
+        # is sized by the token counts, not by the number of sequences
+        diag = (cu_k[1:] - cu_k[:-1] - cu_q[1:] + cu_q[:-1])[sq.clamp_max(cu_q.numel() - 2)]
+        if causal_mode == 2:
+            diag = torch.zeros_like(diag)
 
         def mask_mod(b, h, qi, ki):
             same = sq[qi] == sk[ki]
             if causal_mode == 0:
                 return same
-            diag = (lk - lq)[sq[qi].clamp_max(lq.numel() - 1)] if causal_mode == 1 else 0
-            return same & (ki - start_k[ki] <= qi - start_q[qi] + diag)
+            return same & (ki - start_k[ki] <= qi - start_q[qi] + diag[qi])
         block_mask = create_block_mask(mask_mod, None, None, tq, tk, device=dev)
         out = flex(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], block_mask=block_mask,
                    scale=scale, enable_gqa=hq != hkv)
@@ -211,18 +220,25 @@ def _flex(args, mode):
 
 def _torch_varlen(args, mode):
     q, k, v, cu_q, cu_k, causal_mode, scale = args
-    if q.device.type != "cuda" or q.dtype == torch.float32 or causal_mode == 2 or q.shape[1] != k.shape[1]:
+    if q.device.type != "cuda" or q.dtype == torch.float32 or causal_mode == 2:
         return None
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
+    params = inspect.signature(varlen_attn).parameters
+    if q.shape[1] != k.shape[1] and "enable_gqa" not in params:  # GQA needs a release with enable_gqa
+        return None
     lq, lk = torch.diff(cu_q).max(), torch.diff(cu_k).max()
     mq, mk = int(lq), int(lk)  # setup only, outside the timed thunk
     kwargs = dict(scale=scale) if scale is not None else {}
-    if causal_mode == 1:  # releases with is_causal take it; the others (torch 2.11) mask by window_size
-        causal_kw = "is_causal" if "is_causal" in inspect.signature(varlen_attn).parameters else "window_size"
-        kwargs[causal_kw] = True if causal_kw == "is_causal" else (-1, 0)
+    if q.shape[1] != k.shape[1]:
+        kwargs["enable_gqa"] = True
+    if causal_mode == 1:  # releases with is_causal take it; the others (torch 2.11, 2.13) mask by window_size
+        if "is_causal" in params:
+            kwargs["is_causal"] = True
+        else:
+            kwargs["window_size"] = (-1, 0)
 
     def fn():
         return varlen_attn(q, k, v, cu_q, cu_k, mq, mk, **kwargs)
