@@ -32,6 +32,10 @@ import torch  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
+if CUDA:
+    # fp32 references run through cuDNN on the GPU (nn.Conv3d, F.conv3d) must be fp32: torch lets cuDNN
+    # convolutions use TF32 by default (~1e-3 relative error, above the fp32 tolerances)
+    torch.backends.cudnn.allow_tf32 = False
 #: bf16 is broken in Triton's interpreter (REFERENCE §4): covered by compilation and on GPUs.
 DTYPES = (torch.float32, torch.float16, torch.bfloat16) if CUDA else (torch.float32, torch.float16)
 

@@ -263,6 +263,17 @@ def bench_plan(device: torch.device, ops: Optional[Sequence[str]] = None,
     return plan
 
 
+@contextlib.contextmanager
+def _cudnn_benchmark(on: bool):
+    """``torch.backends.cudnn.benchmark`` on for the block when ``on``, then back to what it was."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = before or on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 def run_bench(device: torch.device, ops: Optional[Sequence[str]] = None,
               dtypes: Optional[Sequence[torch.dtype]] = None, modes: Optional[Sequence[str]] = None,
               progress: Callable[[int, int, str], None] = lambda i, n, s: None, cases: Optional[str] = None,
@@ -275,38 +286,39 @@ def run_bench(device: torch.device, ops: Optional[Sequence[str]] = None,
     from fastsora.kernels.utils import autotune_picks  # after the CLI decided on the interpreter
 
     start = time.perf_counter()
-    if device.type == "cuda":
-        # the cuDNN baselines pick their algorithm by timing (at the untimed first call), as tuned training does
-        torch.backends.cudnn.benchmark = True
-    plan = bench_plan(device, ops, dtypes, modes, cases, impls)
-    peaks = {str(d).removeprefix("torch."): measured_peaks(device, d) for d in {p.dtype for p in plan}}
-    report = {
-        "device": device_name(device), "device_type": device.type, "versions": versions(),
-        "git_commit": git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
-        "interpreter_note": None if device.type == "cuda" else
-        "CPU: fastsora is timed on its torch backend; Triton kernels run only in the interpreter here and are not timed",
-        "selection": {"ops": list(ops) if ops else None, "cases": cases, "impls": list(impls) if impls else None,
-                      "budget_s": budget_s},
-        "measured_peaks": peaks, "results": [], "partial": True,
-        # on CUDA: the config each Triton autotuner chose per key, to trim the candidate tables
-        "autotune_picks": {},
-    }
-    for i, item in enumerate(plan, 1):
-        if budget_s is not None and time.perf_counter() - start > budget_s:
-            row = _row(item)
-            row["status"] = "skipped: time budget"
-        else:
-            row = bench_item(item, device, peaks[str(item.dtype).removeprefix("torch.")])
-        report["results"].append(row)
+    # the cuDNN baselines pick their algorithm by timing (at the untimed first call), as tuned training does;
+    # the caller's setting is restored after the run
+    with _cudnn_benchmark(device.type == "cuda"):
+        plan = bench_plan(device, ops, dtypes, modes, cases, impls)
+        peaks = {str(d).removeprefix("torch."): measured_peaks(device, d) for d in {p.dtype for p in plan}}
+        report = {
+            "device": device_name(device), "device_type": device.type, "versions": versions(),
+            "git_commit": git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+            "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+            "interpreter_note": None if device.type == "cuda" else "CPU: fastsora is timed on its torch backend; "
+            "Triton kernels run only in the interpreter here and are not timed",
+            "selection": {"ops": list(ops) if ops else None, "cases": cases, "impls": list(impls) if impls else None,
+                          "budget_s": budget_s},
+            "measured_peaks": peaks, "results": [], "partial": True,
+            # on CUDA: the config each Triton autotuner chose per key, to trim the candidate tables
+            "autotune_picks": {},
+        }
+        for i, item in enumerate(plan, 1):
+            if budget_s is not None and time.perf_counter() - start > budget_s:
+                row = _row(item)
+                row["status"] = "skipped: time budget"
+            else:
+                row = bench_item(item, device, peaks[str(item.dtype).removeprefix("torch.")])
+            report["results"].append(row)
+            report["autotune_picks"] = autotune_picks()
+            report["partial"] = i < len(plan)
+            timing = f"{row['median_ms']:.3f} ms" if row["median_ms"] is not None else row["status"]
+            progress(i, len(plan), f"{item}: {timing}")
+            on_report(report)
+        report["partial"] = False
         report["autotune_picks"] = autotune_picks()
-        report["partial"] = i < len(plan)
-        timing = f"{row['median_ms']:.3f} ms" if row["median_ms"] is not None else row["status"]
-        progress(i, len(plan), f"{item}: {timing}")
-        on_report(report)
-    report["partial"] = False
-    report["autotune_picks"] = autotune_picks()
-    return report
+        return report
 
 
 def results_base(report: Dict[str, Any], out_dir: str) -> str:

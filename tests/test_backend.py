@@ -185,18 +185,18 @@ def test_launchers_make_their_inputs_cuda_device_current(monkeypatch):
             assert fn.__code__ is utils.on_input_device(lambda: None).__code__, f"{module.__name__}.{name}"
 
 
-def _family_case(family):
-    """(differentiable float64 inputs, a function of them returning a scalar) for one op family. float64: the
+def _family_case(family, device="cpu", dtype=torch.float64):
+    """(differentiable inputs, a function of them returning a scalar) for one op family. float64 by default: the
     Triton kernels refuse it, so a backward that resolved backend 'triton' would raise."""
     gen = torch.Generator().manual_seed(7)
-    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).requires_grad_()  # noqa: E731
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=dtype).to(device).requires_grad_()  # noqa: E731
     if family == "causal_conv3d":
         from fastsora.ops import causal_conv3d
         ins = (rnd(1, 3, 4, 5, 5), rnd(4, 3, 3, 3, 3), rnd(4))
         return ins, lambda x, w, b: causal_conv3d(x, w, b, pad_mode="replicate").square().sum()
     if family == "varlen_attention":
         from fastsora.ops import varlen_attention
-        cu = torch.tensor([0, 3, 9], dtype=torch.int32)
+        cu = torch.tensor([0, 3, 9], dtype=torch.int32, device=device)
         ins = (rnd(9, 2, 16), rnd(9, 1, 16), rnd(9, 1, 16))
         return ins, lambda q, k, v: varlen_attention(q, k, v, cu, cu, causal=True).square().sum()
     from fastsora.ops.lfq import lfq
@@ -268,8 +268,10 @@ def test_compiled_call_keeps_its_traced_backend_or_refuses(family):
                                                                               "but 'triton' is requested now"):
         compiled(*ins)
     torch._dynamo.reset()
-    with fastsora.use_backend("triton"):   # after a reset the function is traced again, under the new request
-        assert torch.isfinite(torch.compile(f, backend=capture, fullgraph=True)(*(t.float() for t in ins)))
+    # after a reset the function is traced again, under the new request (fp32 on the device the Triton path runs on)
+    ins32, f32 = _family_case(family, "cuda" if torch.cuda.is_available() else "cpu", torch.float32)
+    with fastsora.use_backend("triton"):
+        assert torch.isfinite(torch.compile(f32, backend=capture, fullgraph=True)(*ins32))
 
 
 def _float32_case(family):

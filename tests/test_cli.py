@@ -357,6 +357,7 @@ def test_bench_versions_name_the_baselines():
 
     from fastsora.bench import _installed_version, versions
 
+    pytest.importorskip("vector_quantize_pytorch")  # a test extra; a GPU machine may lack it
     got = versions()
     assert got["vector-quantize-pytorch"] == importlib.metadata.version("vector-quantize-pytorch")
     assert {"flash-attn", "xformers", "cudnn", "triton"} <= set(got)

@@ -226,7 +226,7 @@ def test_lse_is_differentiable(device):
         g = torch.autograd.grad((out * w_o).sum() + (lse * w_l).sum(), [q, k, v])
     q64, k64, v64 = to_float64([q, k, v])
     o64, l64 = ref_attention(q64, k64, v64, cu_q, cu_k, 0.25, 1)
-    g64 = torch.autograd.grad((o64 * w_o.double()).sum() + (l64 * w_l.double()).sum(), [q64, k64, v64])
+    g64 = torch.autograd.grad((o64 * w_o.cpu().double()).sum() + (l64 * w_l.cpu().double()).sum(), [q64, k64, v64])
     for a, b in zip(g, g64):
         assert relative_error(a, b) < 2e-5
 
@@ -331,7 +331,7 @@ def test_lse_gradient_on_rows_without_keys_is_ignored(device, poison):
         g = torch.autograd.grad([out, lse], [q, k, v], [torch.ones_like(out), dlse])
     q64, k64, v64 = to_float64([q, k, v])
     o64, l64 = ref_attention(q64, k64, v64, cu_q, cu_k, 0.25, 1)
-    g64 = torch.autograd.grad([o64, l64], [q64, k64, v64], [torch.ones_like(o64), dlse.double()])
+    g64 = torch.autograd.grad([o64, l64], [q64, k64, v64], [torch.ones_like(o64), dlse.cpu().double()])
     for name, a, b in zip("qkv", g, g64):
         assert torch.isfinite(a).all(), f"d{name} has non-finite values"
         assert relative_error(a, b) < 2e-5, name
