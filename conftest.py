@@ -51,6 +51,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_interpreter)
 
 
+@pytest.fixture(autouse=True)
+def _release_cuda_cache():
+    """On CUDA, a test that held many GiB (the tensors past 2^31 elements) hands them back to the driver after it:
+    the caching allocator would keep them reserved for its worker, and four workers share one GPU."""
+    yield
+    if CUDA and torch.cuda.memory_reserved() > 4 * 2 ** 30:
+        torch.cuda.empty_cache()
+
+
 @pytest.fixture
 def device() -> torch.device:
     """cuda when present, else cpu (the Triton kernels then run in the interpreter)."""

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 import fastsora
 from fastsora.ops.causal_conv3d import causal_conv3d
 from fastsora.reference import causal_conv3d as ref
-from fastsora.testing import (TOLERANCE, assert_close, channels_last, grads, noncontiguous, randn,
-                              spread_past_int32, to_float64)
+from fastsora.testing import (TOLERANCE, assert_close, channels_last, deterministic_algorithms, grads,
+                              noncontiguous, randn, spread_past_int32, to_float64)
 
 
 def _inputs(b, ci, co, t, h, w, k, dtype, device, bias=True, residual=False, stride=1, requires_grad=False):
@@ -320,6 +320,25 @@ def test_gpu_bf16_realistic_flash_rule(pad_mode):
     assert_flash_rule(y, y32, yt)
     for name, g, gt, gr in zip("xwb", (gx, gw, gb), (gxt, gwt, gbt), g32):
         assert_flash_rule(g, gr, gt, factor=3.0, name=f"grad {name}")
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_algorithms_are_bitwise_reproducible(dtype):
+    """On CUDA grad weight is split over positions with fp32 atomics, and autotuning times configs; under
+    torch.use_deterministic_algorithms(True) grad weight runs unsplit and every launcher takes its first config
+    untimed: two runs give the same bits, within tolerance of float64. (At this shape the split would be ~10.)"""
+    x, wt, bs, _ = _inputs(2, 16, 16, 5, 32, 32, (3, 3, 3), dtype, "cuda", requires_grad=True)
+    runs = []
+    with deterministic_algorithms(), fastsora.use_backend("triton"):
+        for _ in range(2):
+            y = causal_conv3d(x, wt, bs)
+            runs.append((y.detach(),) + grads(y, [x, wt, bs]))
+    for name, a, b in zip(["y", "grad x", "grad w", "grad b"], *runs):
+        assert torch.equal(a, b), f"{name} differs between two deterministic runs"
+    l64 = to_float64((x, wt, bs))
+    y64 = _oracle(*l64)
+    assert_close(runs[0][0], y64, dtype)
+    assert_close(runs[0][1:], grads(y64, list(l64)), dtype, name="grads")
 
 
 @pytest.mark.gpu
