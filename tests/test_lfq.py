@@ -1,5 +1,9 @@
 """fastsora.nn.LFQ against vector-quantize-pytorch 1.32's LFQ (the anchor): API, state_dict, exact
-quantization/indices/straight-through gradients, losses, masks, options, eval mode, bad inputs, compile."""
+quantization/indices/straight-through gradients, losses, masks, options, eval mode, bad inputs, compile.
+
+Tests that take the ``device`` fixture run the Triton path in the interpreter on CPU and compiled on CUDA; the
+anchor then runs on the same device (the bitwise comparisons need the same torch ops on the same device) and
+the inputs are drawn on CPU and moved."""
 import inspect
 
 import pytest
@@ -41,12 +45,12 @@ CONFIGS = [
 ]
 
 
-def _pair(kw, compat=True, seed=0):
+def _pair(kw, compat=True, seed=0, device="cpu"):
     torch.manual_seed(seed)
     ref = anchor.LFQ(**kw)
     ours = LFQ(**kw, entropy_clamp_compat=compat)
     ours.load_state_dict(ref.state_dict(), strict=True)
-    return ref, ours
+    return ref.to(device), ours.to(device)
 
 
 def _call(module, x, backend="torch", seed=123, **kw):
@@ -87,14 +91,15 @@ def test_parity_with_anchor(name, kw, shape):
         assert (gb - ga).abs().max().item() <= 5e-4 * max(ga.abs().max().item(), 1e-4)
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
-def test_straight_through_activation_with_large_inputs(backend):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_straight_through_activation_with_large_inputs(backend, device):
     """A straight-through activation takes its codes from x's signs, as the anchor: x + (q - x) rounds to 0 or
     the wrong sign once |x| dwarfs the code value (x = 3e7 against 1; 5e4 against codebook_scale 1e-3)."""
     for kw, big in ((dict(codebook_size=2 ** 4), 3e7), (dict(codebook_size=2 ** 4, codebook_scale=1e-3), 5e4)):
-        ref, ours = _pair(dict(kw, straight_through_activation=nn.Tanh()))
+        ref, ours = _pair(dict(kw, straight_through_activation=nn.Tanh()), device=device)
         x = torch.randn(2, 3, 4)
         x[0, 1] = torch.tensor([big, -big, big / 3, -2.0])
+        x = x.to(device)
         (ra, _), (rb, _) = _call(ref, x), _call(ours, x, backend=backend)
         assert torch.equal(rb.quantized, ra.quantized) and torch.equal(rb.indices, ra.indices)
 
@@ -119,11 +124,10 @@ def test_eval_mode_matches_anchor(name, kw, shape):
             assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
 
 
-@pytest.mark.interpreter
-def test_triton_backend_matches_anchor():
+def test_triton_backend_matches_anchor(device):
     kw = dict(dim=12, codebook_size=2 ** 5, num_codebooks=2, commitment_loss_weight=0.3)
-    ref, ours = _pair(kw)
-    x = torch.randn(2, 12, 3, 3, requires_grad=True)
+    ref, ours = _pair(kw, device=device)
+    x = torch.randn(2, 12, 3, 3).to(device).requires_grad_()
     (ra, la), (rb, lb) = _call(ref, x), _call(ours, x, backend="triton")
     assert torch.equal(rb.quantized, ra.quantized) and torch.equal(rb.indices, ra.indices)
     assert abs(lb.commitment.item() - la.commitment.item()) <= 1e-6
@@ -166,19 +170,20 @@ def test_token_mask_batch_matches_anchor():
     assert relative_error(lb.batch_entropy, la.batch_entropy) <= 1e-5
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
-def test_token_mask_averages_selected_tokens_only(backend):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_token_mask_averages_selected_tokens_only(backend, device):
     """A (b, n) mask gives exactly the losses of the selected tokens alone (the anchor skips the average)."""
-    _, ours = _pair(dict(codebook_size=2 ** 6, commitment_loss_weight=0.5), compat=False)
+    _, ours = _pair(dict(codebook_size=2 ** 6, commitment_loss_weight=0.5), compat=False, device=device)
     x = torch.randn(2, 9, 6) * 0.02
     mask = torch.rand(2, 9) > 0.4
     mask[0, 0] = True
+    x, mask = x.to(device), mask.to(device)
     _, lm = _call(ours, x, backend=backend, mask=mask)
     _, ls = _call(ours, x[mask][None], backend=backend)
     for a, b in zip(lm, ls):
         assert relative_error(a, b) <= 1e-5
     # and the anchor's codebook entropy with this mask is (wrongly) its per-sample entropy
-    ref, _ = _pair(dict(codebook_size=2 ** 6))
+    ref, _ = _pair(dict(codebook_size=2 ** 6), device=device)
     _, la = _call(ref, x, mask=mask)
     assert abs(la.batch_entropy.item() - la.per_sample_entropy.item()) < 1e-6
     assert relative_error(lm.per_sample_entropy, la.per_sample_entropy) <= 2e-3
@@ -207,20 +212,20 @@ def _quantize_strides(monkeypatch):
     return seen
 
 
-@pytest.mark.interpreter
 @pytest.mark.parametrize("kw,shape", [(dict(dim=8, codebook_size=2 ** 8), (2, 8, 4, 5)),
                                       (dict(codebook_size=16, dim=8, num_codebooks=2), (1, 8, 3, 5))],
                          ids=["batch 2", "batch 1"])
-def test_triton_channels_last_and_strided_views_match_torch(poison, monkeypatch, kw, shape):
+def test_triton_channels_last_and_strided_views_match_torch(poison, monkeypatch, device, kw, shape):
     """Channel-first inputs in contiguous, channels_last and transposed layouts on the Triton path: quantized and
     indices equal the torch path's exactly, the aux loss and the straight-through gradient within 1e-6. A
-    batch-1 channel-first input reaches the quantize kernels as a view whose token dim has stride 1 (checked)."""
+    batch-1 channel-first input reaches the quantize kernels as a view whose token dim has stride 1 (checked by
+    a spy that records the strides and calls the real launcher)."""
     torch.manual_seed(0)
-    ours = LFQ(**kw)
+    ours = LFQ(**kw).to(device)
     seen = _quantize_strides(monkeypatch)
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(*shape, generator=gen) * 0.05
-    g = torch.randn(*shape, generator=gen)
+    x = (torch.randn(*shape, generator=gen) * 0.05).to(device)
+    g = torch.randn(*shape, generator=gen).to(device)
     for variant in (x, channels_last(x), x.transpose(2, 3).contiguous().transpose(2, 3)):
         out = {}
         for backend in ("torch", "triton"):
@@ -236,19 +241,18 @@ def test_triton_channels_last_and_strided_views_match_torch(poison, monkeypatch,
         assert any(s[0] == 1 for s in seen), seen   # the stride-1 token dim reached the kernels
 
 
-@pytest.mark.interpreter
 @pytest.mark.parametrize("kw,shape", [
     (dict(dim=16, codebook_size=2 ** 6, num_codebooks=2, commitment_loss_weight=0.25), (2, 9, 16)),
     (dict(dim=10, codebook_size=2 ** 4, projection_has_bias=False, diversity_gamma=2.5), (1, 7, 10)),
     (dict(codebook_size=16, dim=8, num_codebooks=2), (1, 8, 3, 5)),
 ], ids=["projections 2 codebooks", "no-bias projections", "batch-1 channel-first"])
-def test_triton_entropy_loss_gradient_matches_torch(poison, kw, shape):
+def test_triton_entropy_loss_gradient_matches_torch(poison, device, kw, shape):
     """Training mode: the gradient of entropy_aux_loss w.r.t. x and project_in's parameters (the per-sample and
     codebook entropies' backward, through the Triton kernels) within 1e-5 relative of the torch path's."""
     torch.manual_seed(0)
-    ours = LFQ(**kw)
+    ours = LFQ(**kw).to(device)
     assert ours.training and ours.entropy_loss_weight > 0
-    x = torch.randn(*shape, generator=torch.Generator().manual_seed(2)) * 0.05
+    x = (torch.randn(*shape, generator=torch.Generator().manual_seed(2)) * 0.05).to(device)
     out = {}
     for backend in ("torch", "triton"):
         xv = x.clone().requires_grad_()
@@ -408,12 +412,12 @@ def test_torch_compile_channel_first_batch_one():
     assert relative_error(got[2], want[2]) <= 1e-6 and relative_error(g1, g2) <= 1e-6
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
-def test_op_fakes_match_outputs_on_permuted_views(backend):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_op_fakes_match_outputs_on_permuted_views(backend, device):
     """Every LFQ op on permuted (T, C, d) views: the fake implementations' shapes and strides match the backend's
     outputs, autograd included (torch.library.opcheck)."""
-    xv = torch.randn(2, 4, 5).permute(2, 0, 1).requires_grad_()
-    pos = torch.rand(2, 4, 5).permute(2, 0, 1).requires_grad_()
+    xv = torch.randn(2, 4, 5).to(device).permute(2, 0, 1).requires_grad_()
+    pos = torch.rand(2, 4, 5).to(device).permute(2, 0, 1).requires_grad_()
     neg = (1 - pos).detach().requires_grad_()
     assert not xv.is_contiguous() and not neg.is_contiguous()
     ops = torch.ops.fastsora
@@ -424,15 +428,15 @@ def test_op_fakes_match_outputs_on_permuted_views(backend):
 
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
-def test_channel_first_input_matches_anchor_bitwise(backend):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_channel_first_input_matches_anchor_bitwise(backend, device):
     """A channel-first input reaches project_in and the rotation as a contiguous (b, n, dim) copy, as the
     anchor's einops.pack makes it: a matmul over the permuted view sums in another order, which decides the
     sign of components within rounding of 0. Tokens along a column of the rotation rotate to exact zeros in
     every other component, whose signs (the indices) are then set by that rounding alone."""
     ref, ours = _pair(dict(codebook_size=2 ** 12, orthogonal_rotation=True, soft_clamp_input_value=3.0,
-                           straight_through_activation=nn.PReLU(), commitment_loss_weight=1.0))
-    x = torch.randn(2, 12, 2, 2, 3) * 0.002
+                           straight_through_activation=nn.PReLU(), commitment_loss_weight=1.0), device=device)
+    x = (torch.randn(2, 12, 2, 2, 3) * 0.002).to(device)
     for i, (b, t, h, w) in enumerate([(0, 0, 0, 0), (0, 1, 1, 2), (1, 0, 1, 1), (1, 1, 0, 2)]):
         x[b, :, t, h, w] = 0.002 * (i + 1) * ours.orthogonal_rot[:, i]
     x.requires_grad_()
@@ -462,15 +466,15 @@ def test_random_activation_and_frac_sampling_draw_like_anchor(activation):
     assert torch.equal(torch.autograd.grad(rb.quantized, x, g)[0], torch.autograd.grad(ra.quantized, x, g)[0])
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
-def test_empty_selection_gives_the_anchors_finite_gradients(backend):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_selection_gives_the_anchors_finite_gradients(backend, device):
     """A mask selecting no token makes the entropies and the aux loss NaN (as the anchor's); with
     experimental_softplus_entropy_loss the NaN also reaches the entropies' cotangents (softplus'(NaN)). The means
     have no terms, so x and every parameter still get the anchor's gradient: that of the quantized output."""
     kw = dict(dim=5, codebook_size=2 ** 4, experimental_softplus_entropy_loss=True, commitment_loss_weight=0.3)
-    for mask in (torch.zeros(2, dtype=torch.bool), torch.zeros(2, 4, dtype=torch.bool)):
-        ref, ours = _pair(kw, compat=False)
-        x = (torch.randn(2, 4, 5) * 0.3).requires_grad_()
+    for mask in (torch.zeros(2, dtype=torch.bool, device=device), torch.zeros(2, 4, dtype=torch.bool, device=device)):
+        ref, ours = _pair(kw, compat=False, device=device)
+        x = (torch.randn(2, 4, 5) * 0.3).to(device).requires_grad_()
         (ra, _), (rb, _) = _call(ref, x, mask=mask), _call(ours, x, backend, mask=mask)
         assert torch.isnan(ra.entropy_aux_loss) and torch.isnan(rb.entropy_aux_loss)
         ga = torch.autograd.grad(ra.entropy_aux_loss + ra.quantized.sum(), _leaves(ref, x))
