@@ -313,18 +313,18 @@ def test_torch_compile_fullgraph_training(backend, device):
     assert_close([y, gx, gw], [y_e, gx_e, gw_e], torch.float32)
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("x_layout,w_layout", [("channels_last", "contiguous"), ("contiguous", "channels_last"),
                                                ("channels_last", "channels_last")])
-def test_op_fakes_match_outputs_in_every_layout(backend, x_layout, w_layout):
+def test_op_fakes_match_outputs_in_every_layout(backend, x_layout, w_layout, device):
     """The fake implementations give each output the layout the backend returns (torch.library.opcheck), for
     the forward and the backward op: ATen's grad weight follows x's layout, ours follows the weight's (a
     mismatch fails inductor's stride asserts in a compiled training step)."""
     fmt = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last_3d}
-    x = randn(2, 3, 4, 3, 3).contiguous(memory_format=fmt[x_layout]).requires_grad_()
-    w = randn(2, 3, 3, 3, 3).contiguous(memory_format=fmt[w_layout]).requires_grad_()
-    b = randn(2, requires_grad=True)
-    dy = randn(2, 2, 4, 3, 3).contiguous(memory_format=fmt[x_layout])
+    x = randn(2, 3, 4, 3, 3, device=device).contiguous(memory_format=fmt[x_layout]).requires_grad_()
+    w = randn(2, 3, 3, 3, 3, device=device).contiguous(memory_format=fmt[w_layout]).requires_grad_()
+    b = randn(2, device=device, requires_grad=True)
+    dy = randn(2, 2, 4, 3, 3, device=device).contiguous(memory_format=fmt[x_layout])
     ops = torch.ops.fastsora
     with fastsora.use_backend(backend):
         torch.library.opcheck(ops.causal_conv3d.default,
@@ -351,17 +351,17 @@ def test_torch_compile_streaming():
     assert_close([y2c, c2c], [y2, c2], torch.float32)
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
-def test_autocast_casts_like_nn_conv3d(backend):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_autocast_casts_like_nn_conv3d(backend, device):
     """Under torch.autocast the conv runs in the autocast dtype, as magvit2-pytorch's nn.Conv3d does: float32
     inputs and parameters give a float16 output equal to the conv of their float16 casts, a float16 activation
     from an earlier autocast layer meets float32 parameters without a dtype error, and the gradients reach the
     float32 parameters in float32."""
-    m = CausalConv3d(3, 4, 3, pad_mode="replicate")
-    x = randn(1, 3, 4, 5, 5, requires_grad=True)
+    m = CausalConv3d(3, 4, 3, pad_mode="replicate").to(device)
+    x = randn(1, 3, 4, 5, 5, device=device, requires_grad=True)
     with fastsora.use_backend(backend):
         want = causal_conv3d(x.half(), m.conv.weight.half(), m.conv.bias.half(), pad_mode="replicate")
-        with torch.autocast("cpu", dtype=torch.float16):
+        with torch.autocast(device.type, dtype=torch.float16):
             got = m(x)
             got_half_input = m(x.half())
         gx, gw = torch.autograd.grad(got.float().square().sum(), [x, m.conv.weight])
@@ -369,15 +369,15 @@ def test_autocast_casts_like_nn_conv3d(backend):
     assert gx.dtype == torch.float32 and gw.dtype == torch.float32 and gw.abs().sum() > 0
     # the fused residual: an fp32 residual stream is added after the kernel, promoted as conv(x) + r would be;
     # an fp16 one is fused (one rounding where the unfused sum rounds twice)
-    r = randn(1, 4, 4, 5, 5, requires_grad=True)
+    r = randn(1, 4, 4, 5, 5, device=device, requires_grad=True)
     with fastsora.use_backend(backend):
         for res in (r.half(), r):
-            with torch.autocast("cpu", dtype=torch.float16):
+            with torch.autocast(device.type, dtype=torch.float16):
                 fused, unfused = m(x, activation="silu", residual=res), m(x, activation="silu") + res
             assert fused.dtype == unfused.dtype == res.dtype
             assert_close(fused, unfused, torch.float16)
         assert torch.equal(fused, unfused)   # the fp32 residual: the same addition
         gr, = torch.autograd.grad(fused.float().sum(), r)
         assert gr.dtype == torch.float32 and torch.equal(gr, torch.ones_like(r))
-        with torch.autocast("cpu", dtype=torch.float16), pytest.raises(ValueError, match="residual must have"):
+        with torch.autocast(device.type, dtype=torch.float16), pytest.raises(ValueError, match="residual must have"):
             m(x, residual=r[:, :, :2])
