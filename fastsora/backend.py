@@ -61,12 +61,20 @@ def use_backend(name: str) -> Iterator[str]:
 
 
 def _tracing_a_graph() -> bool:
-    """True under torch.compile or export, including AOTAutograd's tracing of a checkpointed region, where
-    torch calls ``context_fn``: torch 2.13's ``torch.compiler.is_compiling()`` is True there, torch 2.11's
-    only while Dynamo traces, so also look for the proxy dispatch mode that torch's checkpoint itself tests."""
+    """True where torch's checkpoint takes only dispatch-mode contexts from ``context_fn``: under torch.compile
+    or export, including AOTAutograd's tracing of a checkpointed region, where torch calls ``context_fn``
+    (torch 2.13's ``torch.compiler.is_compiling()`` is True there, 2.11's and 2.8's only while Dynamo traces).
+    Asks torch's checkpoint its own test (a proxy dispatch mode in 2.11+, a functional one in 2.8), or looks
+    for either mode where a release lacks it."""
     if torch.compiler.is_compiling():
         return True
-    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None
+    from torch.utils import checkpoint
+
+    checkpoint_test = getattr(checkpoint, "_is_compiling", None)
+    if checkpoint_test is not None:
+        return bool(checkpoint_test(None, (), {}))
+    modes = (torch._C._TorchDispatchModeKey.PROXY, torch._C._TorchDispatchModeKey.FUNCTIONAL)
+    return any(torch._C._get_dispatch_mode(mode) is not None for mode in modes)
 
 
 def checkpoint_context() -> tuple:
