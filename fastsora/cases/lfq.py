@@ -105,7 +105,8 @@ def _bench_cases(device) -> Sequence[Case]:
 
 
 def _memory_budget() -> float:
-    """Memory a CPU run may use: running out of host memory kills the run rather than raising."""
+    """Memory a CPU run may use (0.6 x the free memory): running out of host memory kills the run rather than
+    raising."""
     try:
         avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -146,7 +147,7 @@ def _impl_anchor(args, mode) -> Optional[Callable[[], Any]]:
     # on a GPU the anchor runs wherever it fits (a CUDA out-of-memory error is a row); on CPU it would not raise
     if x.device.type != "cuda" and need > _memory_budget():
         raise MemoryError(f"not run, predicted: the anchor needs ~{need / 2**30:.1f} GiB ({tokens} tokens x 2^{d} "
-                          f"codes), {_memory_budget() / 2**30:.1f} GiB free")
+                          f"codes), the CPU budget is {_memory_budget() / 2**30:.1f} GiB")
     return _thunk(LFQ(codebook_size=2 ** d, dim=d).to(x.device), x, mode)
 
 

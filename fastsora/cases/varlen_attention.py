@@ -186,7 +186,8 @@ def _flex(args, mode):
     if "fn" not in _FLEX:
         # every case (shapes, grad mode, mask) recompiles flex_attention's one code object; past Dynamo's
         # recompile limit (8) it would run uncompiled, materialising the scores, and be timed as FlexAttention:
-        # raise the limit, and make hitting it an error row rather than such a timing
+        # raise the limit, and make hitting it an error row rather than such a timing (for the whole process: the
+        # limit must hold at every timed call, where a guard can fail, and a bench runs in a process of its own)
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
         if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
             torch._dynamo.config.fail_on_recompile_limit_hit = True
