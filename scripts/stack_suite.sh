@@ -4,16 +4,27 @@
 # torch APIs that change between releases, and CI runs only the newest: run this after changing it.
 # Usage: bash scripts/stack_suite.sh [TORCH_VERSION TRITON_VERSION] [-- PYTEST_ARGS ...]
 #   (default: 2.11.0 3.6.0 -- -m "not slow")
+#   PYTEST_ARGS replace the default, so add -m "not slow" to them to keep the slow tests out.
 # The venv is .venv-torch-TORCH-triton-TRITON; triton < 3.7 gets numpy < 2.4 (its interpreter fails with
-# numpy >= 2.4, see README "Testing"). TorchInductor's on-disk cache is kept per stack, so no compiled graph
-# of another torch release or fastsora version is replayed.
+# numpy >= 2.4, see README "Testing"). TorchInductor's on-disk cache is a fresh directory per run, removed after
+# it, so no compiled graph of another torch release or fastsora version is replayed.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="${PYTHON:-python3}"
+usage='usage: bash scripts/stack_suite.sh [TORCH_VERSION TRITON_VERSION] [-- PYTEST_ARGS ...]'
+version='^[0-9]+(\.[0-9]+)+$'
 torch_version="2.11.0"
 triton_version="3.6.0"
-if [ "$#" -ge 2 ] && [ "$1" != "--" ]; then torch_version="$1"; triton_version="$2"; shift 2; fi
-if [ "$#" -gt 0 ] && [ "$1" = "--" ]; then shift; fi
+if [ "$#" -gt 0 ] && [ "$1" != "--" ]; then
+  if [ "$#" -lt 2 ] || ! [[ "$1" =~ $version ]] || ! [[ "$2" =~ $version ]]; then
+    echo "$usage (versions like 2.11.0 3.6.0; got: $*)" >&2; exit 2
+  fi
+  torch_version="$1"; triton_version="$2"; shift 2
+fi
+if [ "$#" -gt 0 ]; then
+  if [ "$1" != "--" ]; then echo "$usage (pytest arguments go after --; got: $*)" >&2; exit 2; fi
+  shift
+fi
 if [ "$#" -eq 0 ]; then set -- -m "not slow"; fi
 
 numpy_pin="numpy"
