@@ -481,3 +481,38 @@ def test_empty_selection_gives_the_anchors_finite_gradients(backend, device):
         gb = torch.autograd.grad(rb.entropy_aux_loss + rb.quantized.sum(), _leaves(ours, x))
         for a, b in zip(ga, gb, strict=True):
             assert torch.isfinite(b).all() and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_export_save_load_round_trip(backend, device, tmp_path):
+    """torch.export of the module (eval: codes and indices; train: the losses and their breakdown) and of the
+    functional op, saved and loaded: the loaded program gives the eager results and the same namedtuples (the
+    anchor's Return cannot be saved: torch needs a serialized name for each namedtuple)."""
+    from fastsora.ops.lfq import LFQOutput, lfq
+
+    torch.manual_seed(0)
+    m = LFQ(codebook_size=2 ** 6, dim=12, num_codebooks=2).to(device)
+    x = torch.randn(2, 9, 12).to(device)
+    for training in (False, True):
+        m.train(training)
+        with use_backend(backend):
+            ep = torch.export.export(m, (x,), kwargs={"return_loss_breakdown": True})
+            path = str(tmp_path / f"lfq-{training}.pt2")
+            torch.export.save(ep, path)
+            got = torch.export.load(path).module()(x, return_loss_breakdown=True)
+            want = m(x, return_loss_breakdown=True)
+        assert type(got[0]) is Return and type(got[1]) is LossBreakdown
+        for a, b in zip((*got[0], *got[1]), (*want[0], *want[1])):
+            assert torch.equal(a, b)
+
+    class Functional(nn.Module):
+        def forward(self, t):
+            return lfq(t, 1.0, 100.0)
+
+    t = torch.randn(7, 2, 5).to(device)
+    with use_backend(backend):
+        ep = torch.export.export(Functional(), (t,))
+        torch.export.save(ep, str(tmp_path / "op.pt2"))
+        got = torch.export.load(str(tmp_path / "op.pt2")).module()(t)
+        want = lfq(t, 1.0, 100.0)
+    assert type(got) is LFQOutput and all(torch.equal(a, b) for a, b in zip(got, want))

@@ -16,12 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastsora.ops._custom_op import register_namedtuples_for_export
 from fastsora.ops.lfq import lfq
 
 __all__ = ["LFQ", "Return", "LossBreakdown", "CosineSimLinear"]
 
 Return = namedtuple("Return", ["quantized", "indices", "entropy_aux_loss"])
 LossBreakdown = namedtuple("LossBreakdown", ["per_sample_entropy", "batch_entropy", "commitment"])
+register_namedtuples_for_export(Return, LossBreakdown)
 
 
 class CosineSimLinear(nn.Module):

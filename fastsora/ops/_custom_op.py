@@ -1,5 +1,6 @@
 """What every fastsora custom op shares beyond its backend choice (fastsora.backend): its body runs without
-autocast, and its backward op refuses to be differentiated again with a message that names the public op."""
+autocast, and its backward op refuses to be differentiated again with a message that names the public op; and
+the namedtuples fastsora returns can be saved with torch.export."""
 from __future__ import annotations
 
 import functools
@@ -59,3 +60,18 @@ def refuse_double_backward(backward_op, public_name: str) -> None:
             "supported on either backend; compute that term with plain torch ops")
 
     backward_op.register_autograd(backward, setup_context=setup_context)
+
+
+def register_namedtuples_for_export(*classes: type) -> None:
+    """Give each namedtuple class a serialized name (its module and name), so ``torch.export.save`` can write a
+    program that returns it (without one it raises "Can't serialize TreeSpec of namedtuple class"). torch has a
+    public registration for dataclasses only; pytree's for namedtuples is used where the release has it, and a
+    release without it saves as before."""
+    register = getattr(torch.utils._pytree, "_register_namedtuple", None)
+    if register is None:
+        return
+    for cls in classes:
+        try:
+            register(cls, serialized_type_name=f"{cls.__module__}.{cls.__qualname__}")
+        except ValueError:  # registered already (the module was reloaded)
+            pass

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from fastsora.backend import backend_request, interpreter_dtype_reason, select_backend
-from fastsora.ops._custom_op import refuse_double_backward, without_autocast
+from fastsora.ops._custom_op import register_namedtuples_for_export, refuse_double_backward, without_autocast
 from fastsora.reference import lfq as _ref
 
 __all__ = ["lfq", "lfq_quantize", "lfq_codebook_entropy", "lfq_code_sums", "LFQOutput", "lfq_entropy_of_sums"]
@@ -383,6 +383,9 @@ class LFQOutput(NamedTuple):
     per_sample_entropy: Tensor  # 0-d
     codebook_entropy: Tensor    # (C,)
     commitment: Tensor          # 0-d
+
+
+register_namedtuples_for_export(LFQOutput)
 
 
 class _GlobalSum(torch.autograd.Function):
