@@ -145,9 +145,10 @@ def _impl_anchor(args, mode) -> Optional[Callable[[], Any]]:
     tokens = x.shape[0] * x.shape[1]
     need = ANCHOR_BYTES_PER_TOKEN_CODE * tokens * 2 ** d + 20 * 2 ** d * d
     # on a GPU the anchor runs wherever it fits (a CUDA out-of-memory error is a row); on CPU it would not raise
-    if x.device.type != "cuda" and need > _memory_budget():
+    budget = _memory_budget() if x.device.type != "cuda" else None
+    if budget is not None and need > budget:
         raise MemoryError(f"not run, predicted: the anchor needs ~{need / 2**30:.1f} GiB ({tokens} tokens x 2^{d} "
-                          f"codes), the CPU budget is {_memory_budget() / 2**30:.1f} GiB")
+                          f"codes), the CPU budget is {budget / 2**30:.1f} GiB")
     return _thunk(LFQ(codebook_size=2 ** d, dim=d).to(x.device), x, mode)
 
 

@@ -201,11 +201,10 @@ def _flex(args, mode):
         sq = torch.searchsorted(cu_q[1:], torch.arange(tq, device=dev), right=True)
         sk = torch.searchsorted(cu_k[1:], torch.arange(tk, device=dev), right=True)
         start_q, start_k = cu_q[sq.clamp_max(cu_q.numel() - 1)], cu_k[sk.clamp_max(cu_k.numel() - 1)]
-        # the diagonal of each query's sequence (bottom-right causal), per query: every tensor the mask reads
-        # is sized by the token counts, not by the number of sequences
-        diag = (cu_k[1:] - cu_k[:-1] - cu_q[1:] + cu_q[:-1])[sq.clamp_max(cu_q.numel() - 2)]
-        if causal_mode == 2:
-            diag = torch.zeros_like(diag)
+        # the diagonal of each query's sequence (bottom-right causal; 0 for top-left), per query: every tensor
+        # the mask reads is sized by the token counts, not by the number of sequences
+        diag = (cu_k[1:] - cu_k[:-1] - cu_q[1:] + cu_q[:-1])[sq.clamp_max(cu_q.numel() - 2)] \
+            if causal_mode == 1 else torch.zeros_like(sq)
 
         def mask_mod(b, h, qi, ki):
             same = sq[qi] == sk[ki]
