@@ -208,6 +208,23 @@ def _family_case(family, device="cpu", dtype=torch.float64):
     return ins, loss
 
 
+def _grad_on_another_thread(loss, inputs):
+    """torch.autograd.grad(loss, inputs) run on a new thread, as autograd runs CUDA backwards (a use_backend
+    block of this thread does not reach it): the gradients, or the exception it raised."""
+    out = []
+
+    def run():
+        try:
+            out.append(torch.autograd.grad(loss, inputs))
+        except Exception as e:  # noqa: BLE001 - returned to the test
+            out.append(e)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    return out[0]
+
+
 @pytest.mark.parametrize("family", ["causal_conv3d", "varlen_attention", "lfq"])
 def test_backward_resolves_the_backend_its_forward_saw(family, monkeypatch):
     """Autograd runs CUDA backwards on its own threads, where a use_backend block of the forward's thread does not
@@ -219,18 +236,8 @@ def test_backward_resolves_the_backend_its_forward_saw(family, monkeypatch):
         want = torch.autograd.grad(f(*ins), ins)
         loss = f(*ins)
     monkeypatch.setenv(fastsora.backend.ENV_VAR, "triton")
-    got, errors = [], []
-
-    def backward():
-        try:
-            got.extend(torch.autograd.grad(loss, ins))
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    worker = threading.Thread(target=backward)
-    worker.start()
-    worker.join()
-    assert not errors, errors
+    got = _grad_on_another_thread(loss, ins)
+    assert not isinstance(got, Exception), got
     for a, b in zip(got, want):
         assert torch.equal(a, b)
 
@@ -245,7 +252,7 @@ def test_backend_request_is_what_assume_constant_result_marks():
 
 
 @pytest.mark.parametrize("family", ["causal_conv3d", "varlen_attention", "lfq"])
-def test_compiled_call_keeps_its_traced_backend_or_refuses(family):
+def test_compiled_call_keeps_its_traced_backend_or_refuses(family, device):
     """torch.compile cannot guard the use_backend context. The request in effect at trace time is an argument of
     every fastsora op in the graph (so graphs traced under different requests never share a compile-cache entry,
     and the compiled backward resolves as its forward), and a compiled call made under another request raises
@@ -273,7 +280,7 @@ def test_compiled_call_keeps_its_traced_backend_or_refuses(family):
         compiled(*ins)
     torch._dynamo.reset()
     # after a reset the function is traced again, under the new request (fp32 on the device the Triton path runs on)
-    ins32, f32 = _family_case(family, "cuda" if torch.cuda.is_available() else "cpu", torch.float32)
+    ins32, f32 = _family_case(family, device, torch.float32)
     with fastsora.use_backend("triton"):
         assert torch.isfinite(torch.compile(f32, backend=capture, fullgraph=True)(*ins32))
 
@@ -334,29 +341,15 @@ def test_checkpoint_context_recomputes_under_the_forward_request(family, monkeyp
     with fastsora.use_backend("torch"):
         want = torch.autograd.grad(f(*ins), ins)
     monkeypatch.setenv(fastsora.backend.ENV_VAR, "triton")
-
-    def backward_on_a_thread(loss):
-        out = []
-
-        def run():
-            try:
-                out.append(torch.autograd.grad(loss, ins))
-            except Exception as e:  # noqa: BLE001 - returned to the test
-                out.append(e)
-        worker = threading.Thread(target=run)
-        worker.start()
-        worker.join()
-        return out[0]
-
     with fastsora.use_backend("torch"):
         loss = checkpoint(f, *ins, use_reentrant=False, context_fn=fastsora.checkpoint_context)
-    got = backward_on_a_thread(loss)
+    got = _grad_on_another_thread(loss, ins)
     assert not isinstance(got, Exception), got
     for a, b in zip(got, want):
         assert torch.equal(a, b)
     with fastsora.use_backend("torch"):
         loss = checkpoint(f, *ins, use_reentrant=False)
-    assert isinstance(backward_on_a_thread(loss), BackendError)
+    assert isinstance(_grad_on_another_thread(loss, ins), BackendError)
 
 
 @pytest.mark.parametrize("family", ["causal_conv3d", "varlen_attention", "lfq"])
