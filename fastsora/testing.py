@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 from typing import Any, Iterable, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
@@ -18,6 +20,9 @@ TOLERANCE = {
 }
 
 TensorTree = Union[torch.Tensor, Sequence[Any], None]
+
+#: The source checkout (README.md and docs/ are read from it; they are not installed).
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def randn(*shape: int, dtype=torch.float32, device="cpu", requires_grad: bool = False, scale: float = 1.0,
@@ -146,3 +151,14 @@ def grads(outputs: Any, inputs: Sequence[torch.Tensor], seed: int = 0,
     if spread:
         cot = [spread_past_int32(c) for c in cot]
     return torch.autograd.grad(outs, list(inputs), cot, allow_unused=False)
+
+
+def doc_examples(relative_path: str) -> Tuple[str, ...]:
+    """The fenced ```python blocks of a Markdown file of the checkout (``README.md``, ``docs/<family>.md``), in
+    order, as source to ``exec``: the tests run the documented examples so they cannot drift from the API."""
+    with open(os.path.join(REPO_ROOT, relative_path), encoding="utf-8") as f:
+        text = f.read()
+    blocks = tuple(re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M))
+    if not blocks:
+        raise ValueError(f"{relative_path} has no ```python block")
+    return blocks

@@ -11,7 +11,7 @@ import fastsora
 from fastsora.backend import BackendError
 from fastsora.nn import CausalConv3d
 from fastsora.ops import causal_conv3d
-from fastsora.testing import assert_close, channels_last, randn, to_float64
+from fastsora.testing import assert_close, channels_last, doc_examples, randn, to_float64
 
 
 class MagvitCausalConv3d(nn.Module):
@@ -51,6 +51,26 @@ def test_state_dict_round_trip_with_magvit_module(backend, pad_mode, device, poi
     theirs2.load_state_dict(ours2.state_dict())
     with fastsora.use_backend(backend):
         assert_close(ours2(x), theirs2(x), torch.float32)
+
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_docs_examples_run_as_documented(backend, device, poison):
+    """docs/causal_conv3d.md's two examples, run as written: the swap (against magvit2-pytorch's module in
+    float64 with the same weights) and the streaming loop (its last chunk equals the one-call output's last
+    frames, which needs every earlier chunk's cache)."""
+    swap, stream = doc_examples("docs/causal_conv3d.md")
+    x = randn(2, 128, 5, 6, 7, device=device)
+    ns = {"x": x}
+    with fastsora.use_backend(backend), torch.no_grad(), torch.device(device):
+        exec(swap, ns)
+        theirs = MagvitCausalConv3d(128, 128, 3, pad_mode="replicate").double().cpu()
+        theirs.load_state_dict(ns["conv"].state_dict())
+        ref = theirs(x.cpu().double())
+        assert_close(ns["y"], ref, torch.float32, "y")
+        streamed = {"conv": ns["conv"], "chunks": x.split([1, 2, 2], dim=2)}
+        exec(stream, streamed)
+    assert_close(streamed["y"], ref[:, :, 3:], torch.float32, "the last streamed chunk")
 
 
 def test_module_without_bias_and_dtype_kwargs():

@@ -29,3 +29,26 @@ def test_wheel_contains_kernels_as_subpackage(tmp_path):
     assert not any(n.startswith("kernels/") for n in names), "kernels/ must not install as a top-level package"
     entry = [n for n in names if n.endswith("entry_points.txt")]
     assert entry and "fastsora = fastsora.cli:main" in zipfile.ZipFile(wheel).read(entry[0]).decode()
+
+
+def test_readme_example_runs_and_matches_the_torch_backend(device):
+    """The README's example, run as written on the Triton kernels, gives what the torch path gives."""
+    import torch
+
+    from fastsora import use_backend
+    from fastsora.testing import assert_close, doc_examples
+
+    (example,) = doc_examples("README.md")
+    ns = {"latents": torch.randn(2, 6, 18, device=device), "chunk": torch.randn(1, 128, 3, 5, 6, device=device),
+          "tokens": torch.randn(11, 1152, device=device),
+          "cu_seqlens": torch.tensor([0, 4, 11], dtype=torch.int32, device=device)}
+    with use_backend("triton"), torch.device(device), torch.no_grad():
+        exec(example, ns)
+    with use_backend("torch"), torch.no_grad():
+        want_lfq = ns["quantizer"](ns["latents"])
+        want_conv = ns["conv"](ns["chunk"], cache=None, return_cache=True)
+        want_attn = ns["attn"](ns["tokens"], ns["cu_seqlens"])
+    assert torch.equal(ns["quantized"], want_lfq.quantized) and torch.equal(ns["indices"], want_lfq.indices)
+    assert_close(ns["aux_loss"], want_lfq.entropy_aux_loss, torch.float32, "aux_loss")
+    assert_close(ns["cache"], want_conv[1], torch.float32, "cache")
+    assert_close(ns["y"], want_attn, torch.float32, "attention output")
