@@ -47,9 +47,12 @@ class LFQ(nn.Module):
     """Lookup-free quantization (MAGVIT-v2) with exact per-sample and codebook entropies.
 
     Inputs: (b, n, dim) sequences, or channel-first (b, dim, ...) images/videos (ndim >= 4, or
-    ``channel_first=True``). Returns ``Return(quantized, indices, entropy_aux_loss)`` (plus
-    ``LossBreakdown(per_sample_entropy, batch_entropy, commitment)`` with ``return_loss_breakdown=True``);
-    indices are (b, n) — (b, n, num_codebooks) with ``keep_num_codebooks_dim`` — int64, MSB first.
+    ``channel_first=True``); float16/bfloat16/float32 (float64 on the torch backend). Returns
+    ``Return(quantized, indices, entropy_aux_loss)`` (plus ``LossBreakdown(per_sample_entropy, batch_entropy,
+    commitment)`` with ``return_loss_breakdown=True``): quantized in x's shape and dtype; indices int64, MSB
+    first, (b, n) for sequences and (b, *spatial) — (b, h, w), (b, t, h, w) — for channel-first inputs, with a
+    trailing num_codebooks dim under ``keep_num_codebooks_dim``; the losses 0-d float32 (float64 for float64
+    x; zero in eval mode).
     """
 
     def __init__(self, *, dim=None, codebook_size=None, entropy_loss_weight=0.1, commitment_loss_weight=0.,

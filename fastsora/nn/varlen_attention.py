@@ -26,6 +26,8 @@ class VarlenAttention(nn.Module):
         cross_attention_dim: width of the context for cross-attention (None: self-attention).
         causal: bottom-right aligned causal mask within each sequence.
         bias: biases of the projections.
+        norm_eps: epsilon of the QK RMSNorms (with ``qk_norm``).
+        softmax_scale: scale of q·k (default 1 / sqrt(head_dim)).
     """
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: Optional[int] = None, qk_norm: bool = False,
@@ -54,7 +56,9 @@ class VarlenAttention(nn.Module):
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, context: Optional[torch.Tensor] = None,
                 cu_seqlens_k: Optional[torch.Tensor] = None, validate: bool = True) -> torch.Tensor:
         """x (total_q, dim), cu_seqlens int32 (batch + 1,); for cross-attention context (total_k, ctx_dim) and
-        cu_seqlens_k int32 (batch + 1,). Returns (total_q, dim)."""
+        cu_seqlens_k int32 (batch + 1,). x and context float16/bfloat16/float32 (float64 on the torch backend),
+        in the dtype of the projections' weights (or under autocast). ``validate``: check the offsets' values, as
+        :func:`fastsora.ops.varlen_attention` does. Returns (total_q, dim) in x's dtype."""
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x must be (total_tokens, {self.dim}); got {tuple(x.shape)}")
         h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim

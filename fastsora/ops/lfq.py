@@ -207,13 +207,17 @@ def lfq_quantize(x: Tensor, code_value: float = 1.0, logit_scale: float = 400.0,
                  commit_weight: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Quantize ``x`` (T, C, D) to ±code_value per bit, in one pass.
 
+    x: float16/bfloat16/float32, or float64 on the torch backend; any strides. entropy_weight, commit_weight:
+    (T,) floating tensors on x's device (per-token weights, e.g. a 0/1 mask), or None for all ones.
+
     Returns ``(out, indices, prob_pos, prob_neg, per_sample_entropy, commitment)``:
     out (T, C, D) x.dtype = x + (q - x) (straight-through: gradient 1) or q when ``straight_through`` is
     False (a zero gradient; ``LFQ`` detaches it in eval mode); indices (T, C) int64, MSB first;
     prob_pos/prob_neg (T, C, D) float32 (float64 for float64 x) = σ(±logit_scale·x), the per-bit
-    probabilities of the code softmax (empty (0,) when ``with_entropy`` is False); per_sample_entropy (0-d) =
-    entropy_weight-weighted mean over tokens and codebooks of the code distribution's entropy Σ_i h(prob_pos_i)
-    (0 without entropy); commitment (0-d) = commit_weight-weighted mean over tokens of mean (x - q)².
+    probabilities of the code softmax (empty (0,) when ``with_entropy`` is False); per_sample_entropy (0-d,
+    float32; float64 for float64 x) = entropy_weight-weighted mean over tokens and codebooks of the code
+    distribution's entropy Σ_i h(prob_pos_i) (0 without entropy); commitment (0-d, same dtype) =
+    commit_weight-weighted mean over tokens of mean (x - q)².
     vector-quantize-pytorch's softmax over codes with logits 2·τ·<x, c> has logit_scale = 4·τ·code_value.
     """
     _check_x(x)
@@ -305,7 +309,8 @@ refuse_double_backward(_entropy_bwd_op, "lfq_codebook_entropy")
 
 def lfq_codebook_entropy(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor] = None) -> Tensor:
     """Exact entropy (C,) of each codebook's weighted-mean code distribution, from the per-bit
-    probabilities (T, C, D) of :func:`lfq_quantize`. One GEMM per codebook (hi bits × lo bits) with the
+    probabilities prob_pos, prob_neg (T, C, D) of :func:`lfq_quantize` (float32, or float64 on the torch
+    backend; the result has their dtype); entropy_weight (T,) per-token weights or None. One GEMM per codebook (hi bits × lo bits) with the
     entropy reduced in its epilogue: O(T·2^(D/2)) work memory, the 2^D distribution is never stored."""
     _check_probs(prob_pos, prob_neg)
     _check_weight(entropy_weight, prob_pos.shape[0], prob_pos.device, "entropy_weight")
@@ -364,7 +369,8 @@ refuse_double_backward(_sums_bwd_op, "lfq_code_sums")
 
 def lfq_code_sums(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor] = None) -> Tensor:
     """S (C, 2^⌊D/2⌋, 2^⌈D/2⌉) = Σ_t w_t P_hi[t]ᵀ P_lo[t]: the unnormalised code distribution
-    (code index = row·2^⌈D/2⌉ + column, MSB first). Materialises 2^D floats per codebook (once)."""
+    (code index = row·2^⌈D/2⌉ + column, MSB first). prob_pos, prob_neg (T, C, D) float32 (float64 on the torch
+    backend; S has their dtype), entropy_weight w (T,) or None (all ones). Materialises 2^D floats per codebook (once)."""
     _check_probs(prob_pos, prob_neg)
     _check_weight(entropy_weight, prob_pos.shape[0], prob_pos.device, "entropy_weight")
     return _sums_op(prob_pos, prob_neg, entropy_weight, backend_request())
@@ -372,7 +378,9 @@ def lfq_code_sums(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[T
 
 def lfq_entropy_of_sums(sums: Tensor, count: Tensor, clamp: Optional[float] = None) -> Tensor:
     """Entropy (C,) of sums/count (see :func:`lfq_code_sums`): exact for ``clamp=None``; ``clamp=1e-5``
-    reproduces vector-quantize-pytorch's -Σ a·log(max(a, 1e-5))."""
+    reproduces vector-quantize-pytorch's -Σ a·log(max(a, 1e-5)). sums (C, ...) float32/float64; count: the
+    total token weight, a number or 0-d tensor (a count of 0 gives NaN, as the anchor's 0/0). Result in sums'
+    dtype."""
     return _ref.entropy_of_sums(sums, count, clamp)
 
 
@@ -420,6 +428,9 @@ def lfq(x: Tensor, code_value: float = 1.0, inv_temperature: float = 100.0, *, e
         logit_scale: Optional[float] = None) -> LFQOutput:
     """Quantize x (T, C, D) and compute LFQ's losses exactly.
 
+    x: float16/bfloat16/float32 (float64 on the torch backend); entropy_weight, commit_weight (T,) per-token
+    weights or None (see :func:`lfq_quantize`).
+
     The code softmax has logits 2·inv_temperature·<x, c> over c ∈ {±code_value}^D. ``clamp_compat=True``
     computes the codebook entropy as vector-quantize-pytorch does (log clamped at 1e-5; the 2^D distribution
     is then materialised once). ``distributed`` (default: a process group with >1 rank is initialised): the
@@ -428,7 +439,8 @@ def lfq(x: Tensor, code_value: float = 1.0, inv_temperature: float = 100.0, *, e
     gradient averaging yields the gradient of the global entropy. ``logit_scale`` overrides
     4·inv_temperature·code_value (the per-bit logit is logit_scale·x).
 
-    Returns ``LFQOutput(out, indices, per_sample_entropy (0-d), codebook_entropy (C,), commitment (0-d))``.
+    Returns ``LFQOutput(out (T, C, D) x.dtype, indices (T, C) int64, per_sample_entropy (0-d),
+    codebook_entropy (C,), commitment (0-d))``, the losses float32 (float64 for float64 x).
     """
     if logit_scale is None:
         logit_scale = 4.0 * float(inv_temperature) * float(code_value)

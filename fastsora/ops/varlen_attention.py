@@ -239,12 +239,15 @@ def _causal_mode(causal: bool, top_left: bool = False) -> int:
     return CAUSAL_TOP_LEFT if top_left else CAUSAL_BOTTOM_RIGHT
 
 
+def _refuse_dropout(value, name: str) -> None:
+    """Dropout is not implemented: anything but 0.0 (or None) for the argument ``name`` is refused by name."""
+    if value is not None and value != 0.0:
+        raise NotImplementedError(f"{name}={value}: fastsora's varlen attention has no dropout; pass "
+                                  f"{name}=0.0 (apply dropout outside the attention if you need it)")
+
+
 def _attention(q, k, v, cu_q, cu_k, dropout_p, softmax_scale, causal_mode, validate):
-    if dropout_p is None:
-        dropout_p = 0.0
-    if dropout_p != 0.0:
-        raise NotImplementedError(f"dropout_p={dropout_p}: fastsora's varlen attention has no dropout; pass "
-                                  "dropout_p=0.0 (apply dropout outside the attention if you need it)")
+    _refuse_dropout(dropout_p, "dropout_p")
     _check_inputs(q, k, v, cu_q, cu_k, validate)
     cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()  # the kernels index the offsets with unit stride
     if softmax_scale is None:
@@ -358,7 +361,8 @@ def memory_efficient_attention(query: torch.Tensor, key: torch.Tensor, value: to
     """Drop-in for ``xformers.ops.memory_efficient_attention`` with block-diagonal (packed) masks.
 
     Args:
-        query: [B, Mq, H, K]; key, value: [B, Mk, Hkv, K] (Hkv dividing H: GQA, an extension).
+        query: [B, Mq, H, K] float16 / bfloat16 / float32 (float64 on the torch backend); key, value:
+            [B, Mk, Hkv, K], same dtype and device (Hkv dividing H: GQA, an extension).
         attn_bias: None (full attention per batch element), or an xformers mask object, read by duck typing
             (class name plus ``q_seqinfo.seqstart`` / ``k_seqinfo.seqstart`` / ``seqstart_py``):
             ``BlockDiagonalMask`` (B must be 1; packed sequences, no causal mask),
@@ -373,6 +377,7 @@ def memory_efficient_attention(query: torch.Tensor, key: torch.Tensor, value: to
     Returns:
         [B, Mq, H, K] in query's dtype.
     """
+    _refuse_dropout(p, "p")
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-D tensor [B, M, H, K]; got "
@@ -414,5 +419,5 @@ def memory_efficient_attention(query: torch.Tensor, key: torch.Tensor, value: to
         cu_q, cu_k = starts * mq, starts * mk
         validate = False
         q3, k3, v3 = (t.reshape(t.shape[0] * t.shape[1], t.shape[2], t.shape[3]) for t in (query, key, value))
-    out, _ = _attention(q3, k3, v3, cu_q, cu_k, p, scale, mode, validate)
+    out, _ = _attention(q3, k3, v3, cu_q, cu_k, 0.0, scale, mode, validate)
     return out.reshape(b, mq, h, d)
