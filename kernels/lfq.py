@@ -88,12 +88,13 @@ def _lfq_quantize_fwd_kernel(x_ptr, out_ptr, idx_ptr, pos_ptr, neg_ptr, ew_ptr, 
         idx = _sum(tl.where(bits, bit_value[None, :], 0), axis=1)
         tl.store(idx_ptr + offs_t * C + c, idx, mask=mask_t)
         diff = tl.where(m2, xf - q.to(tl.float32), 0.0)
-        com_acc += cw * _sum(diff * diff, axis=1)
+        # a token of weight 0 adds exactly 0, whatever its values (a masked-out padding token's NaN or inf)
+        com_acc += tl.where(cw != 0, cw * _sum(diff * diff, axis=1), 0.0)
         if with_entropy != 0:
             pos, neg, h, _ = _bit_stats(xf * logit_scale)
             tl.store(pos_ptr + o_offs, pos, mask=m2)
             tl.store(neg_ptr + o_offs, neg, mask=m2)
-            ent_acc += ew * _sum(tl.where(m2, h, 0.0), axis=1)
+            ent_acc += tl.where(ew != 0, ew * _sum(tl.where(m2, h, 0.0), axis=1), 0.0)
     tl.store(part_ptr + pid * 2, _sum(ent_acc, axis=0))
     tl.store(part_ptr + pid * 2 + 1, _sum(com_acc, axis=0))
 
@@ -122,14 +123,15 @@ def _lfq_quantize_bwd_kernel(x_ptr, gout_ptr, gpos_ptr, gneg_ptr, ew_ptr, cw_ptr
         xf = x.to(tl.float32)
         z = xf * logit_scale
         pos, neg, h, pn = _bit_stats(z)
-        dz = ew[:, None] * coef_ent * (-z * pn)
+        dz = tl.where(ew[:, None] != 0, ew[:, None] * coef_ent * (-z * pn), 0.0)   # weight 0: exactly 0
         o_offs = o_row + c * D
         if has_gp != 0:
             gp = tl.load(gpos_ptr + o_offs, mask=m2, other=0.0)
             gn = tl.load(gneg_ptr + o_offs, mask=m2, other=0.0)
-            dz += (gp - gn) * pn
+            dg = gp - gn   # 0 for a masked-out token (from the code sums): it adds 0 even where pn is NaN
+            dz += tl.where(dg != 0, dg * pn, 0.0)
         qf = tl.where(xf > 0, code_value, -code_value).to(x.dtype).to(tl.float32)
-        dx = dz * logit_scale + cw[:, None] * coef_com * (xf - qf)
+        dx = dz * logit_scale + tl.where(cw[:, None] != 0, cw[:, None] * coef_com * (xf - qf), 0.0)
         if has_gout != 0:
             dx += tl.load(g_row, mask=m2, other=0.0).to(tl.float32)
         g_row += stride_gc

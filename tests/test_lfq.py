@@ -189,6 +189,40 @@ def test_token_mask_averages_selected_tokens_only(backend, device):
     assert relative_error(lm.per_sample_entropy, la.per_sample_entropy) <= 2e-3
 
 
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("mask_kind", ["tokens", "batch"])
+@pytest.mark.parametrize("garbage", [float("nan"), float("inf"), 1e30], ids=["nan", "inf", "1e30"])
+def test_masked_out_garbage_tokens_are_left_out(backend, mask_kind, garbage, device):
+    """Masked-out padding holding NaN, inf or a value whose square overflows changes nothing but its own
+    quantized entries: losses and every gradient equal those with finite padding (the anchor selects the
+    masked tokens out; a weight-0 token must add 0, not 0 · NaN)."""
+    _, ours = _pair(dict(dim=8, codebook_size=2 ** 8, commitment_loss_weight=0.25), compat=False, device=device)
+    clean = torch.randn(2, 6, 8, device=device)
+    mask = torch.ones(2, 6, dtype=torch.bool, device=device)
+    mask[1, 4:] = False
+    if mask_kind == "batch":
+        mask = torch.tensor([True, False], device=device)
+    dropped = (mask if mask.dim() == 2 else mask[:, None].expand(2, 6)).logical_not()
+    dirty = clean.masked_fill(dropped[..., None], garbage)
+    results = []
+    for x in (clean, dirty):
+        x = x.clone().requires_grad_()
+        (ret, loss) = _call(ours, x, backend=backend, mask=mask)
+        (dx,) = torch.autograd.grad(ret.entropy_aux_loss + (ret.quantized * clean).sum(), [x])
+        results.append((ret, loss, dx))
+    (ret_c, loss_c, dx_c), (ret_d, loss_d, dx_d) = results
+    for a, b in zip(loss_d, loss_c):
+        assert torch.isfinite(a) and relative_error(a, b) <= 1e-6
+    assert relative_error(ret_d.entropy_aux_loss, ret_c.entropy_aux_loss) <= 1e-6
+    keep = dropped.logical_not()
+    assert torch.equal(ret_d.indices[keep], ret_c.indices[keep])
+    assert torch.equal(ret_d.quantized[keep], ret_c.quantized[keep])
+    assert relative_error(dx_d[keep], dx_c[keep]) <= 1e-6
+    # a masked-out token's gradient is the straight-through cotangent alone, as the anchor's
+    assert torch.equal(dx_d[dropped], clean[dropped]) and torch.equal(dx_c[dropped], clean[dropped])
+
+
 def test_channels_last_and_noncontiguous_inputs():
     ref, ours = _pair(dict(dim=8, codebook_size=2 ** 8))
     x = torch.randn(2, 8, 4, 5)

@@ -116,6 +116,17 @@ def _probs_reason(pos: Tensor) -> Optional[str]:
     return _x_reason(pos)
 
 
+def _weighted_tokens_only(pos: Tensor, neg: Tensor, w: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """pos, neg with a weight-0 token's bits set to 1/2: a masked-out token adds nothing to the code sums and
+    gets a zero gradient, even where its probabilities are NaN (padding garbage; weighting alone would give
+    0 · NaN). Both backends' code-table ops see the result; without weights pos, neg pass through."""
+    if w is None:
+        return pos, neg
+    keep = (w != 0)[:, None, None]
+    half = torch.full((), 0.5, dtype=pos.dtype, device=pos.device)
+    return torch.where(keep, pos, half), torch.where(keep, neg, half)
+
+
 def _dense_like(t: Tensor) -> Tensor:
     """The fake of a (T, C, D) output or gradient: both backends return it contiguous, whatever t's strides."""
     return torch.empty_like(t, memory_format=torch.contiguous_format)
@@ -310,10 +321,12 @@ refuse_double_backward(_entropy_bwd_op, "lfq_codebook_entropy")
 def lfq_codebook_entropy(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor] = None) -> Tensor:
     """Exact entropy (C,) of each codebook's weighted-mean code distribution, from the per-bit
     probabilities prob_pos, prob_neg (T, C, D) of :func:`lfq_quantize` (float32, or float64 on the torch
-    backend; the result has their dtype); entropy_weight (T,) per-token weights or None. One GEMM per codebook (hi bits × lo bits) with the
-    entropy reduced in its epilogue: O(T·2^(D/2)) work memory, the 2^D distribution is never stored."""
+    backend; the result has their dtype); entropy_weight (T,) per-token weights or None (a token of weight 0
+    adds nothing, whatever its probabilities). One GEMM per codebook (hi bits × lo bits) with the entropy
+    reduced in its epilogue: O(T·2^(D/2)) work memory, the 2^D distribution is never stored."""
     _check_probs(prob_pos, prob_neg)
     _check_weight(entropy_weight, prob_pos.shape[0], prob_pos.device, "entropy_weight")
+    prob_pos, prob_neg = _weighted_tokens_only(prob_pos, prob_neg, entropy_weight)
     return _entropy_op(prob_pos, prob_neg, entropy_weight, backend_request())
 
 
@@ -373,6 +386,7 @@ def lfq_code_sums(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[T
     backend; S has their dtype), entropy_weight w (T,) or None (all ones). Materialises 2^D floats per codebook (once)."""
     _check_probs(prob_pos, prob_neg)
     _check_weight(entropy_weight, prob_pos.shape[0], prob_pos.device, "entropy_weight")
+    prob_pos, prob_neg = _weighted_tokens_only(prob_pos, prob_neg, entropy_weight)
     return _sums_op(prob_pos, prob_neg, entropy_weight, backend_request())
 
 
@@ -462,5 +476,6 @@ def lfq(x: Tensor, code_value: float = 1.0, inv_temperature: float = 100.0, *, e
     else:
         # pos and neg reach x only through lfq_quantize's backward, which takes d/dpos - d/dneg: the centred
         # backward is exact for it and keeps fp32 precision near a uniform code distribution
+        pos, neg = _weighted_tokens_only(pos, neg, entropy_weight)
         cb = _entropy_op(pos, neg, entropy_weight, backend_request(), True)
     return LFQOutput(out, idx, ps, cb, cm)

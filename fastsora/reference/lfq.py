@@ -40,6 +40,13 @@ def _weights(weight: Optional[Tensor], t: int, like: Tensor) -> Tensor:
     return weight.to(like.dtype)
 
 
+def weighted(w: Tensor, term: Tensor) -> Tensor:
+    """w · term with a token of weight 0 contributing exactly 0, whatever its term (NaN or inf from a padding
+    token's garbage): a masked-out token is left out, as the anchor's selection leaves it out. ``w`` broadcasts
+    against ``term``."""
+    return torch.where(w != 0, w * term, torch.zeros((), dtype=term.dtype, device=term.device))
+
+
 def mean_cotangent(grad: Tensor, total: Tensor) -> Tensor:
     """grad / total: the cotangent of a weighted mean's terms (total = weight sum × elements averaged). With no
     token selected (total 0) the mean is NaN but has no terms, so the cotangent is 0, as the anchor's gradient of
@@ -85,13 +92,13 @@ def quantize(x: Tensor, code_value: float, logit_scale: float, straight_through:
     xf = x.to(pdt)
     qf = q.to(pdt)
     cw = _weights(commit_weight, t, xf)
-    commitment = (cw[:, None, None] * (xf - qf) ** 2).sum() / (cw.sum() * c * d)
+    commitment = weighted(cw[:, None, None], (xf - qf) ** 2).sum() / (cw.sum() * c * d)
     if not with_entropy:
         empty = x.new_empty((0,), dtype=pdt)
         return out, indices, empty, empty.clone(), xf.new_zeros(()), commitment
     pos, neg, h = _stable_bits(xf * logit_scale)
     ew = _weights(entropy_weight, t, xf)
-    per_sample = (ew[:, None, None] * h).sum() / (ew.sum() * c)
+    per_sample = weighted(ew[:, None, None], h).sum() / (ew.sum() * c)
     return out, indices, pos, neg, per_sample, commitment
 
 
@@ -107,14 +114,15 @@ def quantize_backward(x: Tensor, grad_out: Optional[Tensor], grad_pos: Optional[
     pos, neg, _ = _stable_bits(z)
     dz = torch.zeros_like(xf)
     if grad_pos is not None and grad_pos.numel():
-        dz = dz + (grad_pos.to(pdt) - grad_neg.to(pdt)) * pos * neg
+        # a zero cotangent (a masked-out token's, from the code sums) contributes 0, also where pos·neg is NaN
+        dz = dz + weighted(grad_pos.to(pdt) - grad_neg.to(pdt), pos * neg)
     ew = _weights(entropy_weight, t, xf)
     coef = mean_cotangent(grad_per_sample.to(pdt), ew.sum() * c)
-    dz = dz + coef * ew[:, None, None] * (-z * pos * neg)
+    dz = dz + weighted(ew[:, None, None], coef * (-z * pos * neg))
     dx = dz * logit_scale
     q = torch.where(x > 0, code_value, -code_value).to(x.dtype).to(pdt)
     cw = _weights(commit_weight, t, xf)
-    dx = dx + 2 * mean_cotangent(grad_commit.to(pdt), cw.sum() * c * d) * cw[:, None, None] * (xf - q)
+    dx = dx + weighted(cw[:, None, None], 2 * mean_cotangent(grad_commit.to(pdt), cw.sum() * c * d) * (xf - q))
     if straight_through and grad_out is not None:
         dx = dx + grad_out.to(pdt)
     return dx.to(x.dtype)
