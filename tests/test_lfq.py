@@ -193,11 +193,13 @@ def test_token_mask_averages_selected_tokens_only(backend, device):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("mask_kind", ["tokens", "batch"])
 @pytest.mark.parametrize("garbage", [float("nan"), float("inf"), 1e30], ids=["nan", "inf", "1e30"])
-def test_masked_out_garbage_tokens_are_left_out(backend, mask_kind, garbage, device):
+@pytest.mark.parametrize("compat", [False, True], ids=["exact", "clamp_compat"])
+def test_masked_out_garbage_tokens_are_left_out(backend, mask_kind, garbage, compat, device):
     """Masked-out padding holding NaN, inf or a value whose square overflows changes nothing but its own
     quantized entries: losses and every gradient equal those with finite padding (the anchor selects the
-    masked tokens out; a weight-0 token must add 0, not 0 · NaN)."""
-    _, ours = _pair(dict(dim=8, codebook_size=2 ** 8, commitment_loss_weight=0.25), compat=False, device=device)
+    masked tokens out; a weight-0 token must add 0, not 0 · NaN). Both codebook-entropy paths: the fused
+    entropy and the code sums (clamp-compatible, as the distributed one)."""
+    _, ours = _pair(dict(dim=8, codebook_size=2 ** 8, commitment_loss_weight=0.25), compat=compat, device=device)
     clean = torch.randn(2, 6, 8, device=device)
     mask = torch.ones(2, 6, dtype=torch.bool, device=device)
     mask[1, 4:] = False
