@@ -160,7 +160,10 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
     k_off = offs_n[:, None] * stride_kt + offs_d[None, :]
     v_off = offs_n[:, None] * stride_vt + offs_d[None, :]
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    # the running max starts at the lowest finite float, not -inf: a row whose logits are all -inf from its data
+    # (a -inf in q) then never computes -inf - (-inf) in the unmasked blocks and ends as a row with no visible
+    # key (output 0, LSE +inf), whatever the key length and tile; every finite logit is >= it
+    m_i = tl.full([BLOCK_M], -3.4028234663852886e38, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 

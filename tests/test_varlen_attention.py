@@ -145,6 +145,53 @@ def test_tail_rows_zero_output_zero_grad_no_nan(device, poison):
             assert t.grad[:n].abs().sum() > 0
 
 
+
+def _special_logit_run(q, k, v, cu_q, cu_k, backend):
+    for t in (q, k, v):
+        t.grad = None
+    with use_backend(backend):
+        out, lse = varlen_attention(q, k, v, cu_q, cu_k, return_lse=True)
+        (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)).sum().backward()
+    return out.detach().cpu(), lse.detach().cpu(), [t.grad.cpu() for t in (q, k, v)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_row_whose_logits_are_all_minus_inf_outputs_zero(dtype, device, poison):
+    """A query row whose every logit is -inf from its data (a -inf in q, the keys positive there) is a row with
+    no visible key, as in flash-attn and SDPA: output 0 and LSE +inf on both backends, for a key sequence
+    longer than any key tile (the unmasked blocks must not compute -inf - (-inf))."""
+    q, k, v, cu_q, cu_k = make([5, 3], [300, 7], 2, 1, 32, dtype, device)
+    with torch.no_grad():
+        k[:, :, 3] = k[:, :, 3].abs() + 0.5
+        q[1, 0, 3] = q[6, 1, 3] = float("-inf")   # head 0 of sequence 0 (300 keys), head 1 of sequence 1
+    results = {backend: _special_logit_run(q, k, v, cu_q, cu_k, backend) for backend in ("torch", "triton")}
+    for backend, (out, lse, (dq, dk, dv)) in results.items():
+        assert (out[1, 0] == 0).all() and (out[6, 1] == 0).all(), backend
+        assert lse[0, 1] == float("inf") and lse[1, 6] == float("inf"), backend
+        assert torch.isfinite(out).all() and torch.isfinite(dv).all(), backend
+        assert torch.isfinite(lse[lse != float("inf")]).all(), backend
+    (out_t, lse_t, g_t), (out_k, lse_k, g_k) = results["torch"], results["triton"]
+    assert_close(out_k, out_t, dtype, "out", tol=TOLERANCE[dtype] * 2)
+    assert_close(g_k[2], g_t[2], dtype, "dv", tol=GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_plus_inf_logit_gives_nan_rows_on_both_backends(dtype, device, poison):
+    """A +inf logit (an inf in k) makes exactly the rows that see it NaN, output and LSE, on both backends and
+    as SDPA: never an LSE of +inf (which means "no visible key") and never a finite gradient silently dropping
+    the NaN. Other sequences of the pack stay finite."""
+    q, k, v, cu_q, cu_k = make([4, 6], [5, 40], 1, 1, 16, dtype, device)
+    with torch.no_grad():
+        q[:, :, 3] = q[:, :, 3].abs() + 0.5
+        k[2, 0, 3] = float("inf")   # sequence 0's key 2: every query of sequence 0 sees it
+    results = {backend: _special_logit_run(q, k, v, cu_q, cu_k, backend) for backend in ("torch", "triton")}
+    for backend, (out, lse, (dq, dk, dv)) in results.items():
+        assert out[:4].isnan().all() and lse[0, :4].isnan().all(), backend
+        assert torch.isfinite(out[4:]).all() and torch.isfinite(lse[0, 4:]).all(), backend
+        assert dv[:5].isnan().all() and torch.isfinite(dv[5:]).all(), backend
+    assert_close(results["triton"][0][4:], results["torch"][0][4:], dtype, "out", tol=TOLERANCE[dtype] * 2)
+
+
 def test_zero_length_and_empty_pack(device, poison):
     # every sequence empty: output is all zeros (no token belongs to a sequence)
     q, k, v, cu_q, cu_k = make([0, 0], [0, 0], 2, 2, 16, torch.float32, device, extra_q=3, extra_k=1)

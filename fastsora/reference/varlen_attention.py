@@ -48,7 +48,9 @@ def attention_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     mask = visible_mask(lq, lk, causal_mode, q.device)
     s = s.masked_fill(~mask, float("-inf"))
     m = s.amax(dim=-1, keepdim=True) if lk > 0 else s.new_full((hq, lq, 1), float("-inf"))
-    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
+    # only a row with no finite logit (m = -inf: no visible key) is shifted by 0; a +inf or NaN logit keeps its
+    # max, so the row's output and LSE are NaN as the kernels' (never an LSE of +inf, "no visible key")
+    m_safe = torch.where(m == float("-inf"), torch.zeros_like(m), m).detach()
     e = torch.exp(s - m_safe)
     l = e.sum(dim=-1, keepdim=True)
     empty = l == 0
