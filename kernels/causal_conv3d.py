@@ -386,7 +386,10 @@ def _silu_bwd_kernel(dy_ptr, z_ptr, dz_ptr, N, S1, S2, S3, S4,
     dy = tl.load(dy_ptr + y_off, mask=ok, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + z_off, mask=ok, other=0.0).to(tl.float32)
     s = 1.0 / (1.0 + tl.exp(-z))
-    dz = dy * s * (1.0 + z * (1.0 - s))
+    # silu'(z) = s + z·s·(1 - s); the second term tends to 0 at ±inf (a pre-activation stored as ±inf in
+    # fp16/bf16 that the fp32 epilogue activated to a finite value), where z·s·(1 - s) alone would be NaN
+    curve = tl.where(tl.abs(z) < float("inf"), z * s * (1.0 - s), 0.0)
+    dz = dy * (s + curve)
     tl.store(dz_ptr + z_off, dz.to(dz_ptr.dtype.element_ty), mask=ok)
 
 

@@ -526,3 +526,26 @@ def test_grad_weight_channels_last_table(fake_cuda_launchers, monkeypatch, poiso
         want_g = torch.autograd.grad(_oracle(*l64), list(l64), cot.double())
         for name, a, b in zip(("x", "weight", "bias"), got, want_g):
             assert_close(a, b, torch.float16, name=f"grad {name}")
+
+
+def test_silu_past_the_fp16_range_keeps_finite_gradients(device, poison):
+    """fp16 with activation='silu': the kernel activates in fp32, so a pre-activation below -65504 gives
+    silu = -0, while the pre-activation it saves for the backward is -inf in fp16. silu' there is its limit 0,
+    not 0 · inf = NaN: output and gradients finite and equal to a float64 computation (channel 0 is pushed past
+    the range by its bias, channel 1 is ordinary)."""
+    x = randn(1, 3, 4, 5, 6, dtype=torch.float16, device=device, requires_grad=True, scale=30.0)
+    w = randn(2, 3, 3, 3, 3, dtype=torch.float16, device=device, requires_grad=True, scale=30.0)
+    b = torch.tensor([-60000.0, 0.5], dtype=torch.float16, device=device).requires_grad_()
+    with fastsora.use_backend("triton"):
+        y = causal_conv3d(x, w, b, activation="silu")
+        g = grads(y, [x, w, b])
+    x64, w64, b64 = to_float64([x, w, b])
+    y64 = ref.causal_conv3d(x64, w64, b64, activation="silu")
+    pre = ref.causal_conv3d(x64, w64, b64)
+    assert (pre[:, 0] < -65504).any(), "the test must push some pre-activations past the fp16 range"
+    assert torch.isfinite(y).all() and all(torch.isfinite(t).all() for t in g)
+    assert_close(y, y64, torch.float16, "y")
+    g64 = grads(y64, [x64, w64, b64])
+    assert_close(g[:2], g64[:2], torch.float16, "gradients of x and w")
+    # db sums 120 fp16-rounded dz of both signs: a small sum by cancellation has a larger relative error
+    assert_close(g[2], g64[2], torch.float16, "gradient of b", tol=2e-2)

@@ -47,12 +47,13 @@ class CausalConv3d(nn.Module):
 
     ``forward(x, cache=None, return_cache=False, activation=None, residual=None)``: x (B, chan_in, T, H, W)
     float16/bfloat16/float32 (float64 on the torch backend) in the weight's dtype (or under autocast), NCDHW
-    or channels_last_3d -> (B, chan_out, T // stride, H, W) in x's dtype and memory format. With ``return_cache=True`` it returns ``(y, cache)``; pass that cache with
-    the next chunk of the same video (``cache=None`` starts a video). Chunks fed in order give the slices of
-    the one-call output of the whole video, up to the last bits of float rounding (the same sums; a few units in
-    the last place where the matmul's blocking differs; docs/causal_conv3d.md) (for a video longer than the time
-    padding, i.e. when the short-clip fallback does not apply); with stride s, chunk lengths must be multiples of
-    s. The cache holds the last ``max(time_pad, 0)`` frames only and is a constant for autograd (streaming is for inference).
+    or channels_last_3d -> (B, chan_out, T // stride, H, W) in x's dtype and memory format. With
+    ``return_cache=True`` it returns ``(y, cache)``; pass that cache with the next chunk of the same video
+    (``cache=None`` starts a video). Chunks fed in order give the slices of the one-call output of the whole
+    video up to the last bits of rounding (the same sums; a few units in the last place where the matmul's
+    blocking differs, see docs/causal_conv3d.md), for a video longer than the time padding (when the
+    short-clip fallback does not apply); with stride s, chunk lengths must be multiples of s. The cache holds
+    the last ``max(time_pad, 0)`` frames only and is a constant for autograd (streaming is for inference).
     """
 
     def __init__(self, chan_in: int, chan_out: int, kernel_size: Union[int, Tuple[int, int, int]],
