@@ -383,7 +383,8 @@ refuse_double_backward(_sums_bwd_op, "lfq_code_sums")
 def lfq_code_sums(prob_pos: Tensor, prob_neg: Tensor, entropy_weight: Optional[Tensor] = None) -> Tensor:
     """S (C, 2^⌊D/2⌋, 2^⌈D/2⌉) = Σ_t w_t P_hi[t]ᵀ P_lo[t]: the unnormalised code distribution
     (code index = row·2^⌈D/2⌉ + column, MSB first). prob_pos, prob_neg (T, C, D) float32 (float64 on the torch
-    backend; S has their dtype), entropy_weight w (T,) or None (all ones). Materialises 2^D floats per codebook (once)."""
+    backend; S has their dtype), entropy_weight w (T,) or None (all ones; a token of weight 0 adds nothing,
+    whatever its probabilities). Materialises 2^D floats per codebook (once)."""
     _check_probs(prob_pos, prob_neg)
     _check_weight(entropy_weight, prob_pos.shape[0], prob_pos.device, "entropy_weight")
     prob_pos, prob_neg = _weighted_tokens_only(prob_pos, prob_neg, entropy_weight)
