@@ -162,7 +162,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
 
     # the running max starts at the lowest finite float, not -inf: a row whose logits are all -inf from its data
     # (a -inf in q) then never computes -inf - (-inf) in the unmasked blocks and ends as a row with no visible
-    # key (output 0, LSE +inf), whatever the key length and tile; every finite logit is >= it
+    # key (output 0, LSE +inf), whatever the key length and tile; every finite scaled logit is >= it
     m_i = tl.full([BLOCK_M], -3.4028234663852886e38, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)

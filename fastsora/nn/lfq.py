@@ -51,8 +51,8 @@ class LFQ(nn.Module):
     ``Return(quantized, indices, entropy_aux_loss)`` (plus ``LossBreakdown(per_sample_entropy, batch_entropy,
     commitment)`` with ``return_loss_breakdown=True``): quantized in x's shape and dtype; indices int64, MSB
     first, (b, n) for sequences and (b, *spatial) — (b, h, w), (b, t, h, w) — for channel-first inputs, with a
-    trailing num_codebooks dim under ``keep_num_codebooks_dim``; the losses 0-d float32 (float64 for float64
-    x; zero in eval mode).
+    trailing num_codebooks dim under ``keep_num_codebooks_dim``; the losses 0-d float32 (zero in eval mode;
+    float64 for float64 x only with ``force_quantization_f32=False``).
     """
 
     def __init__(self, *, dim=None, codebook_size=None, entropy_loss_weight=0.1, commitment_loss_weight=0.,

@@ -122,7 +122,7 @@ def _weighted_tokens_only(pos: Tensor, neg: Tensor, w: Optional[Tensor]) -> Tupl
     0 · NaN). Both backends' code-table ops see the result; without weights pos, neg pass through."""
     if w is None:
         return pos, neg
-    keep = (w != 0)[:, None, None]
+    keep = (w.to(pos.dtype) != 0)[:, None, None]   # the weight as the kernels and the torch path read it
     half = torch.full((), 0.5, dtype=pos.dtype, device=pos.device)
     return torch.where(keep, pos, half), torch.where(keep, neg, half)
 
