@@ -40,4 +40,4 @@ if [ ! -x "$venv/bin/python" ]; then "$python" -m venv "$venv"; fi
 cache="$(mktemp -d)"
 trap 'rm -rf "$cache"' EXIT
 cd "$root"
-TORCHINDUCTOR_CACHE_DIR="$cache" "$venv/bin/python" -m pytest -n 2 -q -p no:cacheprovider "$@"
+TORCHINDUCTOR_CACHE_DIR="$cache" "$venv/bin/python" -m pytest -n 2 --dist worksteal -q -p no:cacheprovider "$@"

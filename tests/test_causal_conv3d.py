@@ -438,9 +438,10 @@ def fake_cuda_launchers(monkeypatch):
 
 def test_cuda_launch_path_with_split_weight_gradient(fake_cuda_launchers, poison):
     """The CUDA launchers (autotuner objects, META grids, per-variant config tables, the grad weight split
-    over M with fp32 atomics) run here in the interpreter with one-config tables and a fake SM count."""
+    over M with fp32 atomics: 4x16x17 positions split in two, the second part short) run here in the interpreter
+    with one-config tables and a fake SM count."""
     for ci, mode in ((10, "replicate"), (3, "constant")):  # per-tap and flattened kernels
-        x, wt, bs, _ = _inputs(1, ci, 6, 4, 24, 24, (3, 3, 3), torch.float32, "cpu", requires_grad=True)
+        x, wt, bs, _ = _inputs(1, ci, 6, 4, 16, 17, (3, 3, 3), torch.float32, "cpu", requires_grad=True)
         with fastsora.use_backend("triton"):
             y = causal_conv3d(x, wt, bs, pad_mode=mode)
             got = grads(y, [x, wt, bs])
@@ -467,7 +468,7 @@ def test_deterministic_algorithms_run_grad_weight_unsplit(fake_cuda_launchers, m
     try:
         for deterministic in (False, True):
             torch.use_deterministic_algorithms(deterministic)
-            x, wt, bs, _ = _inputs(1, 8, 6, 4, 24, 24, (3, 3, 3), torch.float32, "cpu", requires_grad=True)
+            x, wt, bs, _ = _inputs(1, 8, 6, 4, 16, 17, (3, 3, 3), torch.float32, "cpu", requires_grad=True)
             with fastsora.use_backend("triton"):
                 got = grads(causal_conv3d(x, wt, bs), [x, wt, bs])
             l64 = to_float64((x, wt, bs))

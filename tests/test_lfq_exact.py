@@ -101,7 +101,7 @@ def test_code_sums_and_clamped_entropy(backend, device):
 
 
 @pytest.mark.parametrize("t,c,d,masked", [(37, 2, 5, True), (20, 1, 14, False), (50, 3, 1, True), (16, 1, 8, False),
-                                           (9, 2, 18, True)])
+                                           (9, 1, 18, True)])
 def test_triton_matches_torch_path(poison, dtype, device, t, c, d, masked):
     """Every output and gradient of the Triton path (NaN-poisoned outputs) equals the torch path's: out and
     indices exactly, the losses (fp32 from x's exact values) within 1e-5, dx within _dx_tol(dtype)."""
