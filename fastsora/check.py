@@ -36,12 +36,28 @@ def _flat(out) -> List[torch.Tensor]:
     return [t for item in out for t in _flat(item)]
 
 
+def _checked_dtypes(spec: OpSpec, device: torch.device, dtypes: Optional[Sequence[torch.dtype]]
+                    ) -> Sequence[torch.dtype]:
+    """``dtypes`` (default: every dtype ``spec`` is checked in on ``device``); one it is not checked in there
+    is refused by name (bfloat16 on CPU: Triton's interpreter mishandles it)."""
+    supported = spec.dtypes_cuda if device.type == "cuda" else spec.dtypes_cpu
+    if dtypes is None:
+        return supported
+    unsupported = [d for d in dtypes if d not in supported]
+    if unsupported:
+        names = ", ".join(str(d).removeprefix("torch.") for d in supported)
+        why = " (bfloat16 is broken in Triton's interpreter)" if device.type == "cpu" else ""
+        raise ValueError(f"dtype {', '.join(str(d).removeprefix('torch.') for d in unsupported)}: {spec.name} is "
+                         f"checked on {device.type} in {names} only{why}")
+    return dtypes
+
+
 def check_op(spec: OpSpec, device: torch.device, dtypes: Optional[Sequence[torch.dtype]] = None,
              on_row: Callable[[CheckRow], None] = lambda row: None) -> List[CheckRow]:
-    """Run every check case of ``spec`` on the Triton backend and compare with the float64 reference;
-    ``on_row(row)`` is called as each row is done."""
-    if dtypes is None:
-        dtypes = spec.dtypes_cuda if device.type == "cuda" else spec.dtypes_cpu
+    """Run every check case of ``spec`` on the Triton backend in each of ``dtypes`` (default: every dtype the
+    op is checked in on ``device``) and compare with the float64 reference; ``on_row(row)`` is called as each
+    row is done."""
+    dtypes = _checked_dtypes(spec, device, dtypes)
     rows = []
     for case in spec.check_cases(device):
         for dtype in dtypes:
@@ -65,9 +81,15 @@ def check_op(spec: OpSpec, device: torch.device, dtypes: Optional[Sequence[torch
 
 
 def run_checks(device: torch.device, ops: Optional[Sequence[str]] = None,
+               dtypes: Optional[Sequence[torch.dtype]] = None,
                on_row: Callable[[CheckRow], None] = lambda row: None) -> List[CheckRow]:
-    """Every check row of the selected ops (all registered ones by default); ``on_row`` as in :func:`check_op`."""
+    """Every check row of the selected ops (all registered ones by default), in ``dtypes`` (default: each op's
+    dtypes on ``device``; every op must be checked in them, or nothing runs); ``on_row`` as in
+    :func:`check_op`."""
+    specs = select_ops(ops, "fastsora check")
+    for spec in specs:
+        _checked_dtypes(spec, device, dtypes)
     rows = []
-    for spec in select_ops(ops, "fastsora check"):
-        rows.extend(check_op(spec, device, on_row=on_row))
+    for spec in specs:
+        rows.extend(check_op(spec, device, dtypes, on_row=on_row))
     return rows

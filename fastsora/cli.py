@@ -65,13 +65,19 @@ def cmd_info(args) -> int:
 
 
 def cmd_check(args) -> int:
+    import torch
+
     from fastsora.check import run_checks
 
     device = _device()
 
     def on_row(r):  # one line per row as it finishes, so a run cut short still says what it checked
         print(f"  {r.op} | {r.case} | {r.dtype}: {'ok' if r.ok else 'FAILED'}", file=sys.stderr, flush=True)
-    rows = run_checks(device, args.ops, on_row=on_row)
+    dtypes = [getattr(torch, d) for d in args.dtype] if args.dtype else None
+    try:
+        rows = run_checks(device, args.ops, dtypes, on_row=on_row)
+    except ValueError as exc:
+        raise SystemExit(f"fastsora check: {exc}") from None
     table = [(r.op, r.case, r.dtype, f"{r.max_rel_error:.2e}", f"{r.tolerance:.0e}",
               "ok" if r.ok else ("ERROR " + r.error if r.error else "MISMATCH")) for r in rows]
     print(f"parity against float64 references on {device.type}"
@@ -171,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="versions, device, interpreter, backend per op").set_defaults(func=cmd_info)
     p = sub.add_parser("check", help="parity of every registered op against its float64 reference")
     p.add_argument("--ops", nargs="*", help="op names (default: all)")
+    p.add_argument("--dtype", nargs="*", choices=["float32", "float16", "bfloat16"],
+                   help="default: float32, float16 and bfloat16 on CUDA; float32 and float16 on CPU")
     p.set_defaults(func=cmd_check)
     p = sub.add_parser("compile", help="compile every kernel config for NVIDIA archs without a GPU")
     p.add_argument("--arch", nargs="+", default=["sm_80", "sm_90"])

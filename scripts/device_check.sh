@@ -13,7 +13,9 @@
 # Stages, most important first, each with its share of the budget; every file lands in $OUT (the tool brings
 # back at most 8): info.txt, check.log, bench.log, three bench-<device>-<date>.json (one per op), tests.log,
 # summary.txt.
-#   check  `fastsora check`: every op against its float64 reference on CUDA at realistic shapes (fp32/fp16/bf16)
+#   check  `fastsora check --dtype bfloat16`: every op against its float64 reference on CUDA at realistic shapes,
+#          in bf16 only (the dtype the interpreter cannot run and the bench times: the two share compiled
+#          kernels; fp32 and fp16 on CUDA are in the tests stage and `fastsora check` with no --dtype)
 #   bench  `fastsora bench` of the issues' targets in bf16 (LFQ d=18 at 1k/16k tokens; conv at MAGVIT-v2,
 #          CogVideoX and Open-Sora shapes, fwd and fwd+bwd, NCDHW and channels_last_3d against F.pad+cuDNN;
 #          varlen at flash-attn's 16k-token protocol and a NaViT pack against torch varlen_attn and dense SDPA);
@@ -65,7 +67,7 @@ if [ "$budget_check" -gt 0 ]; then
   : >"$out/check.log"
   for ops in lfq varlen_attention "causal_conv3d causal_conv3d_stream"; do
     # shellcheck disable=SC2086  # the conv entry names two ops
-    timeout $((budget_check / 3)) "${fastsora[@]}" check --ops $ops >>"$out/check.log" 2>&1
+    timeout $((budget_check / 3)) "${fastsora[@]}" check --ops $ops --dtype bfloat16 >>"$out/check.log" 2>&1
     echo "== $ops: exit $?" >>"$out/check.log"
   done
   note "check: after $((SECONDS - start)) s; $(grep '^== ' "$out/check.log" | tr '\n' ' ')"

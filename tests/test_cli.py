@@ -272,6 +272,21 @@ def test_cli_info_and_check(registered, capsys):
         assert cli.main(["check", "--ops", registered.name]) == 0
         out = capsys.readouterr().out
         assert "2/2 passed" in out
+        assert cli.main(["check", "--ops", registered.name, "--dtype", "float16"]) == 0
+        captured = capsys.readouterr()
+        assert "1/1 passed" in captured.out and "| float16: ok" in captured.err and "float32" not in captured.err
+
+
+def test_cli_check_refuses_a_dtype_the_op_is_not_checked_in(registered, capsys):
+    """--dtype bfloat16 on CPU (Triton's interpreter mishandles bf16) ends the command before any row runs,
+    naming the dtype, the op and the dtypes it is checked in; on CUDA bfloat16 is one of them."""
+    if torch.cuda.is_available():
+        assert check_op(registered, torch.device("cuda"), [torch.bfloat16])[0].dtype == "bfloat16"
+        return
+    with pytest.raises(SystemExit, match=r"dtype bfloat16: test_scaled_add is checked on cpu in float32, float16 "
+                                         r"only \(bfloat16 is broken in Triton's interpreter\)"):
+        cli.main(["check", "--ops", registered.name, "--dtype", "float32", "bfloat16"])
+    assert "float32" not in capsys.readouterr().err, "no row runs before the refusal"
 
 
 def test_cli_info_names_numpy_and_an_unusable_interpreter(monkeypatch, capsys):
