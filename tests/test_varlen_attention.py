@@ -88,6 +88,45 @@ def test_torch_backend_matches_float64_reference(case, dtype):
     check_against_reference(q, k, v, cu_q, cu_k, mode, scale, backend="torch")
 
 
+def _independent_attention(q, k, v, lens_q, lens_k, scale, mode):
+    """Softmax attention written out per sequence and query head, from the masks' definitions (not the
+    reference's code): mode 1 sees key j from query i when j <= i + Lk - Lq (bottom-right), mode 2 when j <= i
+    (top-left). A row that sees no key, and a tail row past the last sequence, gives 0 with LSE +inf."""
+    out = torch.zeros_like(q)
+    lse = torch.full((q.shape[1], q.shape[0]), float("inf"), dtype=q.dtype)
+    group = q.shape[1] // k.shape[1]
+    a = b = 0
+    for lq, lk in zip(lens_q, lens_k):
+        i, j = torch.arange(lq)[:, None], torch.arange(lk)[None, :]
+        seen = {0: torch.ones(lq, lk, dtype=torch.bool), 1: j <= i + lk - lq, 2: j <= i}[mode]
+        has_key = seen.any(1)
+        for h in range(q.shape[1]):
+            s = (q[a:a + lq, h] @ k[b:b + lk, h // group].T * scale).masked_fill(~seen, float("-inf"))
+            p = torch.where(has_key[:, None], s.softmax(-1), 0.0) if lk else s.new_zeros(lq, 0)
+            out[a:a + lq, h] = p @ v[b:b + lk, h // group]
+            lse[h, a:a + lq] = torch.where(has_key, s.logsumexp(-1), float("inf")) if lk else float("inf")
+        a, b = a + lq, b + lk
+    return out, lse
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=str)
+def test_torch_backend_matches_independent_float64_attention(case):
+    """The torch backend (the reference's forward and its analytic backward) in float64 against attention
+    written out per sequence from the masks' definitions: every other test's oracle is that reference."""
+    lq, lk, hq, hkv, d, mode, eq, ek, scale = CASES[case]
+    lk = lq if lk is None else lk
+    q, k, v, cu_q, cu_k = make(lq, lk, hq, hkv, d, torch.float64, "cpu", eq, ek)
+    with use_backend("torch"):
+        out, lse = _attention(q, k, v, cu_q, cu_k, 0.0, scale, mode, True)
+        g = grads(out, [q, k, v])
+    want, want_lse = _independent_attention(q, k, v, lq, lk, d ** -0.5 if scale is None else scale, mode)
+    assert relative_error(out, want) < 1e-12
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+    assert relative_error(lse[torch.isfinite(lse)], want_lse[torch.isfinite(want_lse)]) < 1e-12
+    for name, a, b in zip("qkv", g, grads(want, [q, k, v])):
+        assert relative_error(a, b) < 1e-12, name
+
+
 def test_torch_backend_float64_keeps_float64_precision():
     """float64 inputs (the torch backend) keep their LSE in float64, so the analytic backward, which reads it,
     agrees with autograd through the float64 reference to float64 rounding (a float32 LSE: ~1e-7)."""
@@ -263,12 +302,14 @@ def test_noncontiguous_and_packed_qkv_views(device):
     assert_close(out2, ref2, torch.float32, "out strided-d", tol=4e-5)
 
 
-def test_lse_is_differentiable(device):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_lse_is_differentiable(backend, device):
+    """A loss through the LSE output as well as the output: both backends' backwards take the LSE's gradient."""
     q, k, v, cu_q, cu_k = make([6, 30], [12, 30], 2, 2, 16, torch.float32, device)
     gen = torch.Generator().manual_seed(1)
     w_o = torch.randn(q.shape, generator=gen).to(device)
     w_l = torch.randn(q.shape[1], q.shape[0], generator=gen).to(device)
-    with use_backend("triton"):
+    with use_backend(backend):
         out, lse = varlen_attention(q, k, v, cu_q, cu_k, causal=True, return_lse=True)
         g = torch.autograd.grad((out * w_o).sum() + (lse * w_l).sum(), [q, k, v])
     q64, k64, v64 = to_float64([q, k, v])
@@ -367,11 +408,12 @@ def test_strided_offsets_are_read_by_value(device, poison):
     assert torch.equal(out, want)
 
 
-def test_lse_gradient_on_rows_without_keys_is_ignored(device, poison):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_lse_gradient_on_rows_without_keys_is_ignored(backend, device, poison):
     """A loss through exp(lse) sends an infinite gradient to rows that see no key (LSE +inf); those rows have
-    P = 0, so q, k and v take no gradient from them (the torch path's rule) - finite, matching float64."""
+    P = 0, so q, k and v take no gradient from them, on both backends - finite, matching float64."""
     q, k, v, cu_q, cu_k = make([4, 7], [2, 9], 2, 2, 16, torch.float32, device, extra_q=2)
-    with use_backend("triton"):
+    with use_backend(backend):
         out, lse = varlen_attention(q, k, v, cu_q, cu_k, causal=True, return_lse=True)
         assert torch.isinf(lse).any(), "the case must have rows without a visible key"
         dlse = torch.where(torch.isinf(lse), float("inf"), 0.5)
@@ -498,6 +540,37 @@ def test_offsets_past_2_31_elements(dtype, device, poison):
     q, k, v = (spread_past_int32(t) for t in (q, k, v))
     assert kern._aligned(q).data_ptr() == q.data_ptr(), "the launcher must read the view in place"
     check_against_reference(q, k, v, cu_q, cu_k, 1, spread_cotangent=True)   # dO read in place too
+
+
+def test_offsets_inside_a_sequence_past_2_31_elements(dtype, device, poison):
+    """One causal sequence of 400 tokens whose q, k, v and dO rows lie MAX_TOKEN_STRIDE - 8 elements apart (read
+    in place): its last query and key blocks (tiles of up to 128 rows) start past 2^31 elements of their storages,
+    so a block start formed in int32 (start * token stride) wraps there. Output, LSE and every gradient match
+    float64."""
+    n, d = 400, 16
+    stride = kern.MAX_TOKEN_STRIDE - 8
+    assert (n - 1) // 128 * 128 * stride >= 2 ** 31
+
+    def spread(t):  # the storage is untouched except under the view (on CPU its other pages cost nothing)
+        storage = torch.empty((n - 1) * stride + d, dtype=dtype, device=device)
+        view = storage.as_strided(t.shape, (stride, d, 1))
+        view.copy_(t.detach())
+        return view.requires_grad_(t.requires_grad)
+
+    q, k, v, cu, _ = make([n], [n], 1, 1, d, dtype, device, seed=5)
+    q, k, v = (spread(t) for t in (q, k, v))
+    gen = torch.Generator().manual_seed(6)
+    dout = spread(torch.randn(n, 1, d, generator=gen).to(device, dtype))
+    assert all(kern._aligned(t).data_ptr() == t.data_ptr() for t in (q, k, v, dout)), "read in place"
+    with use_backend("triton"):
+        out, lse = _attention(q, k, v, cu, cu, 0.0, None, 1, True)
+        g = torch.autograd.grad(out, [q, k, v], dout)
+    q64, k64, v64 = to_float64([q, k, v])
+    ref_out, ref_lse = ref_attention(q64, k64, v64, cu.cpu(), cu.cpu(), d ** -0.5, 1)
+    assert_close(out, ref_out, dtype, "out", tol=TOLERANCE[dtype] * 2)
+    assert relative_error(lse.cpu(), ref_lse) < 1e-5
+    for name, a, b in zip("qkv", g, torch.autograd.grad(ref_out, [q64, k64, v64], to_float64(dout))):
+        assert_close(a, b, dtype, f"d{name}", tol=GRAD_TOL[dtype])
 
 
 def test_token_strides_past_the_tile_bound_are_copied(device):

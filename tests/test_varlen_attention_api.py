@@ -185,6 +185,7 @@ BlockDiagonalMask = _mask_class("BlockDiagonalMask")
 BlockDiagonalCausalMask = _mask_class("BlockDiagonalCausalMask")
 BlockDiagonalCausalFromBottomRightMask = _mask_class("BlockDiagonalCausalFromBottomRightMask")
 LowerTriangularMask = type("LowerTriangularMask", (), {})
+LowerTriangularFromBottomRightMask = type("LowerTriangularFromBottomRightMask", (), {})
 BlockDiagonalCausalLocalAttentionMask = _mask_class("BlockDiagonalCausalLocalAttentionMask")
 
 
@@ -229,12 +230,16 @@ def test_memory_efficient_attention_dense_and_lower_triangular(device):
     with use_backend("triton"):
         dense = memory_efficient_attention(q, k, v, scale=0.3)
         causal = memory_efficient_attention(q, k, v, LowerTriangularMask())
+        bottom_right = memory_efficient_attention(q, k, v, LowerTriangularFromBottomRightMask())
     ref_dense = torch.softmax(torch.einsum("bihd,bjhd->bhij", q, k) * 0.3, -1)
     ref_dense = torch.einsum("bhij,bjhd->bihd", ref_dense, v)
     torch.testing.assert_close(dense, ref_dense, rtol=1e-5, atol=1e-5)
-    s = torch.einsum("bihd,bjhd->bhij", q, k) / 4.0
-    s = s.masked_fill(torch.ones(9, 13, dtype=torch.bool, device=device).triu(1), float("-inf"))
-    torch.testing.assert_close(causal, torch.einsum("bhij,bjhd->bihd", torch.softmax(s, -1), v), rtol=1e-5, atol=1e-5)
+    # top-left: query i sees keys j <= i; from the bottom right (9 queries, 13 keys): j <= i + 4
+    for got, above in ((causal, 1), (bottom_right, 13 - 9 + 1)):
+        s = torch.einsum("bihd,bjhd->bhij", q, k) / 4.0
+        s = s.masked_fill(torch.ones(9, 13, dtype=torch.bool, device=device).triu(above), float("-inf"))
+        torch.testing.assert_close(got, torch.einsum("bhij,bjhd->bihd", torch.softmax(s, -1), v), rtol=1e-5,
+                                   atol=1e-5)
 
 
 @pytest.mark.parametrize("mq, mk", [(0, 5), (4, 0), (0, 0)])
