@@ -816,6 +816,10 @@ def _bwd_input_launches(g, x, wp, w_shape, cache, dx, stride, dilation, time_pad
             run(rows, rows.numel(), T, halo_t if frame0 else 0, halo_h if need_h else 0, halo_w if need_w else 0)
 
 
+#: on CUDA grad weight splits its positions over programs (fp32 atomics) in parts of about this many rows or more
+SPLIT_MIN_ROWS = 1024
+
+
 def _bwd_weight_launch(g, x, w_shape, cache, dw32, db32, stride, dilation, time_pad, replicate, has_bias) -> None:
     """dw32 (taps, C_in, C_out) and db32 (C_out,) += the contributions of all positions of x (fewer than 2^31),
     fp32 atomics."""
@@ -840,7 +844,7 @@ def _bwd_weight_launch(g, x, w_shape, cache, dw32, db32, stride, dilation, time_
     else:
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count
         tiles = taps * triton.cdiv(C_in, 64) * triton.cdiv(C_out, 64)
-        splits = max(1, min(triton.cdiv(M, 1024), triton.cdiv(4 * sms, tiles)))
+        splits = max(1, min(triton.cdiv(M, SPLIT_MIN_ROWS), triton.cdiv(4 * sms, tiles)))
     # a multiple of every BLOCK_M (all divide 256): the splits tile [0, M) exactly
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), 256) * 256
     splits = triton.cdiv(M, rows_per_split)

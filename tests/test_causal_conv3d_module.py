@@ -253,12 +253,20 @@ def test_triton_refuses_with_a_reason():
 # ---------------------------------------------------------------------------------------------------------
 
 class _Recorder(TorchDispatchMode):
+    """Records every op, including the ATen ops a fastsora op runs inside (torch pops the mode while it
+    dispatches an op: a fastsora op is redispatched to its device kernel with the mode pushed again)."""
+
     def __init__(self):
         super().__init__()
         self.ops = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(str(func))
+        if str(func).startswith("fastsora."):
+            cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
+            keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA if cuda else torch._C.DispatchKey.CPU)
+            with self:
+                return func.redispatch(keys, *args, **(kwargs or {}))
         return func(*args, **(kwargs or {}))
 
 
@@ -305,9 +313,12 @@ def test_triton_path_uses_kernels_not_aten_conv(monkeypatch, device):
     bad = [op for op in seen if _forbidden(op)]
     assert not bad, f"the Triton path called {bad}"
     calls.clear()
-    with fastsora.use_backend("torch"):
-        causal_conv3d(x, w, b)
+    rec = _Recorder()
+    with rec, fastsora.use_backend("torch"):
+        causal_conv3d(x, w, b, pad_mode="replicate")
     assert calls == []
+    # the recorder sees inside a fastsora op: the torch backend's pad and convolution are recorded
+    assert any(_forbidden(op) and "pad" in op for op in rec.ops) and any("conv" in op for op in rec.ops), rec.ops
 
 
 # ---------------------------------------------------------------------------------------------------------
