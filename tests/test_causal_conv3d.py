@@ -3,6 +3,7 @@
 Forward over kernel sizes, strides, dilations, pad modes, bias, layouts, the short-clip fallback and the fused
 epilogue; gradients for input, weight, bias and residual; NaN-poisoned outputs throughout.
 """
+import contextlib
 import importlib
 
 import pytest
@@ -490,33 +491,33 @@ def test_cuda_launch_path_with_split_weight_gradient(fake_cuda_launchers, poison
         assert_close([y, *got], [y64, *grads(y64, list(l64))], torch.float32)
 
 
-def test_deterministic_algorithms_run_grad_weight_unsplit(fake_cuda_launchers, monkeypatch):
-    """On CUDA grad weight is split over positions with fp32 atomics (not bit-reproducible); under
-    torch.use_deterministic_algorithms(True) it runs unsplit (one writer per element). Checked here through the
-    CUDA launcher with a fake SM count; the gradients match the reference either way."""
-    K = fake_cuda_launchers
+def _record_weight_splits(K, monkeypatch, block_m):
+    """The programs along M (the grid's third axis) of each grad-weight launch, appended as it is launched."""
     splits = []
     real_launch = K._launch
 
     def spy(kind, kernel, grid, *rest, **kw):
         if kind == "bwd_weight":
-            splits.append(grid({"BLOCK_M": 256, "BLOCK_N": 32, "BLOCK_K": 32})[2])
+            splits.append(grid({"BLOCK_M": block_m, "BLOCK_N": 32, "BLOCK_K": 32})[2])
         return real_launch(kind, kernel, grid, *rest, **kw)
 
     monkeypatch.setattr(K, "_launch", spy)
-    was = torch.are_deterministic_algorithms_enabled()
-    try:
-        for deterministic in (False, True):
-            torch.use_deterministic_algorithms(deterministic)
+    return splits
+
+
+def test_deterministic_algorithms_run_grad_weight_unsplit(fake_cuda_launchers, monkeypatch):
+    """On CUDA grad weight is split over positions with fp32 atomics (not bit-reproducible); under
+    torch.use_deterministic_algorithms(True) it runs unsplit (one writer per element). Checked here through the
+    CUDA launcher with a fake SM count; the gradients match the reference either way."""
+    splits = _record_weight_splits(fake_cuda_launchers, monkeypatch, 256)
+    for deterministic in (False, True):
+        with deterministic_algorithms() if deterministic else contextlib.nullcontext():
             x, wt, bs, _ = _inputs(1, 8, 6, 4, 16, 17, (3, 3, 3), torch.float32, "cpu", requires_grad=True)
             with fastsora.use_backend("triton"):
                 got = grads(causal_conv3d(x, wt, bs), [x, wt, bs])
-            l64 = to_float64((x, wt, bs))
-            want = grads(_oracle(*l64), list(l64))
-            assert_close(got, want, torch.float32)
-        assert splits[0] > 1 and splits[1] == 1, splits
-    finally:
-        torch.use_deterministic_algorithms(was)
+        l64 = to_float64((x, wt, bs))
+        assert_close(got, grads(_oracle(*l64), list(l64)), torch.float32)
+    assert splits[0] > 1 and splits[1] == 1, splits
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -529,28 +530,16 @@ def test_grad_weight_rows_advance_across_rows_frames_and_batches(fake_cuda_launc
     monkeypatch.setattr(K, "_CONFIGS", {"sm_90": {key: [(16, 32, 32, 4, 1)] for key in K._TABLE}})
     monkeypatch.setattr(K, "SPLIT_MIN_ROWS", 128)
     K._tuned.cache_clear()
-    splits = []
-    real_launch = K._launch
-
-    def spy(kind, kernel, grid, *rest, **kw):
-        if kind == "bwd_weight":
-            splits.append(grid({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32})[2])
-        return real_launch(kind, kernel, grid, *rest, **kw)
-
-    monkeypatch.setattr(K, "_launch", spy)
-    was = torch.are_deterministic_algorithms_enabled()
-    try:
-        torch.use_deterministic_algorithms(deterministic)
-        for ci, mode in ((10, "replicate"), (3, "constant")):  # per-tap (C_in > FLAT_MAX_C_IN) and flattened
-            assert (ci > K.FLAT_MAX_C_IN) == (mode == "replicate")
-            x, wt, bs, _ = _inputs(3, ci, 4, 2, 9, 5, (3, 1, 3), torch.float32, "cpu", requires_grad=True)
-            x = x.detach()  # no grad input: the grad-weight kernel alone (9 taps: the interpreter's time)
+    splits = _record_weight_splits(K, monkeypatch, 16)
+    for ci, mode in ((10, "replicate"), (3, "constant")):  # per-tap (C_in > FLAT_MAX_C_IN) and flattened
+        assert (ci > K.FLAT_MAX_C_IN) == (mode == "replicate")
+        x, wt, bs, _ = _inputs(3, ci, 4, 2, 9, 5, (3, 1, 3), torch.float32, "cpu", requires_grad=True)
+        x = x.detach()  # no grad input: the grad-weight kernel alone (9 taps: the interpreter's time)
+        with deterministic_algorithms() if deterministic else contextlib.nullcontext():
             with fastsora.use_backend("triton"):
                 got = grads(causal_conv3d(x, wt, bs, pad_mode=mode), [wt, bs])
-            l64 = to_float64((x, wt, bs))
-            assert_close(got, grads(_oracle(*l64, pad_mode=mode), list(l64[1:])), torch.float32)
-    finally:
-        torch.use_deterministic_algorithms(was)
+        l64 = to_float64((x, wt, bs))
+        assert_close(got, grads(_oracle(*l64, pad_mode=mode), list(l64[1:])), torch.float32)
     assert splits == ([1, 1] if deterministic else [2, 2]), splits
 
 
