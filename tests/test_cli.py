@@ -91,6 +91,7 @@ def test_check_passes_a_correct_kernel_and_catches_an_unwritten_element(register
     buggy = OpSpec(**{**registered.__dict__, "run": lambda x, y: scaled_add(x, y, buggy=True)})
     rows = check_op(buggy, torch.device("cpu"))
     assert rows and not any(r.ok for r in rows), "a NaN-poisoned element the kernel skipped must fail"
+    assert all(math.isinf(r.max_rel_error) for r in rows), "the skipped element holds the poison (NaN: error inf)"
     # a non-finite reference makes an output's error NaN: the row fails even when another output is exact
     two = OpSpec(**{**registered.__dict__, "run": lambda x, y: (scaled_add(x, y), x * 0 + 1),
                     "reference": lambda x, y: (registered.reference(x, y), x * float("nan"))})
@@ -255,7 +256,19 @@ def test_git_commit_from_the_environment(monkeypatch):
     assert bench_mod.git_commit() != "0123abcd"
 
 
-def test_cli_bench_rewrites_one_json_per_run(registered, tmp_path, capsys):
+def test_cli_bench_rewrites_one_json_per_run(registered, tmp_path, capsys, monkeypatch):
+    """The results' path is fixed at the first report and the JSON rewritten there after every point: names are
+    stamped to the second, so here each call of results_base gives a new one, as a run crossing a second would."""
+    import fastsora.bench as bench
+
+    calls = []
+    real_base = bench.results_base
+
+    def new_base_every_call(*args, **kwargs):
+        calls.append(args)
+        return f"{real_base(*args, **kwargs)}-call{len(calls)}"
+
+    monkeypatch.setattr(bench, "results_base", new_base_every_call)
     assert cli.main(["bench", "--ops", registered.name, "--modes", "fwd", "--impls", "reference",
                      "--budget-s", "600", "--out", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("bench-*.json")

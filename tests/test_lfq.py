@@ -91,6 +91,30 @@ def test_parity_with_anchor(name, kw, shape):
         assert (gb - ga).abs().max().item() <= 5e-4 * max(ga.abs().max().item(), 1e-4)
 
 
+@pytest.mark.parametrize("inv_temperature", [100.0, 37.0, 10.0])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_losses_and_their_gradients_match_anchor(backend, inv_temperature):
+    """The losses and their gradients (x and the projections), at the default and other inverse temperatures
+    (the forward's inv_temperature): commitment exactly as the anchor's; the entropy aux loss and its gradient
+    within 2e-3 (the anchor clamps its per-sample logs at 1e-5), with the clamp-compatible codebook entropy."""
+    ref, ours = _pair(dict(codebook_size=2 ** 6, dim=8, entropy_loss_weight=0.3, diversity_gamma=2.5,
+                           commitment_loss_weight=0.2))
+    x = (torch.randn(2, 6, 8) * 0.3).requires_grad_()
+    (ra, la), (rb, lb) = (_call(ref, x, inv_temperature=inv_temperature),
+                          _call(ours, x, backend=backend, inv_temperature=inv_temperature))
+    assert relative_error(lb.batch_entropy, la.batch_entropy) <= 1e-5
+    assert relative_error(rb.entropy_aux_loss, ra.entropy_aux_loss) <= 2e-3
+    assert abs(lb.commitment.item() - la.commitment.item()) <= 1e-6
+    for name, loss_a, loss_b, tol in (("commitment", la.commitment, lb.commitment, 1e-5),
+                                      ("entropy aux loss", ra.entropy_aux_loss, rb.entropy_aux_loss, 2e-3)):
+        ga = torch.autograd.grad(loss_a, _leaves(ref, x), retain_graph=True, allow_unused=True)
+        gb = torch.autograd.grad(loss_b, _leaves(ours, x), retain_graph=True, allow_unused=True)
+        for a, b in zip(ga, gb, strict=True):
+            assert (a is None) == (b is None), name
+            if a is not None:
+                assert relative_error(b, a) <= tol, name
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_straight_through_activation_with_large_inputs(backend, device):
     """A straight-through activation takes its codes from x's signs, as the anchor: x + (q - x) rounds to 0 or

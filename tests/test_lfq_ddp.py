@@ -1,5 +1,6 @@
 """LFQ under torch.distributed (2 gloo processes on CPU): per-rank halves of a batch give the exact global
 codebook entropy of the whole batch, and DDP-averaged gradients equal the single-process gradients."""
+import importlib
 import os
 
 import pytest
@@ -106,10 +107,17 @@ def test_rank_with_empty_selection_neither_hangs_nor_poisons_the_others(tmp_path
     assert all(torch.isfinite(g).all() for g in ranks[0]["skip"])
 
 
-def test_single_process_group_is_not_distributed(tmp_path):
-    """world_size 1: the local (fused, never materialised) path; same values as without a group."""
+def test_single_process_group_is_not_distributed(tmp_path, monkeypatch):
+    """world_size 1: the local (fused, never materialised) path, not the all-reduced code sums (which would
+    give the same values: the sum's entry point refuses here); same values as without a group."""
+    lfq_ops = importlib.import_module("fastsora.ops.lfq")  # the attribute is the function of that name
+
+    def refuse(*args):
+        raise AssertionError("world_size 1 took the distributed path")
+
     model, x = _model_and_batch()
     want = _step(model, x, "torch").batch_entropy
+    monkeypatch.setattr(lfq_ops._GlobalSum, "apply", refuse)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init1'}", rank=0, world_size=1)
     try:
         got = _step(model, x, "torch").batch_entropy
