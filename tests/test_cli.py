@@ -35,6 +35,13 @@ def dot_kernel(a_ptr, out_ptr, BM: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
+def normalise_kernel(x_ptr, out_ptr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs)
+    tl.store(out_ptr + offs, x / tl.sum(x, 0))
+
+
+@triton.jit
 def _double(x):
     return x * 2
 
@@ -109,6 +116,19 @@ def test_compile_reports_resources(arch):
     assert res.registers and res.registers > 0
     assert res.spill_bytes == 0 and res.problems == []
     assert not res.mma
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_compile_reports_spills(arch):
+    """Positive control of the spill / stack-frame check that every kernel config must pass: one warp holding
+    8192 fp32 values across a reduction (256 a thread, past the 255 registers) is reported as a problem."""
+    entry = KernelEntry("test", normalise_kernel, [])
+    cfg = KernelConfig("one warp", {"x_ptr": "*fp32", "out_ptr": "*fp32", "BLOCK": "constexpr"}, {"BLOCK": 8192},
+                       num_warps=1)
+    res = compile_config(entry, cfg, arch)
+    assert res.ok, res.error
+    assert (res.spill_bytes or 0) > 0 or (res.stack_bytes or 0) > 0, res
+    assert res.problems, res
 
 
 def test_compile_passes_the_alignment_the_jit_would_see():
