@@ -153,6 +153,33 @@ def grads(outputs: Any, inputs: Sequence[torch.Tensor], seed: int = 0,
     return torch.autograd.grad(outs, list(inputs), cot, allow_unused=False)
 
 
+def attention_per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens_q: Sequence[int],
+                           lens_k: Sequence[int], scale: float, causal_mode: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of packed sequences written out per sequence and query head from the masks' definitions,
+    independent of fastsora.reference (a test oracle for it and for the modules). q (Tq, Hq, D), k and v (Tk, Hkv,
+    D) with Hq a multiple of Hkv (GQA), sequences of ``lens_q`` / ``lens_k`` tokens packed from row 0.
+    ``causal_mode`` 0 sees every key; 1 key j from query i when j <= i + Lk - Lq (bottom-right, flash-attn's
+    causal); 2 when j <= i (top-left). A row that sees no key, and a tail row past the last sequence, gives 0
+    with LSE +inf. Returns (out like q, LSE (Hq, Tq) in q's dtype); differentiable."""
+    out = torch.zeros_like(q)
+    lse = torch.full((q.shape[1], q.shape[0]), float("inf"), dtype=q.dtype, device=q.device)
+    group = q.shape[1] // k.shape[1]
+    a = b = 0
+    for lq, lk in zip(lens_q, lens_k):
+        i = torch.arange(lq, device=q.device)[:, None]
+        j = torch.arange(lk, device=q.device)[None, :]
+        everything = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
+        seen = {0: everything, 1: j <= i + lk - lq, 2: j <= i}[causal_mode]
+        has_key = seen.any(1)
+        for h in range(q.shape[1]):
+            s = (q[a:a + lq, h] @ k[b:b + lk, h // group].T * scale).masked_fill(~seen, float("-inf"))
+            p = torch.where(has_key[:, None], s.softmax(-1), 0.0) if lk else s.new_zeros(lq, 0)
+            out[a:a + lq, h] = p @ v[b:b + lk, h // group]
+            lse[h, a:a + lq] = torch.where(has_key, s.logsumexp(-1), float("inf")) if lk else float("inf")
+        a, b = a + lq, b + lk
+    return out, lse
+
+
 def doc_examples(relative_path: str) -> Tuple[str, ...]:
     """The fenced ```python blocks of a Markdown file of the checkout (``README.md``, ``docs/<family>.md``), in
     order, as source to ``exec``: the tests run the documented examples so they cannot drift from the API."""

@@ -11,8 +11,8 @@ import fastsora.kernels.varlen_attention as kern
 from fastsora import use_backend
 from fastsora.ops.varlen_attention import _attention, varlen_attention
 from fastsora.reference.varlen_attention import varlen_attention as ref_attention
-from fastsora.testing import (TOLERANCE, assert_close, deterministic_algorithms, grads, relative_error,
-                              spread_past_int32, to_float64)
+from fastsora.testing import (TOLERANCE, assert_close, attention_per_sequence, deterministic_algorithms, grads,
+                              relative_error, spread_past_int32, to_float64)
 
 ops_mod = importlib.import_module("fastsora.ops.varlen_attention")
 GRAD_TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -88,27 +88,6 @@ def test_torch_backend_matches_float64_reference(case, dtype):
     check_against_reference(q, k, v, cu_q, cu_k, mode, scale, backend="torch")
 
 
-def _independent_attention(q, k, v, lens_q, lens_k, scale, mode):
-    """Softmax attention written out per sequence and query head, from the masks' definitions (not the
-    reference's code): mode 1 sees key j from query i when j <= i + Lk - Lq (bottom-right), mode 2 when j <= i
-    (top-left). A row that sees no key, and a tail row past the last sequence, gives 0 with LSE +inf."""
-    out = torch.zeros_like(q)
-    lse = torch.full((q.shape[1], q.shape[0]), float("inf"), dtype=q.dtype)
-    group = q.shape[1] // k.shape[1]
-    a = b = 0
-    for lq, lk in zip(lens_q, lens_k):
-        i, j = torch.arange(lq)[:, None], torch.arange(lk)[None, :]
-        seen = {0: torch.ones(lq, lk, dtype=torch.bool), 1: j <= i + lk - lq, 2: j <= i}[mode]
-        has_key = seen.any(1)
-        for h in range(q.shape[1]):
-            s = (q[a:a + lq, h] @ k[b:b + lk, h // group].T * scale).masked_fill(~seen, float("-inf"))
-            p = torch.where(has_key[:, None], s.softmax(-1), 0.0) if lk else s.new_zeros(lq, 0)
-            out[a:a + lq, h] = p @ v[b:b + lk, h // group]
-            lse[h, a:a + lq] = torch.where(has_key, s.logsumexp(-1), float("inf")) if lk else float("inf")
-        a, b = a + lq, b + lk
-    return out, lse
-
-
 @pytest.mark.parametrize("case", list(CASES), ids=str)
 def test_torch_backend_matches_independent_float64_attention(case):
     """The torch backend (the reference's forward and its analytic backward) in float64 against attention
@@ -119,7 +98,7 @@ def test_torch_backend_matches_independent_float64_attention(case):
     with use_backend("torch"):
         out, lse = _attention(q, k, v, cu_q, cu_k, 0.0, scale, mode, True)
         g = grads(out, [q, k, v])
-    want, want_lse = _independent_attention(q, k, v, lq, lk, d ** -0.5 if scale is None else scale, mode)
+    want, want_lse = attention_per_sequence(q, k, v, lq, lk, d ** -0.5 if scale is None else scale, mode)
     assert relative_error(out, want) < 1e-12
     assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
     assert relative_error(lse[torch.isfinite(lse)], want_lse[torch.isfinite(want_lse)]) < 1e-12

@@ -12,8 +12,8 @@ import fastsora.ops
 from fastsora import BackendError, use_backend
 from fastsora.ops.varlen_attention import flash_attn_varlen_func, memory_efficient_attention, varlen_attention
 from fastsora.reference.varlen_attention import varlen_attention as ref_attention
-from fastsora.testing import (TOLERANCE, assert_close, assert_flash_rule, doc_examples, grads, relative_error,
-                              to_float64)
+from fastsora.testing import (TOLERANCE, assert_close, assert_flash_rule, attention_per_sequence, doc_examples, grads,
+                              relative_error, to_float64)
 
 
 def offsets(lengths, device="cpu"):
@@ -325,22 +325,6 @@ def test_fake_tensor_shapes():
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _manual_attention(q, k, v, lens_q, lens_k, causal):
-    outs, a, b = [], 0, 0
-    for lq, lk in zip(lens_q, lens_k):
-        qq, kk, vv = q[a:a + lq], k[b:b + lk], v[b:b + lk]
-        g = qq.shape[1] // kk.shape[1]
-        kk, vv = kk.repeat_interleave(g, 1), vv.repeat_interleave(g, 1)
-        mask = None
-        if causal:
-            mask = torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq)
-        o = torch.nn.functional.scaled_dot_product_attention(qq.transpose(0, 1), kk.transpose(0, 1),
-                                                             vv.transpose(0, 1), attn_mask=mask)
-        outs.append(o.transpose(0, 1))
-        a, b = a + lq, b + lk
-    return torch.cat(outs)
-
-
 def _check_module_grads(y, got, ref, want, names, dtype, torch_run):
     """fp32: within tolerance of float64. fp16/bf16: flash-attn's rule against torch's own run of the module at
     the same precision (``torch_run()`` -> (y, grads)), output 2x and gradients 3x its error."""
@@ -382,7 +366,7 @@ def test_nn_self_attention_qk_norm_gqa(backend, device, dtype):
     qkv = m64.qkv(x64)
     q = m64.q_norm(qkv[:, :64].view(-1, 4, 16))
     k, v = qkv[:, 64:].view(-1, 2, 2, 16).unbind(1)
-    ref = m64.proj(_manual_attention(q, m64.k_norm(k), v, lens, lens, True).reshape(-1, 64))
+    ref = m64.proj(attention_per_sequence(q, m64.k_norm(k), v, lens, lens, 16 ** -0.5, 1)[0].reshape(-1, 64))
     want = grads(ref, [x64, *m64.parameters()])
     names = ["x"] + [n for n, _ in m.named_parameters()]
     _check_module_grads(y, got, ref, want, names, dtype, lambda: run("torch"))
@@ -408,7 +392,7 @@ def test_nn_cross_attention(device, dtype):
     x64, ctx64 = (t.detach().cpu().double().requires_grad_() for t in (x, ctx))
     q = m64.q(x64).view(-1, 2, 16)
     k, v = m64.kv(ctx64).view(-1, 2, 2, 16).unbind(1)
-    ref = m64.proj(_manual_attention(q, k, v, lq, lk, False).reshape(-1, 32))
+    ref = m64.proj(attention_per_sequence(q, k, v, lq, lk, 16 ** -0.5, 0)[0].reshape(-1, 32))
     want = grads(ref, [x64, ctx64, *m64.parameters()])
     names = ["x", "context"] + [n for n, _ in m.named_parameters()]
     _check_module_grads(y, got, ref, want, names, dtype, lambda: run("torch"))
