@@ -22,6 +22,17 @@ def _device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _add_dtype_argument(parser: argparse.ArgumentParser, default_help: str) -> None:
+    parser.add_argument("--dtype", nargs="*", choices=["float32", "float16", "bfloat16"], help=default_help)
+
+
+def _dtypes(args) -> Optional[list]:
+    """The torch dtypes named by ``--dtype`` (None when not given)."""
+    import torch
+
+    return [getattr(torch, d) for d in args.dtype] if args.dtype else None
+
+
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
@@ -65,17 +76,14 @@ def cmd_info(args) -> int:
 
 
 def cmd_check(args) -> int:
-    import torch
-
     from fastsora.check import run_checks
 
     device = _device()
 
     def on_row(r):  # one line per row as it finishes, so a run cut short still says what it checked
         print(f"  {r.op} | {r.case} | {r.dtype}: {'ok' if r.ok else 'FAILED'}", file=sys.stderr, flush=True)
-    dtypes = [getattr(torch, d) for d in args.dtype] if args.dtype else None
     try:
-        rows = run_checks(device, args.ops, dtypes, on_row=on_row)
+        rows = run_checks(device, args.ops, _dtypes(args), on_row=on_row)
     except ValueError as exc:
         raise SystemExit(f"fastsora check: {exc}") from None
     table = [(r.op, r.case, r.dtype, f"{r.max_rel_error:.2e}", f"{r.tolerance:.0e}",
@@ -142,12 +150,10 @@ def _progress_bar(done: int, total: int, line: str) -> None:
 
 
 def cmd_bench(args) -> int:
-    import torch
-
     from fastsora.bench import results_base, run_bench, write_json, write_results
 
     device = _device()
-    dtypes = [getattr(torch, d) for d in args.dtype] if args.dtype else None
+    dtypes = _dtypes(args)
     base = []  # the files' path, fixed at the first row: the JSON is rewritten after every point
 
     def on_report(report):
@@ -177,8 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="versions, device, interpreter, backend per op").set_defaults(func=cmd_info)
     p = sub.add_parser("check", help="parity of every registered op against its float64 reference")
     p.add_argument("--ops", nargs="*", help="op names (default: all)")
-    p.add_argument("--dtype", nargs="*", choices=["float32", "float16", "bfloat16"],
-                   help="default: float32, float16 and bfloat16 on CUDA; float32 and float16 on CPU")
+    _add_dtype_argument(p, "default: float32, float16 and bfloat16 on CUDA; float32 and float16 on CPU")
     p.set_defaults(func=cmd_check)
     p = sub.add_parser("compile", help="compile every kernel config for NVIDIA archs without a GPU")
     p.add_argument("--arch", nargs="+", default=["sm_80", "sm_90"])
@@ -192,8 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compile)
     p = sub.add_parser("bench", help="time reference vs fastsora vs baselines; JSON + PNG in --out")
     p.add_argument("--ops", nargs="*", help="op names (default: all)")
-    p.add_argument("--dtype", nargs="*", choices=["float32", "float16", "bfloat16"],
-                   help="default: bfloat16 on CUDA, float32 on CPU")
+    _add_dtype_argument(p, "default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--modes", nargs="*", choices=["fwd", "bwd", "fwd+bwd"])
     p.add_argument("--cases", help="regular expression searched in the case labels (default: every case)")
     p.add_argument("--impls", nargs="*", help="impls to time, e.g. fastsora torch_varlen_attn (default: all)")
