@@ -1,7 +1,7 @@
 """Backend choice, in one place.
 
 ``FASTSORA_BACKEND=auto|triton|torch`` sets the process default; ``fastsora.use_backend(name)`` overrides it
-for the current context (thread / asyncio task). Every public op calls :func:`select_backend` and nothing else
+for the current context (thread / asyncio task), called alone or as a ``with`` block. Every public op calls :func:`select_backend` and nothing else
 decides between Triton and torch:
 
 * ``auto``: Triton for CUDA tensors, the torch reference path for CPU tensors.
@@ -40,24 +40,46 @@ def _validate(name: str, source: str) -> str:
 
 
 def get_backend() -> str:
-    """The backend requested here: the innermost ``use_backend`` or else ``$FASTSORA_BACKEND`` (default auto)."""
+    """The backend requested here: the latest ``use_backend`` in effect in this context, or else
+    ``$FASTSORA_BACKEND`` (default auto)."""
     name = _override.get()
     if name is not None:
         return name
     return _validate(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", ENV_VAR)
 
 
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[str]:
-    """Run the ops inside the ``with`` block on backend ``name`` ('auto', 'triton' or 'torch').
+class use_backend:
+    """Request backend ``name`` ('auto', 'triton' or 'torch') for the current context (thread / asyncio task),
+    over ``$FASTSORA_BACKEND``. Like ``torch.set_grad_enabled`` it works both ways, and takes effect when called::
 
-    Context-local: other threads and tasks keep their own choice.
+        fastsora.use_backend("torch")          # from here on, in this thread / task
+        with fastsora.use_backend("triton"):   # inside the block only: the previous request comes back at its end
+            ...
+
+    Other threads and tasks keep their own choice.
     """
-    token = _override.set(_validate(name, "use_backend(name)"))
-    try:
+
+    def __init__(self, name: str) -> None:
+        self.name = _validate(name, "use_backend(name)")
+        self._token = _override.set(self.name)
+
+    def __enter__(self) -> str:
+        return self.name
+
+    def __exit__(self, *exc_info) -> None:
+        _override.reset(self._token)
+
+    def __repr__(self) -> str:
+        return f"use_backend({self.name!r})"
+
+
+@contextlib.contextmanager
+def _backend_block(name: str) -> Iterator[str]:
+    """The request ``name`` inside the ``with`` block only, set when the block is entered (not when this is
+    called): torch's checkpoint makes its recompute context during the forward and enters it during the
+    backward, perhaps on another thread."""
+    with use_backend(name):
         yield name
-    finally:
-        _override.reset(token)
 
 
 def _tracing_a_graph() -> bool:
@@ -81,7 +103,7 @@ def checkpoint_context() -> tuple:
     """``context_fn`` for ``torch.utils.checkpoint.checkpoint(fn, ..., use_reentrant=False,
     context_fn=fastsora.checkpoint_context)``: the recomputed forward runs under the backend request of the
     original one. Without it the recompute reads the request where it runs, during the backward (on a CUDA
-    backward, autograd's own thread, where a ``use_backend`` block does not reach). Under torch.compile the
+    backward, autograd's own thread, where a ``use_backend`` call does not reach). Under torch.compile the
     traced ops already carry their request, and torch takes only dispatch-mode contexts there: plain
     recomputation."""
     if _tracing_a_graph():
@@ -91,7 +113,7 @@ def checkpoint_context() -> tuple:
             return CheckpointPolicy.PREFER_RECOMPUTE
 
         return create_selective_checkpoint_contexts(recompute)
-    return contextlib.nullcontext(), use_backend(get_backend())
+    return contextlib.nullcontext(), _backend_block(get_backend())
 
 
 def triton_available() -> bool:

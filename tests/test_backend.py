@@ -1,4 +1,5 @@
 """Backend dispatch: FASTSORA_BACKEND, use_backend, select_backend and the interpreter switch."""
+import contextvars
 import os
 import subprocess
 import sys
@@ -52,6 +53,52 @@ def test_use_backend_overrides_env_and_nests(monkeypatch):
     with pytest.raises(ValueError, match="use_backend"):
         with use_backend("gpu"):
             pass
+
+
+def test_use_backend_called_alone_sets_the_rest_of_the_context(monkeypatch):
+    """Called without ``with`` (as torch.set_grad_enabled can be) it takes effect at once and stays for the rest of
+    the context; before, such a call built an unused context manager and changed nothing, silently."""
+    monkeypatch.setenv("FASTSORA_BACKEND", "auto")
+
+    def body():
+        fastsora.use_backend("torch")
+        assert get_backend() == "torch"
+        with use_backend("triton") as name:
+            assert name == "triton" and get_backend() == "triton"
+        assert get_backend() == "torch", "a with block restores the request of the plain call before it"
+        fastsora.use_backend("triton")
+        return get_backend()
+
+    assert contextvars.copy_context().run(body) == "triton"
+    assert get_backend() == "auto", "the calls stayed in the context they ran in"
+    with pytest.raises(ValueError, match=r"use_backend\(name\) must be one of auto, triton, torch; got 'cuda'"):
+        fastsora.use_backend("cuda")
+    assert get_backend() == "auto", "a refused name changes nothing"
+
+
+def test_checkpoint_context_sets_its_request_only_when_entered(monkeypatch):
+    """torch's checkpoint calls context_fn in the forward and enters the recompute context in the backward, on
+    autograd's thread for CUDA: making the contexts must not change this context's request, and entering the
+    recompute context in another context must work (a request set when it was made could not be reset there)."""
+    monkeypatch.setenv("FASTSORA_BACKEND", "auto")
+
+    def make():
+        with use_backend("torch"):
+            return fastsora.checkpoint_context()
+
+    forward_ctx, recompute_ctx = contextvars.copy_context().run(make)
+    assert get_backend() == "auto"
+    seen = []
+
+    def recompute():
+        with forward_ctx, recompute_ctx:
+            seen.append(get_backend())
+        seen.append(get_backend())
+
+    worker = threading.Thread(target=recompute)
+    worker.start()
+    worker.join()
+    assert seen == ["torch", "auto"]
 
 
 def test_use_backend_is_context_local():
