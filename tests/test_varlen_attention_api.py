@@ -1,6 +1,7 @@
 """Varlen attention entry points: argument errors, flash-attn and xformers drop-ins (duck-typed mask objects),
 torch.compile(fullgraph=True), the packed attention nn.Module, and CUDA checks (flash-attn's error rule)."""
 import copy
+import importlib
 import math
 from dataclasses import dataclass
 from typing import List
@@ -253,6 +254,48 @@ def test_memory_efficient_attention_empty_sequences(mq, mk, device, poison):
         assert out.shape == (2, mq, 2, 16) and torch.equal(out, torch.zeros_like(out))
 
 
+@pytest.mark.parametrize("kv_form", ["expanded", "one_head", "per_head"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_memory_efficient_attention_bmghk_layout(kv_form, backend, device, dtype, poison, monkeypatch):
+    """xformers' GQA / MQA layout [B, M, G, H, K]: key and value expanded over H (stride 0, as xformers asks) or
+    of size 1 there run as G key heads (read once per group: the kernel gets G heads); distinct keys per head run
+    as G * H heads. Output in query's layout; values and gradients against the independent per-head oracle."""
+    if backend == "torch" and dtype != torch.float32:
+        pytest.skip("the layout handling is backend-independent; one dtype is enough on the torch backend")
+    b, mq, mk, g, h, d = 2, 5, 7, 2, 3, 16
+    q = rand(b, mq, g, h, d, dtype=dtype, device=device, grad=True)
+    hk = h if kv_form == "per_head" else 1
+    k = rand(b, mk, g, hk, d, dtype=dtype, device=device, seed=1, grad=True)
+    v = rand(b, mk, g, hk, d, dtype=dtype, device=device, seed=2, grad=True)
+    kx, vx = (t.expand(-1, -1, -1, h, -1) for t in (k, v)) if kv_form == "expanded" else (k, v)
+    seen_heads = []
+    module = importlib.import_module("fastsora.ops.varlen_attention")  # the attribute of fastsora.ops is the op
+    real = module._attention
+    monkeypatch.setattr(module, "_attention", lambda q3, k3, *a: seen_heads.append((q3.shape[1], k3.shape[1]))
+                        or real(q3, k3, *a))
+    with use_backend(backend):
+        out = memory_efficient_attention(q, kx, vx, scale=0.3)
+        got = grads(out, [q, k, v])
+    assert out.shape == q.shape and seen_heads == [(g * h, g if kv_form != "per_head" else g * h)]
+    q64, k64, v64 = to_float64([q, k, v])
+    lens = [mq] * b
+    ref = attention_per_sequence(q64.flatten(0, 1).flatten(1, 2), k64.flatten(0, 1).flatten(1, 2),
+                                 v64.flatten(0, 1).flatten(1, 2), lens, [mk] * b, 0.3, 0)[0].view(q.shape)
+    assert_close(out, ref, dtype, tol=2 * TOLERANCE[dtype])
+    assert_close(got, grads(ref, [q64, k64, v64]), dtype, "grads", tol=3 * TOLERANCE[dtype])
+
+
+def test_memory_efficient_attention_bmk_layout(device):
+    """xformers' [B, M, K] is one head; the output keeps that layout."""
+    q, k, v = rand(2, 5, 16, device=device), rand(2, 7, 16, seed=1, device=device), rand(2, 7, 16, seed=2, device=device)
+    with use_backend("triton"):
+        out = memory_efficient_attention(q, k, v, LowerTriangularFromBottomRightMask())
+    ref = attention_per_sequence(*to_float64([q.flatten(0, 1)[:, None], k.flatten(0, 1)[:, None],
+                                              v.flatten(0, 1)[:, None]]), [5, 5], [7, 7], 0.25, 1)[0]
+    assert out.shape == (2, 5, 16)
+    assert_close(out, ref.view(2, 5, 16), torch.float32)
+
+
 def test_memory_efficient_attention_errors():
     q = rand(2, 6, 2, 16)
     bias = BlockDiagonalMask.from_seqlens([2, 4])
@@ -266,8 +309,17 @@ def test_memory_efficient_attention_errors():
         memory_efficient_attention(q[:1], q[:1], q[:1], BlockDiagonalMask.from_seqlens([3, 4]))
     with pytest.raises(NotImplementedError, match=r"^p=0.1: .* no dropout; pass p=0.0"):
         memory_efficient_attention(q[:1], q[:1], q[:1], bias, p=0.1)
-    with pytest.raises(ValueError, match="4-D"):
-        memory_efficient_attention(q[0], q[0], q[0])
+    with pytest.raises(ValueError, match=r"query must be a 4-D tensor \[B, M, H, K\] \(or xformers' \[B, M, K\] or "
+                       r"\[B, M, G, H, K\]\); got \(12,\)"):
+        memory_efficient_attention(q[0, :, 0, 0].repeat(2), q, q)
+    with pytest.raises(ValueError, match=r"share one layout; got 4-D, 3-D and 4-D \(\[B, M, H, K\], \[B, M, K\], "):
+        memory_efficient_attention(q, q[:, :, 0], q)
+    q5 = rand(1, 6, 2, 3, 16)
+    with pytest.raises(ValueError, match=r"value must be \[B, Mk, G, H, K\] or \[B, Mk, G, 1, K\] with query's G = 2 "
+                       r"and H = 3; got \(1, 6, 2, 2, 16\)"):
+        memory_efficient_attention(q5, q5, q5[:, :, :, :2])
+    with pytest.raises(ValueError, match=r"key must be .* G = 2 and H = 3; got \(1, 6, 1, 3, 16\)"):
+        memory_efficient_attention(q5, q5[:, :, :1], q5)
     # a mask-named object without xformers' seqinfo attributes: a TypeError naming what is missing
     BlockDiagonalMask_ = type("BlockDiagonalMask", (), {})
     with pytest.raises(TypeError, match="attn_bias has no 'q_seqinfo' attribute"):

@@ -362,7 +362,10 @@ def memory_efficient_attention(query: torch.Tensor, key: torch.Tensor, value: to
 
     Args:
         query: [B, Mq, H, K] float16 / bfloat16 / float32 (float64 on the torch backend); key, value:
-            [B, Mk, Hkv, K], same dtype and device (Hkv dividing H: GQA, an extension).
+            [B, Mk, Hkv, K], same dtype and device (Hkv dividing H: GQA, an extension). xformers' other layouts
+            work too, all three tensors in the same one: [B, M, K] (one head) and, for GQA / MQA,
+            [B, M, G, H, K] (G groups of H query heads; key and value [B, Mk, G, H, K] expanded over H, i.e.
+            stride 0 there, or [B, Mk, G, 1, K]; the group's keys are then read once, not H times).
         attn_bias: None (full attention per batch element), or an xformers mask object, read by duck typing
             (class name plus ``q_seqinfo.seqstart`` / ``k_seqinfo.seqstart`` / ``seqstart_py``):
             ``BlockDiagonalMask`` (B must be 1; packed sequences, no causal mask),
@@ -375,13 +378,44 @@ def memory_efficient_attention(query: torch.Tensor, key: torch.Tensor, value: to
         op: ignored (xformers' kernel choice).
 
     Returns:
-        [B, Mq, H, K] in query's dtype.
+        query's shape ([B, Mq, H, K], [B, Mq, K] or [B, Mq, G, H, K]) and dtype.
     """
     _refuse_dropout(p, "p")
+    q, k, v = _xformers_to_bmhk(query, key, value)
+    return _memory_efficient_attention_bmhk(q, k, v, attn_bias, scale).reshape(query.shape)
+
+
+_XFORMERS_LAYOUTS = {3: "[B, M, K]", 4: "[B, M, H, K]", 5: "[B, M, G, H, K]"}
+
+
+def _xformers_to_bmhk(query: Any, key: Any, value: Any) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """query, key, value in one of xformers' layouts as [B, M, H, K] views where possible: [B, M, K] is one head;
+    [B, M, G, H, K] is G * H query heads, and key and value, when both have one head per group (expanded over H or
+    of size 1 there), G key heads for GQA, else G * H."""
     for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor [B, M, H, K]; got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if not isinstance(t, torch.Tensor) or t.dim() not in _XFORMERS_LAYOUTS:
+            raise ValueError(f"{name} must be a 4-D tensor [B, M, H, K] (or xformers' [B, M, K] or [B, M, G, H, K]); "
+                             f"got {tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if not query.dim() == key.dim() == value.dim():
+        raise ValueError(f"query, key and value must share one layout; got {query.dim()}-D, {key.dim()}-D and "
+                         f"{value.dim()}-D ({', '.join(_XFORMERS_LAYOUTS[t.dim()] for t in (query, key, value))})")
+    if query.dim() == 3:
+        return query.unsqueeze(2), key.unsqueeze(2), value.unsqueeze(2)
+    if query.dim() == 4:
+        return query, key, value
+    b, mq, g, h, d = query.shape
+    for name, t in (("key", key), ("value", value)):
+        if t.shape[2] != g or t.shape[3] not in (1, h):
+            raise ValueError(f"{name} must be [B, Mk, G, H, K] or [B, Mk, G, 1, K] with query's G = {g} and H = {h}; "
+                             f"got {tuple(t.shape)}")
+
+    if all(t.shape[3] == 1 or t.stride(3) == 0 for t in (key, value)):  # one head per group: GQA, G key heads
+        return query.flatten(2, 3), key[:, :, :, 0], value[:, :, :, 0]
+    return query.flatten(2, 3), *(t.expand(-1, -1, -1, h, -1).flatten(2, 3) for t in (key, value))
+
+
+def _memory_efficient_attention_bmhk(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_bias: Any,
+                                     scale: Optional[float]) -> torch.Tensor:
     if key.shape[:3] != value.shape[:3]:
         raise ValueError(f"key and value must agree on [B, M, H]; got {tuple(key.shape)} and {tuple(value.shape)}")
     if value.shape[3] != query.shape[3] or key.shape[3] != query.shape[3]:
