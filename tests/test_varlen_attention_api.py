@@ -11,7 +11,9 @@ import torch
 
 import fastsora.ops
 from fastsora import BackendError, use_backend
-from fastsora.ops.varlen_attention import flash_attn_varlen_func, memory_efficient_attention, varlen_attention
+from fastsora.ops.varlen_attention import (flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,
+                                           flash_attn_varlen_qkvpacked_func, memory_efficient_attention,
+                                           varlen_attention)
 from fastsora.reference.varlen_attention import varlen_attention as ref_attention
 from fastsora.testing import (TOLERANCE, assert_close, assert_flash_rule, attention_per_sequence, doc_examples, grads,
                               relative_error, to_float64)
@@ -129,14 +131,55 @@ def test_triton_refusals_say_why():
 
 def test_flash_attn_varlen_func_refuses_unsupported_options():
     q, k, v, cu_q, cu_k = _inputs()
-    with pytest.raises(NotImplementedError, match="window_size"):
-        flash_attn_varlen_func(q, k, v, cu_q, cu_k, 6, 7, window_size=(4, 0))
-    with pytest.raises(NotImplementedError, match="softcap"):
-        flash_attn_varlen_func(q, k, v, cu_q, cu_k, 6, 7, softcap=30.0)
-    with pytest.raises(NotImplementedError, match="alibi"):
-        flash_attn_varlen_func(q, k, v, cu_q, cu_k, 6, 7, alibi_slopes=torch.ones(4))
-    with pytest.raises(NotImplementedError, match="dropout"):
-        flash_attn_varlen_func(q, k, v, cu_q, cu_k, 6, 7, 0.5)
+    qkv, kv = torch.stack([q, q, q], 1), torch.stack([k, v], 1)
+    forms = (lambda *a, **kw: flash_attn_varlen_func(q, k, v, cu_q, cu_k, *a, **kw),
+             lambda *a, **kw: flash_attn_varlen_kvpacked_func(q, kv, cu_q, cu_k, *a, **kw),
+             lambda *a, **kw: flash_attn_varlen_qkvpacked_func(qkv, cu_q, *a[1:], **kw))  # one max_seqlen
+    for call in forms:
+        with pytest.raises(NotImplementedError, match=r"window_size=\(4, 0\)"):
+            call(6, 7, window_size=(4, 0))
+        with pytest.raises(NotImplementedError, match="softcap=30.0"):
+            call(6, 7, softcap=30.0)
+        with pytest.raises(NotImplementedError, match="alibi"):
+            call(6, 7, alibi_slopes=torch.ones(4))
+        with pytest.raises(NotImplementedError, match="dropout"):
+            call(6, 7, 0.5)
+    with pytest.raises(ValueError, match=r"qkv must be \(total, 3, nheads, headdim\); got \(10, 2, 4, 16\)"):
+        flash_attn_varlen_qkvpacked_func(qkv[:, :2], cu_q)
+    with pytest.raises(ValueError, match=r"kv must be \(total_k, 2, nheads_k, headdim\); got \(12, 2, 16\)"):
+        flash_attn_varlen_kvpacked_func(q, k, cu_q, cu_k)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_attn_packed_forms(causal, device, dtype, poison):
+    """flash_attn_varlen_qkvpacked_func (self-attention, one cu_seqlens) and flash_attn_varlen_kvpacked_func (GQA
+    cross-attention) in flash-attn's positional order: values, LSE and the gradient of the packed tensor against
+    the independent oracle (the packed gradient is dq, dk, dv stacked in the packed layout)."""
+    lens, lens_k = [5, 1, 0, 9], [3, 6, 2, 8]
+    qkv = rand(sum(lens), 3, 4, 24, dtype=dtype, device=device, grad=True)
+    q = rand(sum(lens), 4, 24, dtype=dtype, device=device, seed=1, grad=True)
+    kv = rand(sum(lens_k), 2, 2, 24, dtype=dtype, device=device, seed=2, grad=True)
+    cu, cu_k = offsets(lens, device), offsets(lens_k, device)
+    with use_backend("triton"):
+        # (qkv, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal)
+        out, lse, probs = flash_attn_varlen_qkvpacked_func(qkv, cu, 9, 0.0, 0.3, causal, return_attn_probs=True)
+        got = grads(out, [qkv])[0]
+        # (q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal)
+        cross = flash_attn_varlen_kvpacked_func(q, kv, cu, cu_k, 9, 8, 0.0, 0.3, causal)
+        got_cross = grads(cross, [q, kv])
+    assert probs is None and out.shape == (sum(lens), 4, 24) and cross.shape == q.shape
+    mode = 1 if causal else 0
+    qkv64, q64, kv64 = to_float64([qkv, q, kv])
+    ref, ref_lse = attention_per_sequence(*qkv64.unbind(1), lens, lens, 0.3, mode)
+    assert_close(out, ref, dtype, tol=2 * TOLERANCE[dtype])
+    nonempty = torch.isfinite(ref_lse)
+    assert_close(lse.float()[nonempty.to(lse.device)], ref_lse[nonempty], dtype, "lse", tol=2 * TOLERANCE[dtype])
+    assert_close(got, grads(ref, [qkv64])[0], dtype, "dqkv", tol=3 * TOLERANCE[dtype])
+    ref_cross = attention_per_sequence(q64, *kv64.unbind(1), lens, lens_k, 0.3, mode)[0]
+    assert_close(cross, ref_cross, dtype, tol=2 * TOLERANCE[dtype])
+    assert_close(got_cross, grads(ref_cross, [q64, kv64]), dtype, "grads", tol=3 * TOLERANCE[dtype])
+    assert fastsora.ops.flash_attn_varlen_qkvpacked_func is flash_attn_varlen_qkvpacked_func
+    assert fastsora.ops.flash_attn_varlen_kvpacked_func is flash_attn_varlen_kvpacked_func
 
 
 def test_flash_attn_varlen_func_positional_order_and_outputs(device):

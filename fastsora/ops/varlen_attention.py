@@ -1,11 +1,13 @@
 """Varlen (packed) attention: flash-attn 2 and xformers entry points over one Triton kernel family.
 
 * :func:`varlen_attention` / :func:`flash_attn_varlen_func`: flash-attn 2's ``flash_attn_varlen_func``
-  (positional order and semantics): q (total_q, Hq, D), k/v (total_k, Hkv, D), int32 ``cu_seqlens``.
-* :func:`memory_efficient_attention`: xformers' ``memory_efficient_attention`` in [B, M, H, K] layout with
-  ``BlockDiagonalMask``-style ``attn_bias`` objects (read by duck typing, xformers need not be installed).
+  (positional order and semantics): q (total_q, Hq, D), k/v (total_k, Hkv, D), int32 ``cu_seqlens``;
+  its packed forms :func:`flash_attn_varlen_qkvpacked_func` and :func:`flash_attn_varlen_kvpacked_func`.
+* :func:`memory_efficient_attention`: xformers' ``memory_efficient_attention`` in [B, M, H, K] layout (and
+  [B, M, K], [B, M, G, H, K]) with ``BlockDiagonalMask``-style ``attn_bias`` objects (read by duck typing,
+  xformers need not be installed).
 
-Both go through the custom ops ``fastsora::varlen_attention_fwd`` / ``fastsora::varlen_attention_bwd``
+All go through the custom ops ``fastsora::varlen_attention_fwd`` / ``fastsora::varlen_attention_bwd``
 (fake implementations and autograd registered: ``torch.compile(fullgraph=True)`` traces them).
 """
 from __future__ import annotations
@@ -26,7 +28,8 @@ CAUSAL_NONE, CAUSAL_BOTTOM_RIGHT, CAUSAL_TOP_LEFT = _ref.CAUSAL_NONE, _ref.CAUSA
 MAX_HEAD_DIM = 256
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-__all__ = ["varlen_attention", "flash_attn_varlen_func", "memory_efficient_attention"]
+__all__ = ["varlen_attention", "flash_attn_varlen_func", "flash_attn_varlen_qkvpacked_func",
+           "flash_attn_varlen_kvpacked_func", "memory_efficient_attention"]
 
 
 def _unsupported(q: torch.Tensor) -> Optional[str]:
@@ -311,6 +314,44 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
     ``validate`` (keyword only, not in flash-attn): as in :func:`varlen_attention`, a host synchronisation to
     check a new offsets tensor's values; flash-attn never checks them, pass False for its behaviour.
     """
+    _refuse_flash_attn_options(window_size, softcap, alibi_slopes, block_table)
+    _check_max_seqlen(max_seqlen_q, max_seqlen_k)
+    out, lse = _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, softmax_scale,
+                          _causal_mode(bool(causal)), validate)
+    return (out, lse, None) if return_attn_probs else out
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen=None, dropout_p=0.0, softmax_scale=None,
+                                     causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                                     deterministic=False, return_attn_probs=False, *, validate=True):
+    """Drop-in for ``flash_attn.flash_attn_varlen_qkvpacked_func``: self-attention of packed sequences with
+    q, k and v stacked in one tensor ``qkv`` (total, 3, nheads, headdim), split along dim 1 as views (no copy);
+    ``cu_seqlens`` (batch + 1,) int32 serves queries and keys. Returns (total, nheads, headdim), or
+    ``(out, softmax_lse, None)`` with ``return_attn_probs``. Options as :func:`flash_attn_varlen_func`."""
+    _check_packed(qkv, "qkv", 3, "(total, 3, nheads, headdim)")
+    q, k, v = qkv.unbind(1)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale,
+                                  causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+                                  validate=validate)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
+                                    dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                                    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                                    validate=True):
+    """Drop-in for ``flash_attn.flash_attn_varlen_kvpacked_func``: q (total_q, nheads, headdim) attends to k and v
+    stacked in ``kv`` (total_k, 2, nheads_k, headdim), split along dim 1 as views (no copy); nheads_k dividing
+    nheads (GQA), e.g. video tokens attending to caption tokens. Returns (total_q, nheads, headdim), or
+    ``(out, softmax_lse, None)`` with ``return_attn_probs``. Options as :func:`flash_attn_varlen_func`."""
+    _check_packed(kv, "kv", 2, "(total_k, 2, nheads_k, headdim)")
+    k, v = kv.unbind(1)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs, validate=validate)
+
+
+def _refuse_flash_attn_options(window_size: Any, softcap: float, alibi_slopes: Any, block_table: Any) -> None:
+    """NotImplementedError naming each flash-attn option given a value other than its default."""
     if tuple(window_size) != (-1, -1):
         raise NotImplementedError(f"window_size={tuple(window_size)}: sliding-window attention is not supported; "
                                   "only window_size=(-1, -1)")
@@ -320,10 +361,12 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
         raise NotImplementedError("alibi_slopes: ALiBi biases are not supported; pass alibi_slopes=None")
     if block_table is not None:
         raise NotImplementedError("block_table: paged KV caches are not supported; pass block_table=None")
-    _check_max_seqlen(max_seqlen_q, max_seqlen_k)
-    out, lse = _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, softmax_scale,
-                          _causal_mode(bool(causal)), validate)
-    return (out, lse, None) if return_attn_probs else out
+
+
+def _check_packed(t: Any, name: str, parts: int, layout: str) -> None:
+    if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[1] != parts:
+        raise ValueError(f"{name} must be {layout}; got "
+                         f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
 
 
 # ----------------------------------------------------------------------------------------------------------
