@@ -330,13 +330,70 @@ def test_memory_efficient_attention_bmghk_layout(kv_form, backend, device, dtype
 
 def test_memory_efficient_attention_bmk_layout(device):
     """xformers' [B, M, K] is one head; the output keeps that layout."""
-    q, k, v = rand(2, 5, 16, device=device), rand(2, 7, 16, seed=1, device=device), rand(2, 7, 16, seed=2, device=device)
+    q = rand(2, 5, 16, device=device)
+    k, v = rand(2, 7, 16, seed=1, device=device), rand(2, 7, 16, seed=2, device=device)
     with use_backend("triton"):
         out = memory_efficient_attention(q, k, v, LowerTriangularFromBottomRightMask())
     ref = attention_per_sequence(*to_float64([q.flatten(0, 1)[:, None], k.flatten(0, 1)[:, None],
                                               v.flatten(0, 1)[:, None]]), [5, 5], [7, 7], 0.25, 1)[0]
     assert out.shape == (2, 5, 16)
     assert_close(out, ref.view(2, 5, 16), torch.float32)
+
+
+@pytest.mark.parametrize("make, mode", [(lambda m: m, 0), (lambda m: m.make_causal(), 2),
+                                        (lambda m: m.make_causal_from_bottomright(), 1)],
+                         ids=["block_diagonal", "causal", "causal_from_bottom_right"])
+def test_fastsora_masks_drive_memory_efficient_attention(make, mode, device, dtype, poison):
+    """fastsora's own BlockDiagonalMask family (no xformers installed): from_seqlens, the make_causal forms, values
+    and gradients against the independent oracle; the mask's seqstart stays on the CPU as xformers' default."""
+    from fastsora.ops import BlockDiagonalMask
+
+    lq, lk = [7, 1, 0, 12], [9, 4, 3, 5]
+    mask = make(BlockDiagonalMask.from_seqlens(lq, lk))
+    assert mask.q_seqinfo.seqstart.dtype == torch.int32 and mask.k_seqinfo.seqstart_py == [0, 9, 13, 16, 21]
+    assert (mask.q_seqinfo.max_seqlen, mask.q_seqinfo.min_seqlen) == (12, 0)
+    q = rand(1, sum(lq), 4, 16, dtype=dtype, device=device, grad=True)
+    k, v = (rand(1, sum(lk), 2, 16, dtype=dtype, device=device, seed=s, grad=True) for s in (1, 2))
+    with use_backend("triton"):
+        out = memory_efficient_attention(q, k, v, attn_bias=mask)
+        got = grads(out, [q, k, v])
+    q64, k64, v64 = to_float64([q, k, v])
+    ref = attention_per_sequence(q64[0], k64[0], v64[0], lq, lk, 16 ** -0.5, mode)[0][None]
+    assert_close(out, ref, dtype, tol=2 * TOLERANCE[dtype])
+    assert_close(got, grads(ref, [q64, k64, v64]), dtype, "grads", tol=3 * TOLERANCE[dtype])
+
+
+def test_fastsora_masks_materialize_and_split():
+    """materialize() writes the masks out (0 / -inf) by their definitions; from_tensor_list packs [B_i, M_i, *]
+    tensors into one [1, sum, *] with one block per batch element, and split() gives them back."""
+    from fastsora.ops import (BlockDiagonalCausalFromBottomRightMask, BlockDiagonalMask,
+                              LowerTriangularFromBottomRightMask, LowerTriangularMask)
+
+    seen = BlockDiagonalMask.from_seqlens([2, 1], [1, 3]).materialize((2, 3, 4)) == 0
+    assert seen.shape == (2, 3, 4) and seen[0].tolist() == [[True, False, False, False], [True, False, False, False],
+                                                            [False, True, True, True]]
+    causal = BlockDiagonalMask.from_seqlens([2, 1], [3, 3]).make_causal().materialize((3, 6)) == 0
+    assert causal.tolist() == [[True, False, False, False, False, False], [True, True, False, False, False, False],
+                               [False, False, False, True, False, False]]
+    bottom = BlockDiagonalCausalFromBottomRightMask.from_seqlens([2], [3]).materialize((2, 3)) == 0
+    assert bottom.tolist() == [[True, True, False], [True, True, True]]
+    assert (LowerTriangularMask().materialize((2, 3)) == 0).tolist() == [[True, False, False], [True, True, False]]
+    assert (LowerTriangularFromBottomRightMask().materialize((3, 2)) == 0).tolist() == [[False, False], [True, False],
+                                                                                       [True, True]]
+    parts = [rand(2, 3, 4, 8), rand(1, 5, 4, 8, seed=1), rand(3, 1, 4, 8, seed=2)]
+    mask, x = BlockDiagonalMask.from_tensor_list(parts)
+    assert x.shape == (1, 14, 4, 8) and mask.q_seqinfo.seqstart_py == [0, 3, 6, 11, 12, 13, 14]
+    back = mask.split(x)
+    assert [tuple(b.shape) for b in back] == [(2, 3, 4, 8), (1, 5, 4, 8), (3, 1, 4, 8)]
+    assert all(torch.equal(a, b) for a, b in zip(parts, back))
+    with pytest.raises(ValueError, match="2 query blocks but 3 key blocks"):
+        BlockDiagonalMask.from_seqlens([1, 2], [1, 2, 3])
+    with pytest.raises(ValueError, match=r"seqlens must be >= 0; got \[1, -2\]"):
+        BlockDiagonalMask.from_seqlens([1, -2])
+    with pytest.raises(ValueError, match=r"x must be \[1, 14, \.\.\.\] \(the packed blocks\); got \(1, 13, 4, 8\)"):
+        mask.split(x[:, :13])
+    with pytest.raises(ValueError, match=r"shape must end in \(3, 4\)"):
+        BlockDiagonalMask.from_seqlens([2, 1], [1, 3]).materialize((3, 3))
 
 
 def test_memory_efficient_attention_errors():
@@ -570,12 +627,19 @@ def test_cuda_flash_attn_rule_bf16(lens_q, lens_k, hq, hkv, d, mode):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_docs_examples_run_as_documented(backend, device, poison):
     """docs/varlen_attention.md's examples, run as written: the imports are our entry points, and the packed
-    self- and cross-attention modules (head dim 72) give each sequence what it gets alone."""
-    imports, modules = doc_examples("docs/varlen_attention.md")
+    images (BlockDiagonalMask) and the packed self- and cross-attention modules (head dim 72) give each sequence
+    what it gets alone."""
+    imports, modules, masks = doc_examples("docs/varlen_attention.md")
     ns = {}
     exec(imports, ns)
-    assert ns["flash_attn_varlen_func"] is fastsora.ops.flash_attn_varlen_func
-    assert ns["memory_efficient_attention"] is fastsora.ops.memory_efficient_attention
+    for name in ("flash_attn_varlen_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func",
+                 "memory_efficient_attention", "BlockDiagonalMask"):
+        assert ns[name] is getattr(fastsora.ops, name), name
+    ns = {}
+    with use_backend(backend), torch.device(device), torch.no_grad():
+        exec(masks, ns)  # three images packed with a BlockDiagonalMask: each gets what it gets alone
+        for image, out in zip(ns["images"], ns["per_image"], strict=True):
+            assert_close(out, memory_efficient_attention(image, image, image), torch.float32, "packed image")
     lens_q, lens_k = [5, 0, 9], [3, 4, 2]
     cu_q = torch.tensor([0, 5, 5, 14], dtype=torch.int32, device=device)
     cu_k = torch.tensor([0, 3, 7, 9], dtype=torch.int32, device=device)

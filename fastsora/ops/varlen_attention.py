@@ -415,6 +415,7 @@ def memory_efficient_attention(query: torch.Tensor, key: torch.Tensor, value: to
             ``BlockDiagonalCausalMask`` (causal from the top-left of each block: key j <= query i),
             ``BlockDiagonalCausalFromBottomRightMask`` (causal from the bottom-right: j <= i + Lk - Lq),
             ``LowerTriangularMask`` / ``LowerTriangularFromBottomRightMask`` (per batch element).
+            fastsora's classes of the same names (:mod:`fastsora.ops.varlen_attention_bias`) need no xformers.
             Tensor biases and other classes (local/windowed, padded keys, ...) raise NotImplementedError.
         p: dropout probability, must be 0.0.
         scale: default 1 / sqrt(K).
