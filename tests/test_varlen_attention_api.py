@@ -11,7 +11,8 @@ import torch
 
 import fastsora.ops
 from fastsora import BackendError, use_backend
-from fastsora.ops.varlen_attention import (flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,
+from fastsora.ops.varlen_attention import (flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func,
+                                           flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,
                                            flash_attn_varlen_qkvpacked_func, memory_efficient_attention,
                                            varlen_attention)
 from fastsora.reference.varlen_attention import varlen_attention as ref_attention
@@ -195,6 +196,72 @@ def test_flash_attn_varlen_func_positional_order_and_outputs(device):
     assert_close(out, ref_out(q, k, v, cu_q, cu_k, 1, 0.5), torch.float32, tol=4e-5)
     assert fastsora.ops.flash_attn_varlen_func is flash_attn_varlen_func
     assert fastsora.ops.varlen_attention is varlen_attention
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_attn_batch_forms(causal, device, dtype, poison):
+    """flash_attn_func (GQA, seqlen_q != seqlen_k: causal from the bottom right) and its qkv- / kv-packed forms on
+    (batch, seqlen, [3 | 2,] nheads, headdim), in flash-attn's positional order: values, the LSE in flash-attn's
+    (batch, nheads, seqlen_q) layout, and gradients of every input against the independent oracle."""
+    b, sq, sk = 3, 6, 9
+    q = rand(b, sq, 4, 40, dtype=dtype, device=device, grad=True)
+    k, v = (rand(b, sk, 2, 40, dtype=dtype, device=device, seed=s, grad=True) for s in (1, 2))
+    qkv = rand(b, sq, 3, 4, 40, dtype=dtype, device=device, seed=3, grad=True)
+    kv = rand(b, sk, 2, 2, 40, dtype=dtype, device=device, seed=4, grad=True)
+    with use_backend("triton"):
+        # (q, k, v, dropout_p, softmax_scale, causal)
+        out, lse, probs = flash_attn_func(q, k, v, 0.0, 0.2, causal, return_attn_probs=True)
+        got = grads(out, [q, k, v])
+        self_out = flash_attn_qkvpacked_func(qkv, 0.0, 0.2, causal)
+        got_self = grads(self_out, [qkv])
+        cross = flash_attn_kvpacked_func(q, kv, 0.0, 0.2, causal)
+        got_cross = grads(cross, [q, kv])
+    assert probs is None and out.shape == self_out.shape == cross.shape == q.shape and lse.shape == (b, 4, sq)
+    mode = 1 if causal else 0
+    q64, k64, v64, qkv64, kv64 = to_float64([q, k, v, qkv, kv])
+
+    def oracle(q_, k_, v_):  # batch elements packed one after another, LSE back to (batch, nheads, seqlen_q)
+        o, l = attention_per_sequence(q_.flatten(0, 1), k_.flatten(0, 1), v_.flatten(0, 1), [q_.shape[1]] * b,
+                                      [k_.shape[1]] * b, 0.2, mode)
+        return o.view(q_.shape), l.view(q_.shape[2], b, q_.shape[1]).transpose(0, 1)
+
+    ref, ref_lse = oracle(q64, k64, v64)
+    assert_close(out, ref, dtype, tol=2 * TOLERANCE[dtype])
+    assert_close(lse, ref_lse, dtype, "lse", tol=2 * TOLERANCE[dtype])
+    assert_close(got, grads(ref, [q64, k64, v64]), dtype, "grads", tol=3 * TOLERANCE[dtype])
+    ref_self = oracle(*qkv64.unbind(2))[0]
+    assert_close(self_out, ref_self, dtype, tol=2 * TOLERANCE[dtype])
+    assert_close(got_self, grads(ref_self, [qkv64]), dtype, "dqkv", tol=3 * TOLERANCE[dtype])
+    ref_cross = oracle(q64, *kv64.unbind(2))[0]
+    assert_close(cross, ref_cross, dtype, tol=2 * TOLERANCE[dtype])
+    assert_close(got_cross, grads(ref_cross, [q64, kv64]), dtype, "grads", tol=3 * TOLERANCE[dtype])
+    for name in ("flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func"):
+        assert getattr(fastsora.ops, name) is globals()[name]
+
+
+def test_flash_attn_batch_forms_refuse_bad_input():
+    q, k = rand(2, 5, 4, 16), rand(2, 7, 2, 16, seed=1)
+    for call in (lambda **kw: flash_attn_func(q, k, k, **kw),
+                 lambda **kw: flash_attn_kvpacked_func(q, torch.stack([k, k], 2), **kw),
+                 lambda **kw: flash_attn_qkvpacked_func(torch.stack([q, q, q], 2), **kw)):
+        with pytest.raises(NotImplementedError, match=r"window_size=\(8, 0\)"):
+            call(window_size=(8, 0))
+        with pytest.raises(NotImplementedError, match="softcap"):
+            call(softcap=5.0)
+        with pytest.raises(NotImplementedError, match="alibi"):
+            call(alibi_slopes=torch.ones(4))
+        with pytest.raises(NotImplementedError, match=r"^dropout_p=0.1: "):
+            call(dropout_p=0.1)
+    with pytest.raises(ValueError, match=r"same batch size.*got \(2, 5, 4, 16\), \(3, 7, 2, 16\)"):
+        flash_attn_func(q, rand(3, 7, 2, 16), rand(3, 7, 2, 16))
+    with pytest.raises(ValueError, match=r"k and v the same seqlen"):
+        flash_attn_func(q, k, k[:, :6])
+    with pytest.raises(ValueError, match=r"q must be 4-D \(batch, seqlen, nheads, headdim\); got \(10, 4, 16\)"):
+        flash_attn_func(q.flatten(0, 1), k, k)
+    with pytest.raises(ValueError, match=r"qkv must be \(batch, seqlen, 3, nheads, headdim\); got \(2, 5, 4, 16\)"):
+        flash_attn_qkvpacked_func(q)
+    with pytest.raises(ValueError, match=r"kv must be \(batch, seqlen_k, 2, nheads_k, headdim\)"):
+        flash_attn_kvpacked_func(q, torch.stack([k, k, k], 2))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -633,6 +700,7 @@ def test_docs_examples_run_as_documented(backend, device, poison):
     ns = {}
     exec(imports, ns)
     for name in ("flash_attn_varlen_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func",
+                 "flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func",
                  "memory_efficient_attention", "BlockDiagonalMask"):
         assert ns[name] is getattr(fastsora.ops, name), name
     ns = {}

@@ -5,7 +5,8 @@ Each family's op module dispatches through :func:`fastsora.backend.select_backen
 """
 from .causal_conv3d import causal_conv3d  # noqa: F401
 from .lfq import lfq, lfq_code_sums, lfq_codebook_entropy, lfq_entropy_of_sums, lfq_quantize  # noqa: F401,E402
-from .varlen_attention import (flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,  # noqa: F401
+from .varlen_attention import (flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func,  # noqa: F401
+                               flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,
                                flash_attn_varlen_qkvpacked_func, memory_efficient_attention, varlen_attention)
 from .varlen_attention_bias import (BlockDiagonalCausalFromBottomRightMask, BlockDiagonalCausalMask,  # noqa: F401
                                     BlockDiagonalMask, LowerTriangularFromBottomRightMask, LowerTriangularMask)

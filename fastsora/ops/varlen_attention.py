@@ -2,7 +2,9 @@
 
 * :func:`varlen_attention` / :func:`flash_attn_varlen_func`: flash-attn 2's ``flash_attn_varlen_func``
   (positional order and semantics): q (total_q, Hq, D), k/v (total_k, Hkv, D), int32 ``cu_seqlens``;
-  its packed forms :func:`flash_attn_varlen_qkvpacked_func` and :func:`flash_attn_varlen_kvpacked_func`.
+  its packed forms :func:`flash_attn_varlen_qkvpacked_func` and :func:`flash_attn_varlen_kvpacked_func`; and
+  the fixed-length batch forms :func:`flash_attn_func`, :func:`flash_attn_qkvpacked_func`,
+  :func:`flash_attn_kvpacked_func` (batch, seqlen, nheads, headdim).
 * :func:`memory_efficient_attention`: xformers' ``memory_efficient_attention`` in [B, M, H, K] layout (and
   [B, M, K], [B, M, G, H, K]) with ``BlockDiagonalMask``-style ``attn_bias`` objects (read by duck typing,
   xformers need not be installed).
@@ -29,7 +31,8 @@ MAX_HEAD_DIM = 256
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 __all__ = ["varlen_attention", "flash_attn_varlen_func", "flash_attn_varlen_qkvpacked_func",
-           "flash_attn_varlen_kvpacked_func", "memory_efficient_attention"]
+           "flash_attn_varlen_kvpacked_func", "flash_attn_func", "flash_attn_qkvpacked_func",
+           "flash_attn_kvpacked_func", "memory_efficient_attention"]
 
 
 def _unsupported(q: torch.Tensor) -> Optional[str]:
@@ -350,6 +353,37 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
                                   return_attn_probs, validate=validate)
 
 
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """Drop-in for ``flash_attn.flash_attn_func``: attention per batch element of q (batch, seqlen_q, nheads,
+    headdim), k and v (batch, seqlen_k, nheads_k, headdim), nheads_k dividing nheads (GQA); causal aligned to the
+    bottom right. Returns (batch, seqlen_q, nheads, headdim), or ``(out, softmax_lse, None)`` with
+    ``return_attn_probs``, the LSE (batch, nheads, seqlen_q) float32 (float64 for float64 inputs). Options and
+    refusals as :func:`flash_attn_varlen_func`."""
+    _refuse_flash_attn_options(window_size, softcap, alibi_slopes, None)
+    _refuse_dropout(dropout_p, "dropout_p")
+    out, lse = _batched_attention(q, k, v, softmax_scale, _causal_mode(bool(causal)))
+    return (out, lse, None) if return_attn_probs else out
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """Drop-in for ``flash_attn.flash_attn_qkvpacked_func``: :func:`flash_attn_func` with q, k and v stacked in
+    ``qkv`` (batch, seqlen, 3, nheads, headdim), split along dim 2 as views (no copy)."""
+    _check_packed(qkv, "qkv", 3, "(batch, seqlen, 3, nheads, headdim)", dim=2)
+    return flash_attn_func(*qkv.unbind(2), dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs)
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """Drop-in for ``flash_attn.flash_attn_kvpacked_func``: :func:`flash_attn_func` with k and v stacked in ``kv``
+    (batch, seqlen_k, 2, nheads_k, headdim), split along dim 2 as views (no copy)."""
+    _check_packed(kv, "kv", 2, "(batch, seqlen_k, 2, nheads_k, headdim)", dim=2)
+    return flash_attn_func(q, *kv.unbind(2), dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs)
+
+
 def _refuse_flash_attn_options(window_size: Any, softcap: float, alibi_slopes: Any, block_table: Any) -> None:
     """NotImplementedError naming each flash-attn option given a value other than its default."""
     if tuple(window_size) != (-1, -1):
@@ -363,8 +397,9 @@ def _refuse_flash_attn_options(window_size: Any, softcap: float, alibi_slopes: A
         raise NotImplementedError("block_table: paged KV caches are not supported; pass block_table=None")
 
 
-def _check_packed(t: Any, name: str, parts: int, layout: str) -> None:
-    if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[1] != parts:
+def _check_packed(t: Any, name: str, parts: int, layout: str, dim: int = 1) -> None:
+    """ValueError unless ``t`` is a (dim + 3)-D tensor stacking ``parts`` tensors along ``dim``."""
+    if not isinstance(t, torch.Tensor) or t.dim() != dim + 3 or t.shape[dim] != parts:
         raise ValueError(f"{name} must be {layout}; got "
                          f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
 
@@ -493,9 +528,24 @@ def _memory_efficient_attention_bmhk(query: torch.Tensor, key: torch.Tensor, val
             getattr(attn_bias.k_seqinfo, "seqstart_py", None) is None
         q3, k3, v3 = query[0], key[0], value[0]
     else:
-        starts = torch.arange(b + 1, dtype=torch.int32, device=device)
-        cu_q, cu_k = starts * mq, starts * mk
-        validate = False
-        q3, k3, v3 = (t.reshape(t.shape[0] * t.shape[1], t.shape[2], t.shape[3]) for t in (query, key, value))
+        return _batched_attention(query, key, value, scale, mode)[0]
     out, _ = _attention(q3, k3, v3, cu_q, cu_k, 0.0, scale, mode, validate)
     return out.reshape(b, mq, h, d)
+
+
+def _batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float], mode: int
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Attention per batch element of q (B, Sq, Hq, D), k and v (B, Sk, Hkv, D): one packed sequence each.
+    Returns out (B, Sq, Hq, D) and LSE (B, Hq, Sq)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (batch, seqlen, nheads, headdim); got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if k.shape[:2] != v.shape[:2] or k.shape[0] != q.shape[0]:
+        raise ValueError(f"q, k and v must have the same batch size, and k and v the same seqlen; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)} and {tuple(v.shape)}")
+    b, sq, h = q.shape[:3]
+    starts = torch.arange(b + 1, dtype=torch.int32, device=q.device)
+    out, lse = _attention(*(t.flatten(0, 1) for t in (q, k, v)), starts * sq, starts * k.shape[1], 0.0, scale,
+                          mode, False)
+    return out.view(q.shape), lse.view(h, b, sq).transpose(0, 1)
