@@ -1,7 +1,8 @@
 """Backend choice, in one place.
 
 ``FASTSORA_BACKEND=auto|triton|torch`` sets the process default; ``fastsora.use_backend(name)`` overrides it
-for the current context (thread / asyncio task), called alone or as a ``with`` block. Every public op calls :func:`select_backend` and nothing else
+for the current context (thread / asyncio task) inside a ``with`` block (or decorated function), and
+``fastsora.set_backend(name)`` for the rest of it. Every public op calls :func:`select_backend` and nothing else
 decides between Triton and torch:
 
 * ``auto``: Triton for CUDA tensors, the torch reference path for CPU tensors.
@@ -19,6 +20,7 @@ import contextvars
 import functools
 import os
 import re
+import warnings
 from typing import Iterator, Optional, Tuple
 
 import torch
@@ -40,46 +42,64 @@ def _validate(name: str, source: str) -> str:
 
 
 def get_backend() -> str:
-    """The backend requested here: the latest ``use_backend`` in effect in this context, or else
-    ``$FASTSORA_BACKEND`` (default auto)."""
+    """The backend requested here: the request of the innermost open ``use_backend`` block or the last
+    ``set_backend`` of this context, whichever came later, or else ``$FASTSORA_BACKEND`` (default auto)."""
     name = _override.get()
     if name is not None:
         return name
     return _validate(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", ENV_VAR)
 
 
-class use_backend:
-    """Request backend ``name`` ('auto', 'triton' or 'torch') for the current context (thread / asyncio task),
-    over ``$FASTSORA_BACKEND``. Like ``torch.set_grad_enabled`` it works both ways, and takes effect when called::
+class use_backend(contextlib.ContextDecorator):
+    """Request backend ``name`` ('auto', 'triton' or 'torch') inside a ``with`` block or a decorated function,
+    over ``$FASTSORA_BACKEND``, for the current context only (thread / asyncio task)::
 
-        fastsora.use_backend("torch")          # from here on, in this thread / task
-        with fastsora.use_backend("triton"):   # inside the block only: the previous request comes back at its end
+        with fastsora.use_backend("torch"):    # the previous request comes back at the end of the block
             ...
 
-    Other threads and tasks keep their own choice.
+        @fastsora.use_backend("torch")
+        def f(...): ...
+
+    It takes effect when entered, not when made: torch's checkpoint may make it in the forward (``context_fn``)
+    and enter it in the backward, on another thread. To set the backend for the rest of a thread without a
+    block, call :func:`set_backend`. Made and never entered nor used as a decorator, it warns when dropped (a
+    bare ``fastsora.use_backend("torch")`` call changes nothing).
     """
 
     def __init__(self, name: str) -> None:
         self.name = _validate(name, "use_backend(name)")
-        self._token = _override.set(self.name)
+        self._tokens: list = []  # one per entry still open: a decorated function may recurse
+        self._used = False
 
     def __enter__(self) -> str:
+        self._used = True
+        self._tokens.append(_override.set(self.name))
         return self.name
 
     def __exit__(self, *exc_info) -> None:
-        _override.reset(self._token)
+        _override.reset(self._tokens.pop())
+
+    def __call__(self, func):
+        self._used = True
+        return super().__call__(func)
+
+    def __del__(self) -> None:
+        if not getattr(self, "_used", True) and warnings is not None:  # (None at interpreter shutdown)
+            warnings.warn(f"fastsora.use_backend({self.name!r}) was never entered, so it changed nothing: use it as "
+                          f"`with fastsora.use_backend({self.name!r}):` or a decorator, or call "
+                          f"fastsora.set_backend({self.name!r}) to set the backend for the rest of the thread",
+                          RuntimeWarning, stacklevel=2)
 
     def __repr__(self) -> str:
         return f"use_backend({self.name!r})"
 
 
-@contextlib.contextmanager
-def _backend_block(name: str) -> Iterator[str]:
-    """The request ``name`` inside the ``with`` block only, set when the block is entered (not when this is
-    called): torch's checkpoint makes its recompute context during the forward and enters it during the
-    backward, perhaps on another thread."""
-    with use_backend(name):
-        yield name
+def set_backend(name: Optional[str]) -> None:
+    """Request backend ``name`` ('auto', 'triton' or 'torch') for the rest of the current context (thread /
+    asyncio task), over ``$FASTSORA_BACKEND``; ``None`` clears the request (the variable applies again). A
+    ``use_backend`` block restores the request it found when it ends, so a ``set_backend`` inside one lasts until
+    the block ends."""
+    _override.set(None if name is None else _validate(name, "set_backend(name)"))
 
 
 def _tracing_a_graph() -> bool:
@@ -103,7 +123,7 @@ def checkpoint_context() -> tuple:
     """``context_fn`` for ``torch.utils.checkpoint.checkpoint(fn, ..., use_reentrant=False,
     context_fn=fastsora.checkpoint_context)``: the recomputed forward runs under the backend request of the
     original one. Without it the recompute reads the request where it runs, during the backward (on a CUDA
-    backward, autograd's own thread, where a ``use_backend`` call does not reach). Under torch.compile the
+    backward, autograd's own thread, where a ``use_backend`` block does not reach). Under torch.compile the
     traced ops already carry their request, and torch takes only dispatch-mode contexts there: plain
     recomputation."""
     if _tracing_a_graph():
@@ -113,7 +133,9 @@ def checkpoint_context() -> tuple:
             return CheckpointPolicy.PREFER_RECOMPUTE
 
         return create_selective_checkpoint_contexts(recompute)
-    return contextlib.nullcontext(), _backend_block(get_backend())
+    recompute = use_backend(get_backend())
+    recompute._used = True  # torch enters it only when a backward recomputes: unentered is no mistake here
+    return contextlib.nullcontext(), recompute
 
 
 def triton_available() -> bool:

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import threading
+import warnings
 
 import pytest
 import torch
@@ -55,25 +56,57 @@ def test_use_backend_overrides_env_and_nests(monkeypatch):
             pass
 
 
-def test_use_backend_called_alone_sets_the_rest_of_the_context(monkeypatch):
-    """Called without ``with`` (as torch.set_grad_enabled can be) it takes effect at once and stays for the rest of
-    the context; before, such a call built an unused context manager and changed nothing, silently."""
+def test_set_backend_sets_the_rest_of_the_context(monkeypatch):
+    """set_backend holds for the rest of the context; a use_backend block inside restores it at its end; None
+    clears it; a refused name changes nothing."""
     monkeypatch.setenv("FASTSORA_BACKEND", "auto")
 
     def body():
-        fastsora.use_backend("torch")
+        fastsora.set_backend("torch")
         assert get_backend() == "torch"
         with use_backend("triton") as name:
             assert name == "triton" and get_backend() == "triton"
-        assert get_backend() == "torch", "a with block restores the request of the plain call before it"
-        fastsora.use_backend("triton")
+        assert get_backend() == "torch", "a with block restores the request it found"
+        fastsora.set_backend(None)
+        assert get_backend() == "auto"
+        fastsora.set_backend("triton")
         return get_backend()
 
     assert contextvars.copy_context().run(body) == "triton"
     assert get_backend() == "auto", "the calls stayed in the context they ran in"
-    with pytest.raises(ValueError, match=r"use_backend\(name\) must be one of auto, triton, torch; got 'cuda'"):
-        fastsora.use_backend("cuda")
+    with pytest.raises(ValueError, match=r"set_backend\(name\) must be one of auto, triton, torch; got 'cuda'"):
+        fastsora.set_backend("cuda")
     assert get_backend() == "auto", "a refused name changes nothing"
+
+
+def test_use_backend_is_lazy_a_decorator_and_warns_when_never_entered(monkeypatch):
+    """use_backend takes effect when entered (made in one place, entered in another, even on another thread),
+    decorates functions (recursion included), and a bare call, which changes nothing, warns instead of silently
+    doing nothing."""
+    monkeypatch.setenv("FASTSORA_BACKEND", "auto")
+    made = use_backend("torch")
+    assert get_backend() == "auto", "making it changes nothing"
+    seen = []
+
+    def worker():
+        with made:
+            seen.append(get_backend())
+        seen.append(get_backend())
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen == ["torch", "auto"] and get_backend() == "auto"
+
+    @fastsora.use_backend("torch")
+    def depth(n):
+        return [get_backend()] + (depth(n - 1) if n else [])
+
+    assert depth(2) == ["torch"] * 3 and get_backend() == "auto"
+    with pytest.warns(RuntimeWarning, match=r"use_backend\('torch'\) was never entered, so it changed nothing.*"
+                                            r"fastsora.set_backend\('torch'\)"):
+        fastsora.use_backend("torch")
+    assert get_backend() == "auto"
 
 
 def test_checkpoint_context_sets_its_request_only_when_entered(monkeypatch):
@@ -88,6 +121,10 @@ def test_checkpoint_context_sets_its_request_only_when_entered(monkeypatch):
 
     forward_ctx, recompute_ctx = contextvars.copy_context().run(make)
     assert get_backend() == "auto"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        contextvars.copy_context().run(make)  # dropped unentered (no backward recomputed): no warning
+    assert not [w for w in caught if "never entered" in str(w.message)], caught
     seen = []
 
     def recompute():

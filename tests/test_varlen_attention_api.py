@@ -3,6 +3,7 @@ torch.compile(fullgraph=True), the packed attention nn.Module, and CUDA checks (
 import copy
 import importlib
 import math
+import re
 from dataclasses import dataclass
 from typing import List
 
@@ -217,6 +218,7 @@ def test_flash_attn_batch_forms(causal, device, dtype, poison):
         cross = flash_attn_kvpacked_func(q, kv, 0.0, 0.2, causal)
         got_cross = grads(cross, [q, kv])
     assert probs is None and out.shape == self_out.shape == cross.shape == q.shape and lse.shape == (b, 4, sq)
+    assert lse.is_contiguous(), "flash-attn returns a contiguous LSE"
     mode = 1 if causal else 0
     q64, k64, v64, qkv64, kv64 = to_float64([q, k, v, qkv, kv])
 
@@ -252,10 +254,15 @@ def test_flash_attn_batch_forms_refuse_bad_input():
             call(alibi_slopes=torch.ones(4))
         with pytest.raises(NotImplementedError, match=r"^dropout_p=0.1: "):
             call(dropout_p=0.1)
-    with pytest.raises(ValueError, match=r"same batch size.*got \(2, 5, 4, 16\), \(3, 7, 2, 16\)"):
+    shapes = r"must share batch and headdim >= 1, k and v also seqlen_k and nheads_k, with nheads_k dividing nheads; "
+    with pytest.raises(ValueError, match=shapes + r"got \(2, 5, 4, 16\), \(3, 7, 2, 16\) and \(3, 7, 2, 16\)"):
         flash_attn_func(q, rand(3, 7, 2, 16), rand(3, 7, 2, 16))
-    with pytest.raises(ValueError, match=r"k and v the same seqlen"):
-        flash_attn_func(q, k, k[:, :6])
+    for bad_k, bad_v in ((k, k[:, :6]), (k, k[:, :, :1]), (k[..., :8], k[..., :8]), (k[:, :, :0], k[:, :, :0]),
+                         (rand(2, 7, 3, 16), rand(2, 7, 3, 16))):
+        with pytest.raises(ValueError, match=shapes + re.escape(f"got (2, 5, 4, 16), {tuple(bad_k.shape)}")):
+            flash_attn_func(q, bad_k, bad_v)
+    with pytest.raises(ValueError, match=shapes + r"got \(2, 5, 4, 0\)"):
+        flash_attn_func(q[..., :0], k[..., :0], k[..., :0])
     with pytest.raises(ValueError, match=r"q must be 4-D \(batch, seqlen, nheads, headdim\); got \(10, 4, 16\)"):
         flash_attn_func(q.flatten(0, 1), k, k)
     with pytest.raises(ValueError, match=r"qkv must be \(batch, seqlen, 3, nheads, headdim\); got \(2, 5, 4, 16\)"):
@@ -487,6 +494,9 @@ def test_memory_efficient_attention_errors():
         memory_efficient_attention(q5, q5, q5[:, :, :, :2])
     with pytest.raises(ValueError, match=r"key must be .* G = 2 and H = 3; got \(1, 6, 1, 3, 16\)"):
         memory_efficient_attention(q5, q5[:, :, :1], q5)
+    with pytest.raises(ValueError, match=r"key and value must agree on B and M; got \(1, 4, 2, 3, 16\) and "
+                       r"\(1, 6, 2, 3, 16\)"):
+        memory_efficient_attention(q5, q5[:, :4], q5)
     # a mask-named object without xformers' seqinfo attributes: a TypeError naming what is missing
     BlockDiagonalMask_ = type("BlockDiagonalMask", (), {})
     with pytest.raises(TypeError, match="attn_bias has no 'q_seqinfo' attribute"):

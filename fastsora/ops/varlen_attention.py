@@ -478,6 +478,8 @@ def _xformers_to_bmhk(query: Any, key: Any, value: Any) -> Tuple[torch.Tensor, t
     if not query.dim() == key.dim() == value.dim():
         raise ValueError(f"query, key and value must share one layout; got {query.dim()}-D, {key.dim()}-D and "
                          f"{value.dim()}-D ({', '.join(_XFORMERS_LAYOUTS[t.dim()] for t in (query, key, value))})")
+    if key.shape[:2] != value.shape[:2]:
+        raise ValueError(f"key and value must agree on B and M; got {tuple(key.shape)} and {tuple(value.shape)}")
     if query.dim() == 3:
         return query.unsqueeze(2), key.unsqueeze(2), value.unsqueeze(2)
     if query.dim() == 4:
@@ -541,11 +543,13 @@ def _batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be 4-D (batch, seqlen, nheads, headdim); got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-    if k.shape[:2] != v.shape[:2] or k.shape[0] != q.shape[0]:
-        raise ValueError(f"q, k and v must have the same batch size, and k and v the same seqlen; got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[:3] != v.shape[:3] or k.shape[0] != q.shape[0] or not q.shape[3] == k.shape[3] == v.shape[3] >= 1 \
+            or k.shape[2] < 1 or q.shape[2] % k.shape[2]:
+        raise ValueError(f"q (batch, seqlen_q, nheads, headdim), k and v (batch, seqlen_k, nheads_k, headdim) must "
+                         f"share batch and headdim >= 1, k and v also seqlen_k and nheads_k, with nheads_k dividing "
+                         f"nheads; got {tuple(q.shape)}, {tuple(k.shape)} and {tuple(v.shape)}")
     b, sq, h = q.shape[:3]
     starts = torch.arange(b + 1, dtype=torch.int32, device=q.device)
     out, lse = _attention(*(t.flatten(0, 1) for t in (q, k, v)), starts * sq, starts * k.shape[1], 0.0, scale,
                           mode, False)
-    return out.view(q.shape), lse.view(h, b, sq).transpose(0, 1)
+    return out.view(q.shape), lse.view(h, b, sq).transpose(0, 1).contiguous()  # contiguous as flash-attn's
