@@ -460,6 +460,8 @@ def test_fastsora_masks_materialize_and_split():
     back = mask.split(x)
     assert [tuple(b.shape) for b in back] == [(2, 3, 4, 8), (1, 5, 4, 8), (3, 1, 4, 8)]
     assert all(torch.equal(a, b) for a, b in zip(parts, back))
+    empty_mask, packed = BlockDiagonalMask.from_tensor_list([parts[0][:, :0], parts[1]])  # zero-length sequences
+    assert [tuple(b.shape) for b in empty_mask.split(packed)] == [(2, 0, 4, 8), (1, 5, 4, 8)]
     with pytest.raises(ValueError, match="2 query blocks but 3 key blocks"):
         BlockDiagonalMask.from_seqlens([1, 2], [1, 2, 3])
     with pytest.raises(ValueError, match=r"seqlens must be >= 0; got \[1, -2\]"):

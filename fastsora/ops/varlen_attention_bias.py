@@ -73,7 +73,8 @@ class SeqLenInfo:
             if size == 0:  # an empty tensor of the list: no block
                 out.append(x.new_empty(0, 0, *x.shape[2:]))
                 continue
-            out.append(x[0, blocks[i][0]:blocks[i + size - 1][1]].reshape(size, -1, *x.shape[2:]))
+            first, length = blocks[i][0], blocks[i][1] - blocks[i][0]
+            out.append(x[0, first:first + size * length].reshape(size, length, *x.shape[2:]))
             i += size
         return out
 
@@ -121,12 +122,12 @@ class BlockDiagonalMask:
         mask._batch_sizes = [t.shape[0] for t in tensors]
         return mask, torch.cat([t.reshape(1, -1, *t.shape[2:]) for t in tensors], dim=1)
 
-    def split(self, tensor: torch.Tensor) -> List[torch.Tensor]:
-        """The inverse of ``from_tensor_list``: [1, total, *] back to its tensors."""
+    def split_queries(self, tensor: torch.Tensor) -> List[torch.Tensor]:
+        """The inverse of ``from_tensor_list`` for query-length tensors: [1, total_q, *] back to its tensors."""
         return self.q_seqinfo.split(tensor, self._batch_sizes)
 
-    def split_queries(self, tensor: torch.Tensor) -> List[torch.Tensor]:
-        return self.q_seqinfo.split(tensor, self._batch_sizes)
+    split = split_queries
+
 
     def split_kv(self, tensor: torch.Tensor) -> List[torch.Tensor]:
         return self.k_seqinfo.split(tensor, self._batch_sizes)
