@@ -361,8 +361,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     ``return_attn_probs``, the LSE (batch, nheads, seqlen_q) float32 (float64 for float64 inputs). Options and
     refusals as :func:`flash_attn_varlen_func`."""
     _refuse_flash_attn_options(window_size, softcap, alibi_slopes, None)
-    _refuse_dropout(dropout_p, "dropout_p")
-    out, lse = _batched_attention(q, k, v, softmax_scale, _causal_mode(bool(causal)))
+    out, lse = _batched_attention(q, k, v, dropout_p, softmax_scale, _causal_mode(bool(causal)))
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -489,7 +488,6 @@ def _xformers_to_bmhk(query: Any, key: Any, value: Any) -> Tuple[torch.Tensor, t
         if t.shape[2] != g or t.shape[3] not in (1, h):
             raise ValueError(f"{name} must be [B, Mk, G, H, K] or [B, Mk, G, 1, K] with query's G = {g} and H = {h}; "
                              f"got {tuple(t.shape)}")
-
     if all(t.shape[3] == 1 or t.stride(3) == 0 for t in (key, value)):  # one head per group: GQA, G key heads
         return query.flatten(2, 3), key[:, :, :, 0], value[:, :, :, 0]
     return query.flatten(2, 3), *(t.expand(-1, -1, -1, h, -1).flatten(2, 3) for t in (key, value))
@@ -518,27 +516,25 @@ def _memory_efficient_attention_bmhk(query: torch.Tensor, key: torch.Tensor, val
             raise NotImplementedError(f"attn_bias of type {cls} is not supported; supported: "
                                       f"{', '.join(sorted(_XFORMERS_BIASES))}")
         block_diag, mode = _XFORMERS_BIASES[cls]
-    if block_diag:
-        if b != 1:
-            raise ValueError(f"with a {type(attn_bias).__name__} the batch size must be 1 (sequences packed along "
-                             f"M); got B={b}")
-        cu_q = _seqstart(getattr(attn_bias, "q_seqinfo", None), "q_seqinfo", device, mq)
-        cu_k = _seqstart(getattr(attn_bias, "k_seqinfo", None), "k_seqinfo", device, mk)
-        if cu_q.numel() != cu_k.numel():
-            raise ValueError(f"attn_bias: {cu_q.numel() - 1} query blocks but {cu_k.numel() - 1} key blocks")
-        validate = getattr(attn_bias.q_seqinfo, "seqstart_py", None) is None or \
-            getattr(attn_bias.k_seqinfo, "seqstart_py", None) is None
-        q3, k3, v3 = query[0], key[0], value[0]
-    else:
-        return _batched_attention(query, key, value, scale, mode)[0]
-    out, _ = _attention(q3, k3, v3, cu_q, cu_k, 0.0, scale, mode, validate)
+    if not block_diag:
+        return _batched_attention(query, key, value, 0.0, scale, mode)[0]
+    if b != 1:
+        raise ValueError(f"with a {type(attn_bias).__name__} the batch size must be 1 (sequences packed along "
+                         f"M); got B={b}")
+    cu_q = _seqstart(getattr(attn_bias, "q_seqinfo", None), "q_seqinfo", device, mq)
+    cu_k = _seqstart(getattr(attn_bias, "k_seqinfo", None), "k_seqinfo", device, mk)
+    if cu_q.numel() != cu_k.numel():
+        raise ValueError(f"attn_bias: {cu_q.numel() - 1} query blocks but {cu_k.numel() - 1} key blocks")
+    validate = getattr(attn_bias.q_seqinfo, "seqstart_py", None) is None or \
+        getattr(attn_bias.k_seqinfo, "seqstart_py", None) is None
+    out, _ = _attention(query[0], key[0], value[0], cu_q, cu_k, 0.0, scale, mode, validate)
     return out.reshape(b, mq, h, d)
 
 
-def _batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float], mode: int
-                       ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Attention per batch element of q (B, Sq, Hq, D), k and v (B, Sk, Hkv, D): one packed sequence each.
-    Returns out (B, Sq, Hq, D) and LSE (B, Hq, Sq)."""
+def _batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
+                       scale: Optional[float], mode: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Attention per batch element of q (B, Sq, Hq, D), k and v (B, Sk, Hkv, D): one packed sequence each
+    (``dropout_p`` refused as in :func:`_attention`). Returns out (B, Sq, Hq, D) and LSE (B, Hq, Sq)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be 4-D (batch, seqlen, nheads, headdim); got "
@@ -550,6 +546,6 @@ def _batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
                          f"nheads; got {tuple(q.shape)}, {tuple(k.shape)} and {tuple(v.shape)}")
     b, sq, h = q.shape[:3]
     starts = torch.arange(b + 1, dtype=torch.int32, device=q.device)
-    out, lse = _attention(*(t.flatten(0, 1) for t in (q, k, v)), starts * sq, starts * k.shape[1], 0.0, scale,
-                          mode, False)
+    out, lse = _attention(*(t.flatten(0, 1) for t in (q, k, v)), starts * sq, starts * k.shape[1], dropout_p,
+                          scale, mode, False)
     return out.view(q.shape), lse.view(h, b, sq).transpose(0, 1).contiguous()  # contiguous as flash-attn's

@@ -176,16 +176,16 @@ class BlockDiagonalCausalFromBottomRightMask(BlockDiagonalMask):
 class LowerTriangularMask:
     """Causal attention per batch element, from the top-left: query i sees keys j <= i."""
 
-    _offset_from_bottom_right = False
+    def _block(self, lq: int, lk: int, device: Device) -> torch.Tensor:
+        return _causal_block(lq, lk, 0, device)
 
     def materialize(self, shape: Sequence[int], dtype: torch.dtype = torch.float32, device: Device = "cpu"
                     ) -> torch.Tensor:
-        lq, lk = shape[-2], shape[-1]
-        seen = _causal_block(lq, lk, lk - lq if self._offset_from_bottom_right else 0, device)
-        return _finite_or_masked(seen, dtype).expand(*shape)
+        return _finite_or_masked(self._block(shape[-2], shape[-1], device), dtype).expand(*shape)
 
 
 class LowerTriangularFromBottomRightMask(LowerTriangularMask):
     """Causal attention per batch element, from the bottom-right: query i sees keys j <= i + Lk - Lq."""
 
-    _offset_from_bottom_right = True
+    def _block(self, lq: int, lk: int, device: Device) -> torch.Tensor:
+        return _causal_block(lq, lk, lk - lq, device)
