@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -708,14 +708,18 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     and a head stride below 2^31 (_rows8 scales them in int32; the row and head indices they multiply are
     int64). Views of packed projections pass through; anything else is copied (into a buffer with D padded to a
     multiple of 8)."""
-    if t.stride(-1) == 1 and t.stride(0) % 8 == 0 and t.stride(1) % 8 == 0 and t.data_ptr() % 16 == 0 \
-            and t.stride(0) < MAX_TOKEN_STRIDE and t.stride(1) < 2 ** 31:
+    if _is_aligned(t):
         return t
     d = t.shape[-1]
     d8 = _padded_d(t.shape[1], d)
     buf = t.new_zeros(t.shape[0], t.shape[1], d8)
     buf[..., :d] = t
     return buf[..., :d]
+
+
+def _is_aligned(t: torch.Tensor) -> bool:
+    return t.stride(-1) == 1 and t.stride(0) % 8 == 0 and t.stride(1) % 8 == 0 and t.data_ptr() % 16 == 0 \
+        and t.stride(0) < MAX_TOKEN_STRIDE and t.stride(1) < 2 ** 31
 
 
 def _new_aligned(shape, dtype, device) -> torch.Tensor:
@@ -763,15 +767,19 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tenso
 @on_input_device
 def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
              lse: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, softmax_scale: float, causal_mode: int,
-             dlse: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             dlse: Optional[torch.Tensor] = None,
+             grads: Optional[Tuple[Optional[torch.Tensor], ...]] = None
+             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch preprocess, dK/dV and dQ kernels. Returns dq, dk, dv shaped and typed like q, k, v.
-    ``dlse`` (Hq, total_q), optional: the gradient reaching the LSE output."""
+    ``dlse`` (Hq, total_q), optional: the gradient reaching the LSE output. ``grads``, optional: (dq, dk, dv)
+    buffers to write instead of new ones (None items are allocated), each shaped and typed like its input,
+    from :func:`new_grad_buffer` or views of one (the packed gradient of a qkv projection); they come back
+    as given, not made dense."""
     total_q, hq, d = q.shape
     total_k, hkv, _ = k.shape
     batch = cu_q.numel() - 1
-    dq = _new_aligned(q.shape, q.dtype, q.device)
-    dk = _new_aligned(k.shape, k.dtype, k.device)
-    dv = _new_aligned(v.shape, v.dtype, v.device)
+    given = (None, None, None) if grads is None else tuple(grads)
+    dq, dk, dv = (_grad_buffer(name, g, t) for name, g, t in zip(("dq", "dk", "dv"), given, (q, k, v)))
     if do.dtype != q.dtype:
         do = do.to(q.dtype)
     q, k, v, out, do = (_aligned(t) for t in (q, k, v, out, do))
@@ -798,4 +806,22 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             q, k, v, do, lse, delta, dq, cu_q, cu_k,
             *_st(q), *_st(k), *_st(v), *_st(do), *_st(dq), lse.stride(0),
             total_q, batch, hq // hkv, d, qk_scale, float(softmax_scale), br), common, q.dtype, q.device)
-    return _dense(dq), _dense(dk), _dense(dv)
+    return tuple(g if g is not None else _dense(t) for g, t in zip(given, (dq, dk, dv)))
+
+
+def new_grad_buffer(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A (tokens, heads, D) buffer the backward kernels can write through any head slice of: a packed qkv (or kv)
+    gradient whose (tokens, heads_i, D) views are passed to :func:`backward` as ``grads``."""
+    return _new_aligned(tuple(shape), dtype, device)
+
+
+def _grad_buffer(name: str, given: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    if given is None:
+        return _new_aligned(like.shape, like.dtype, like.device)
+    if given.shape != like.shape or given.dtype != like.dtype or given.device != like.device \
+            or not _is_aligned(given):
+        raise ValueError(f"grads: the {name} buffer must be {tuple(like.shape)} {like.dtype} on {like.device} with "
+                         f"unit stride along D, token and head strides multiples of 8 and a 16-byte aligned start "
+                         f"(a new_grad_buffer or a head slice of one); got {tuple(given.shape)} {given.dtype} on "
+                         f"{given.device}, strides {given.stride()}")
+    return given

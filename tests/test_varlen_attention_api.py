@@ -125,6 +125,10 @@ def test_triton_refusals_say_why():
     with use_backend("triton"), pytest.raises(BackendError, match=r"heads x head dim = 32768 x 256 elements per "
                                                                     r"token \(the kernels take fewer than 8388608"):
         varlen_attention(wide, wide[:, :1], wide[:, :1], offsets([1]), offsets([1]))
+    # a packed input's gradient is one buffer of all its heads: 3 x 400000 heads refused (q's alone would pass)
+    qkv = torch.empty(0, 3, 400000, 1, requires_grad=True)
+    with use_backend("triton"), pytest.raises(BackendError, match=r"heads x head dim = 1200000 x 8 elements"):
+        flash_attn_varlen_qkvpacked_func(qkv, offsets([0]))
     # the torch backend takes both
     with use_backend("torch"):
         out = varlen_attention(big, big, big, offsets([4]), offsets([4]))
@@ -150,6 +154,8 @@ def test_flash_attn_varlen_func_refuses_unsupported_options():
         flash_attn_varlen_qkvpacked_func(qkv[:, :2], cu_q)
     with pytest.raises(ValueError, match=r"kv must be \(total_k, 2, nheads_k, headdim\); got \(12, 2, 16\)"):
         flash_attn_varlen_kvpacked_func(q, k, cu_q, cu_k)
+    with pytest.raises(TypeError, match="q must be a tensor; got NoneType"):
+        flash_attn_varlen_kvpacked_func(None, kv, cu_q, cu_k)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -182,6 +188,84 @@ def test_flash_attn_packed_forms(causal, device, dtype, poison):
     assert_close(got_cross, grads(ref_cross, [q64, kv64]), dtype, "grads", tol=3 * TOLERANCE[dtype])
     assert fastsora.ops.flash_attn_varlen_qkvpacked_func is flash_attn_varlen_qkvpacked_func
     assert fastsora.ops.flash_attn_varlen_kvpacked_func is flash_attn_varlen_kvpacked_func
+
+
+def _autograd_nodes(t: torch.Tensor) -> set:
+    """Names of the autograd nodes reachable from t's grad_fn."""
+    seen, todo, names = set(), [t.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo.extend(n for n, _ in node.next_functions)
+    return names
+
+
+_GRADIENT_COPIES = {"UnbindBackward0", "StackBackward0", "CatBackward0", "SliceBackward0", "SelectBackward0",
+                    "SplitBackward0", "SplitWithSizesBackward0"}
+
+
+def _packed_case(form, device, d):
+    """(run(packed, q) -> out, the same attention on unpacked views, packed input, separate q or None). The varlen
+    packs end with rows past the offsets (zero gradient, written by the kernels too)."""
+    cu, cu_k = offsets([5, 0, 4], device), offsets([3, 2, 6], device)
+    if form == "varlen_qkv":
+        return (lambda p, q: flash_attn_varlen_qkvpacked_func(p, cu, None, 0.0, 0.3, True),
+                lambda p, q: varlen_attention(*p.unbind(1), cu, cu, softmax_scale=0.3, causal=True),
+                rand(11, 3, 2, d, device=device, grad=True), None)
+    if form == "varlen_kv":
+        return (lambda p, q: flash_attn_varlen_kvpacked_func(q, p, cu, cu_k, causal=True),
+                lambda p, q: varlen_attention(q, *p.unbind(1), cu, cu_k, causal=True),
+                rand(13, 2, 1, d, device=device, grad=True), rand(10, 3, d, device=device, seed=1, grad=True))
+    if form == "batch_qkv":
+        return (lambda p, q: flash_attn_qkvpacked_func(p, causal=True),
+                lambda p, q: flash_attn_func(*p.unbind(2), causal=True),
+                rand(2, 5, 3, 2, d, device=device, grad=True), None)
+    return (lambda p, q: flash_attn_kvpacked_func(q, p, causal=True),  # batch_kv
+            lambda p, q: flash_attn_func(q, *p.unbind(2), causal=True),
+            rand(2, 7, 2, 2, d, device=device, grad=True), rand(2, 4, 4, d, device=device, seed=1, grad=True))
+
+
+@pytest.mark.parametrize("form", ["varlen_qkv", "varlen_kv", "batch_qkv", "batch_kv"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_packed_forms_write_one_gradient(form, backend, device, poison):
+    """flash-attn's packed functions exist so that the backward writes the packed gradient as one tensor instead
+    of stacking dq, dk, dv (a second gradient-sized buffer and a copy): no unbind / stack / slice node lies
+    between the output and the packed input, and values and gradients equal the unpacked call's exactly
+    (head dim 20 also covers the kernels' padded gradient buffer)."""
+    for d in (16, 20):
+        run, unpacked, packed, q = _packed_case(form, device, d)
+        inputs = [packed] if q is None else [packed, q]
+        with use_backend(backend):
+            out = run(packed, q)
+            want = unpacked(packed, q)
+            assert not _autograd_nodes(out) & _GRADIENT_COPIES, _autograd_nodes(out)
+            assert _autograd_nodes(want) & _GRADIENT_COPIES  # the check sees the copies the unpacked call makes
+            got_grads, want_grads = grads(out, inputs), grads(want, inputs)  # the same seeded cotangent
+        assert torch.equal(out, want)
+        for name, a, b in zip(("packed", "q"), got_grads, want_grads):
+            assert not a.isnan().any() and torch.equal(a, b), f"{form} d{name}, head dim {d}"
+
+
+def test_packed_gradient_buffers_are_checked():
+    """The launcher's ``grads`` buffers: a buffer the kernels cannot write through is refused by name."""
+    kern = importlib.import_module("fastsora.kernels.varlen_attention")
+    q, k, v = rand(6, 2, 16), rand(6, 2, 16, seed=1), rand(6, 2, 16, seed=2)
+    cu = offsets([6])
+    with use_backend("triton"):
+        out, lse = fastsora.ops.varlen_attention(q, k, v, cu, cu, return_lse=True)
+    args = (torch.randn_like(out), q, k, v, out, lse, cu, cu, 0.25, 0)
+    good = kern.new_grad_buffer((6, 6, 16), torch.float32, q.device)
+    with pytest.raises(ValueError, match=r"grads: the dk buffer must be \(6, 2, 16\) torch.float32"):
+        kern.backward(*args, grads=(None, good[:, 2:3], good[:, 4:]))
+    with pytest.raises(ValueError, match=r"grads: the dv buffer .* multiples of 8 .*strides \(96, 1, 6\)"):
+        kern.backward(*args, grads=(None, good[:, 2:4], torch.randn(6, 16, 6).transpose(1, 2)))
+    dq, dk, dv = kern.backward(*args, grads=(good[:, :2], good[:, 2:4], None))
+    assert dq.data_ptr() == good.data_ptr() and dk.data_ptr() == good[:, 2:4].data_ptr()
+    want = kern.backward(*args)
+    assert all(torch.equal(a, b) for a, b in zip((dq, dk, dv), want))
 
 
 def test_flash_attn_varlen_func_positional_order_and_outputs(device):
@@ -510,15 +594,19 @@ def test_memory_efficient_attention_errors():
 # --------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["separate", "qkvpacked"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_torch_compile_fullgraph_with_backward(backend, device):
+def test_torch_compile_fullgraph_with_backward(backend, packed, device):
     torch._dynamo.reset()
     lens = [5, 0, 11]
     cu = offsets(lens, device)
     q, k, v = (rand(16, 2, 16, device=device, seed=s, grad=True) for s in range(3))
 
     def f(q, k, v, cu):
-        out = varlen_attention(q, k, v, cu, cu, causal=True)
+        if packed:  # the packed op (one gradient for the stacked tensor) traced as well
+            out = flash_attn_varlen_qkvpacked_func(torch.stack([q, k, v], 1), cu, causal=True)
+        else:
+            out = varlen_attention(q, k, v, cu, cu, causal=True)
         return (out.float() ** 2).sum()
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if device.type == "cpu" else "inductor")
@@ -549,6 +637,17 @@ def test_fake_tensor_shapes():
         cu = torch.zeros(3, dtype=torch.int32)
         out, lse = torch.ops.fastsora.varlen_attention_fwd(q, k, v, cu, cu, 0.1, 1, "auto")
         assert out.shape == (10, 4, 72) and lse.shape == (4, 10) and lse.dtype == torch.float32
+        qkv = torch.empty(10, 4 + 2 * 2, 72)  # heads [q | k | v], GQA
+        out, lse = torch.ops.fastsora.varlen_attention_packed_fwd(None, qkv, 4, cu, cu, 0.1, 1, "auto")
+        assert out.shape == (10, 4, 72) and lse.shape == (4, 10)
+        dq, dqkv = torch.ops.fastsora.varlen_attention_packed_bwd(out, None, qkv, 4, out, lse, cu, cu, 0.1, 1, None,
+                                                                  "auto")
+        assert dq.numel() == 0 and dqkv.shape == qkv.shape
+        out, lse = torch.ops.fastsora.varlen_attention_packed_fwd(q, qkv[:7, 4:], 0, cu, cu, 0.1, 0, "auto")
+        assert out.shape == (10, 4, 72) and lse.shape == (4, 10)
+        dq, dkv = torch.ops.fastsora.varlen_attention_packed_bwd(out, q, qkv[:7, 4:], 0, out, lse, cu, cu, 0.1, 0,
+                                                                 None, "auto")
+        assert dq.shape == q.shape and dkv.shape == (7, 4, 72)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -570,17 +669,20 @@ def _check_module_grads(y, got, ref, want, names, dtype, torch_run):
         assert_flash_rule(a, b, c, factor=3.0, name=f"d{name}")
 
 
+@pytest.mark.parametrize("qk_norm", [True, False], ids=["qk_norm", "plain"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_nn_self_attention_qk_norm_gqa(backend, device, dtype):
-    """The module on either backend, on CPU (Triton in the interpreter) and compiled on CUDA, bf16 included."""
+def test_nn_self_attention_gqa(backend, qk_norm, device, dtype):
+    """The module on either backend, on CPU (Triton in the interpreter) and compiled on CUDA, bf16 included.
+    Without QK norms q, k and v stay head slices of the qkv projection, whose gradient the packed op writes as
+    one tensor (no slice / unbind node to copy it)."""
     from fastsora.nn.varlen_attention import VarlenAttention
 
     if backend == "torch" and dtype != torch.float32:
         pytest.skip("the torch path at low precision is the yardstick of the triton rows (flash-attn's rule)")
     torch.manual_seed(0)
-    m = VarlenAttention(64, 4, num_kv_heads=2, qk_norm=True, causal=True)
+    m = VarlenAttention(64, 4, num_kv_heads=2, qk_norm=qk_norm, causal=True)
     with torch.no_grad():   # non-unit norm weights, so their gradients are not trivially shaped
-        for p in (m.q_norm.weight, m.k_norm.weight):
+        for p in (m.q_norm.weight, m.k_norm.weight) if qk_norm else ():
             p.copy_(torch.rand_like(p) + 0.5)
     m64 = copy.deepcopy(m).double()
     m = m.to(device, dtype)
@@ -593,6 +695,7 @@ def test_nn_self_attention_qk_norm_gqa(backend, device, dtype):
             y = m(x, cu)
             return y, grads(y, [x, *m.parameters()])
     y, got = run(backend)
+    assert bool(_autograd_nodes(y) & _GRADIENT_COPIES) == qk_norm
     x64 = x.detach().cpu().double().requires_grad_()
     qkv = m64.qkv(x64)
     q = m64.q_norm(qkv[:, :64].view(-1, 4, 16))
@@ -620,6 +723,13 @@ def test_nn_cross_attention(device, dtype):
             y = m(x, offsets(lq, device), ctx, offsets(lk, device))
             return y, grads(y, [x, ctx, *m.parameters()])
     y, got = run("triton")
+    assert not _autograd_nodes(y) & _GRADIENT_COPIES  # k and v: one gradient for the kv projection's output
+    with torch.no_grad(), use_backend("triton"):  # a norm set after construction is applied (packed: no norms)
+        plain = m(x, offsets(lq, device), ctx, offsets(lk, device))
+        m.k_norm = torch.nn.RMSNorm(16).to(device, dtype)
+        normed = m(x, offsets(lq, device), ctx, offsets(lk, device))
+        m.k_norm = torch.nn.Identity()
+    assert torch.equal(plain, y) and not torch.equal(normed, y)
     x64, ctx64 = (t.detach().cpu().double().requires_grad_() for t in (x, ctx))
     q = m64.q(x64).view(-1, 2, 16)
     k, v = m64.kv(ctx64).view(-1, 2, 2, 16).unbind(1)

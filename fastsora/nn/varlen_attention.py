@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from fastsora.ops.varlen_attention import varlen_attention
+from fastsora.ops.varlen_attention import _attention, _causal_mode, _packed_attention, _split_packed
 
 __all__ = ["VarlenAttention"]
 
@@ -65,18 +65,21 @@ class VarlenAttention(nn.Module):
         if self.is_cross:
             if context is None or cu_seqlens_k is None:
                 raise ValueError("cross-attention needs context and cu_seqlens_k")
-            q = self.q(x).view(-1, h, d)
-            k, v = self.kv(context).view(-1, 2, hkv, d).unbind(1)
+            q, packed = self.q(x).view(-1, h, d), self.kv(context).view(-1, 2 * hkv, d)  # heads [k | v]
         else:
             if context is not None or cu_seqlens_k is not None:
                 given = "context" if context is not None else "cu_seqlens_k"
                 raise ValueError(f"{given} given to a self-attention module (its keys are x's tokens, with "
                                  "cu_seqlens); build it with cross_attention_dim for cross-attention")
             cu_seqlens_k = cu_seqlens
-            qkv = self.qkv(x)
-            q = qkv[:, : h * d].view(-1, h, d)
-            k, v = qkv[:, h * d:].view(-1, 2, hkv, d).unbind(1)
-        q, k = self.q_norm(q), self.k_norm(k)
-        out = varlen_attention(q, k, v, cu_seqlens, cu_seqlens_k, softmax_scale=self.softmax_scale,
-                               causal=self.causal, validate=validate)
+            q, packed = None, self.qkv(x).view(-1, h + 2 * hkv, d)  # heads [q | k | v]
+        mode = _causal_mode(self.causal)
+        if isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity):
+            # q, k and v stay head slices of the projections: the backward writes one packed gradient
+            out, _ = _packed_attention(q, packed, h, cu_seqlens, cu_seqlens_k, 0.0, self.softmax_scale, mode,
+                                       validate)
+        else:
+            q, k, v = _split_packed(q, packed, h)
+            out, _ = _attention(self.q_norm(q), self.k_norm(k), v, cu_seqlens, cu_seqlens_k, 0.0,
+                                self.softmax_scale, mode, validate)
         return self.proj(out.reshape(-1, h * d))

@@ -9,8 +9,10 @@
   [B, M, K], [B, M, G, H, K]) with ``BlockDiagonalMask``-style ``attn_bias`` objects (read by duck typing,
   xformers need not be installed).
 
-All go through the custom ops ``fastsora::varlen_attention_fwd`` / ``fastsora::varlen_attention_bwd``
-(fake implementations and autograd registered: ``torch.compile(fullgraph=True)`` traces them).
+All go through the custom ops ``fastsora::varlen_attention_fwd`` / ``fastsora::varlen_attention_bwd``, and the
+packed forms through ``fastsora::varlen_attention_packed_fwd`` / ``_bwd``, which write the packed tensor's
+gradient as one tensor (fake implementations and autograd registered: ``torch.compile(fullgraph=True)`` traces
+them).
 """
 from __future__ import annotations
 
@@ -35,8 +37,9 @@ __all__ = ["varlen_attention", "flash_attn_varlen_func", "flash_attn_varlen_qkvp
            "flash_attn_kvpacked_func", "memory_efficient_attention"]
 
 
-def _unsupported(q: torch.Tensor) -> Optional[str]:
-    """Why the Triton kernels cannot take this input (None when they can)."""
+def _unsupported(q: torch.Tensor, packed_heads: int = 0) -> Optional[str]:
+    """Why the Triton kernels cannot take this input (None when they can). ``packed_heads``: the heads of a
+    packed input, whose gradient the backward writes as one buffer."""
     if q.dtype not in _KERNEL_DTYPES:
         return f"{str(q.dtype).removeprefix('torch.')} inputs (the kernels take float16, bfloat16 and float32)"
     if reason := interpreter_dtype_reason(q):
@@ -47,7 +50,8 @@ def _unsupported(q: torch.Tensor) -> Optional[str]:
         kern = _kernels()
     except ImportError:   # no Triton: the backend selection says so
         return None
-    return kern.token_size_unsupported(q.shape[1], q.shape[2])   # k and v have no more heads than q
+    # k and v have no more heads than q; a packed gradient buffer holds packed_heads
+    return kern.token_size_unsupported(max(q.shape[1], packed_heads), q.shape[2])
 
 
 def _lse_dtype(q: torch.Tensor) -> torch.dtype:
@@ -71,7 +75,11 @@ def _kernels():
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
             cu_seqlens_k: torch.Tensor, softmax_scale: float, causal_mode: int, requested_backend: str
             ) -> Tuple[torch.Tensor, torch.Tensor]:
-    backend = select_backend(OP_NAME, q.device, _unsupported(q), requested_backend, forward=True)
+    return _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode, requested_backend)
+
+
+def _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode, requested_backend, packed_heads=0):
+    backend = select_backend(OP_NAME, q.device, _unsupported(q, packed_heads), requested_backend, forward=True)
     if backend == "triton":
         return _kernels().forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode)
     out, lse = _ref.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode)
@@ -125,6 +133,86 @@ def _backward(ctx, dout, dlse):
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 refuse_double_backward(_bwd_op, "varlen_attention")
+
+
+# Packed forms: k and v (and q) are head slices of one tensor, whose gradient the kernels write in place, as
+# flash-attn's qkv- / kv-packed functions do: the separate-op path would return dq, dk, dv and autograd would
+# then stack them (a second gradient-sized buffer and a copy).
+
+
+def _split_packed(q: Optional[torch.Tensor], packed: torch.Tensor, q_heads: int):
+    """q, k, v as head slices of ``packed`` (tokens, heads, D): [q | k | v] with q_heads query heads when q is
+    None, else [k | v] (q given apart)."""
+    if q is None:
+        hkv = (packed.shape[1] - q_heads) // 2
+        return packed[:, :q_heads], packed[:, q_heads:q_heads + hkv], packed[:, q_heads + hkv:]
+    hkv = packed.shape[1] // 2
+    return q, packed[:, :hkv], packed[:, hkv:]
+
+
+@torch.library.custom_op("fastsora::varlen_attention_packed_fwd", mutates_args=())
+@without_autocast
+def _packed_fwd_op(q: Optional[torch.Tensor], packed: torch.Tensor, q_heads: int, cu_seqlens_q: torch.Tensor,
+                   cu_seqlens_k: torch.Tensor, softmax_scale: float, causal_mode: int, requested_backend: str
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _forward(*_split_packed(q, packed, q_heads), cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode,
+                    requested_backend, packed.shape[1])
+
+
+@_packed_fwd_op.register_fake
+def _(q, packed, q_heads, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode, requested_backend):
+    q = _split_packed(q, packed, q_heads)[0]
+    return torch.empty_like(q, memory_format=torch.contiguous_format), \
+        q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q))
+
+
+@torch.library.custom_op("fastsora::varlen_attention_packed_bwd", mutates_args=())
+@without_autocast
+def _packed_bwd_op(dout: torch.Tensor, q: Optional[torch.Tensor], packed: torch.Tensor, q_heads: int,
+                   out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                   softmax_scale: float, causal_mode: int, dlse: Optional[torch.Tensor], requested_backend: str
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(dq, dpacked): dq empty when q is part of ``packed``."""
+    qs, k, v = _split_packed(q, packed, q_heads)
+    backend = select_backend(OP_NAME, qs.device, _unsupported(qs, packed.shape[1]), requested_backend)
+    args = (dout, qs, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode, dlse)
+    if backend == "triton":
+        kern = _kernels()
+        dpacked = kern.new_grad_buffer(packed.shape, packed.dtype, packed.device)
+        views = _split_packed(q, dpacked, q_heads)
+        dq = kern.backward(*args, grads=(views[0] if q is None else None,) + views[1:])[0]
+        dpacked = dpacked.contiguous()
+    else:
+        dq, dk, dv = _ref.varlen_attention_backward(*args)
+        dpacked = torch.cat([dq, dk, dv] if q is None else [dk, dv], 1)
+    return (packed.new_empty(0) if q is None else dq.contiguous()), dpacked
+
+
+@_packed_bwd_op.register_fake
+def _(dout, q, packed, q_heads, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode, dlse,
+      requested_backend):
+    dq = packed.new_empty(0) if q is None else torch.empty_like(q, memory_format=torch.contiguous_format)
+    return dq, torch.empty_like(packed, memory_format=torch.contiguous_format)
+
+
+def _packed_setup_context(ctx, inputs, output):
+    q, packed, q_heads, cu_q, cu_k, scale, mode, requested_backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, packed, out, lse, cu_q, cu_k)
+    ctx.q_heads, ctx.scale, ctx.mode, ctx.requested_backend = q_heads, scale, mode, requested_backend
+
+
+def _packed_backward(ctx, dout, dlse):
+    q, packed, out, lse, cu_q, cu_k = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dpacked = _packed_bwd_op(dout, q, packed, ctx.q_heads, out, lse, cu_q, cu_k, ctx.scale, ctx.mode, dlse,
+                                 ctx.requested_backend)
+    return (None if q is None else dq), dpacked, None, None, None, None, None, None
+
+
+_packed_fwd_op.register_autograd(_packed_backward, setup_context=_packed_setup_context)
+refuse_double_backward(_packed_bwd_op, "varlen_attention")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -261,6 +349,19 @@ def _attention(q, k, v, cu_q, cu_k, dropout_p, softmax_scale, causal_mode, valid
     return _fwd_op(q, k, v, cu_q, cu_k, float(softmax_scale), int(causal_mode), backend_request())
 
 
+def _packed_attention(q, packed, q_heads, cu_q, cu_k, dropout_p, softmax_scale, causal_mode, validate):
+    """:func:`_attention` of the head slices of ``packed`` (tokens, heads, D): [q | k | v] with ``q_heads``
+    query heads when q is None, else [k | v]; the gradient of ``packed`` is written as one tensor."""
+    _refuse_dropout(dropout_p, "dropout_p")
+    qs, k, v = _split_packed(q, packed, q_heads)
+    _check_inputs(qs, k, v, cu_q, cu_k, validate)
+    cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(qs.shape[-1])
+    return _packed_fwd_op(q, packed, int(q_heads), cu_q, cu_k, float(softmax_scale), int(causal_mode),
+                          backend_request())
+
+
 # ----------------------------------------------------------------------------------------------------------
 # public API
 # ----------------------------------------------------------------------------------------------------------
@@ -328,14 +429,16 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen=None, dropout_p
                                      causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                                      deterministic=False, return_attn_probs=False, *, validate=True):
     """Drop-in for ``flash_attn.flash_attn_varlen_qkvpacked_func``: self-attention of packed sequences with
-    q, k and v stacked in one tensor ``qkv`` (total, 3, nheads, headdim), split along dim 1 as views (no copy);
+    q, k and v stacked in one tensor ``qkv`` (total, 3, nheads, headdim), read as views (no copy), whose gradient
+    the backward writes as one tensor (as flash-attn: no stack of dq, dk, dv);
     ``cu_seqlens`` (batch + 1,) int32 serves queries and keys. Returns (total, nheads, headdim), or
     ``(out, softmax_lse, None)`` with ``return_attn_probs``. Options as :func:`flash_attn_varlen_func`."""
     _check_packed(qkv, "qkv", 3, "(total, 3, nheads, headdim)")
-    q, k, v = qkv.unbind(1)
-    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale,
-                                  causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
-                                  validate=validate)
+    _refuse_flash_attn_options(window_size, softcap, alibi_slopes, None)
+    _check_max_seqlen(max_seqlen, max_seqlen)
+    out, lse = _packed_attention(None, qkv.flatten(1, 2), qkv.shape[2], cu_seqlens, cu_seqlens, dropout_p,
+                                 softmax_scale, _causal_mode(bool(causal)), validate)
+    return (out, lse, None) if return_attn_probs else out
 
 
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
@@ -343,14 +446,18 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
                                     softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
                                     validate=True):
     """Drop-in for ``flash_attn.flash_attn_varlen_kvpacked_func``: q (total_q, nheads, headdim) attends to k and v
-    stacked in ``kv`` (total_k, 2, nheads_k, headdim), split along dim 1 as views (no copy); nheads_k dividing
-    nheads (GQA), e.g. video tokens attending to caption tokens. Returns (total_q, nheads, headdim), or
-    ``(out, softmax_lse, None)`` with ``return_attn_probs``. Options as :func:`flash_attn_varlen_func`."""
+    stacked in ``kv`` (total_k, 2, nheads_k, headdim), read as views (no copy), its gradient written as one
+    tensor; nheads_k dividing nheads (GQA), e.g. video tokens attending to caption tokens. Returns (total_q,
+    nheads, headdim), or ``(out, softmax_lse, None)`` with ``return_attn_probs``. Options as
+    :func:`flash_attn_varlen_func`."""
+    if not isinstance(q, torch.Tensor):  # (None would read as "q packed in kv")
+        raise TypeError(f"q must be a tensor; got {type(q).__name__}")
     _check_packed(kv, "kv", 2, "(total_k, 2, nheads_k, headdim)")
-    k, v = kv.unbind(1)
-    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                                  return_attn_probs, validate=validate)
+    _refuse_flash_attn_options(window_size, softcap, alibi_slopes, None)
+    _check_max_seqlen(max_seqlen_q, max_seqlen_k)
+    out, lse = _packed_attention(q, kv.flatten(1, 2), 0, cu_seqlens_q, cu_seqlens_k, dropout_p, softmax_scale,
+                                 _causal_mode(bool(causal)), validate)
+    return (out, lse, None) if return_attn_probs else out
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
@@ -368,19 +475,21 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                               softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """Drop-in for ``flash_attn.flash_attn_qkvpacked_func``: :func:`flash_attn_func` with q, k and v stacked in
-    ``qkv`` (batch, seqlen, 3, nheads, headdim), split along dim 2 as views (no copy)."""
+    ``qkv`` (batch, seqlen, 3, nheads, headdim), read as views (no copy), its gradient written as one tensor."""
     _check_packed(qkv, "qkv", 3, "(batch, seqlen, 3, nheads, headdim)", dim=2)
-    return flash_attn_func(*qkv.unbind(2), dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                           deterministic, return_attn_probs)
+    _refuse_flash_attn_options(window_size, softcap, alibi_slopes, None)
+    out, lse = _batched_attention(*qkv.unbind(2), dropout_p, softmax_scale, _causal_mode(bool(causal)), packed=qkv)
+    return (out, lse, None) if return_attn_probs else out
 
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """Drop-in for ``flash_attn.flash_attn_kvpacked_func``: :func:`flash_attn_func` with k and v stacked in ``kv``
-    (batch, seqlen_k, 2, nheads_k, headdim), split along dim 2 as views (no copy)."""
+    (batch, seqlen_k, 2, nheads_k, headdim), read as views (no copy), its gradient written as one tensor."""
     _check_packed(kv, "kv", 2, "(batch, seqlen_k, 2, nheads_k, headdim)", dim=2)
-    return flash_attn_func(q, *kv.unbind(2), dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                           deterministic, return_attn_probs)
+    _refuse_flash_attn_options(window_size, softcap, alibi_slopes, None)
+    out, lse = _batched_attention(q, *kv.unbind(2), dropout_p, softmax_scale, _causal_mode(bool(causal)), packed=kv)
+    return (out, lse, None) if return_attn_probs else out
 
 
 def _refuse_flash_attn_options(window_size: Any, softcap: float, alibi_slopes: Any, block_table: Any) -> None:
@@ -532,9 +641,12 @@ def _memory_efficient_attention_bmhk(query: torch.Tensor, key: torch.Tensor, val
 
 
 def _batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
-                       scale: Optional[float], mode: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                       scale: Optional[float], mode: int, packed: Optional[torch.Tensor] = None
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Attention per batch element of q (B, Sq, Hq, D), k and v (B, Sk, Hkv, D): one packed sequence each
-    (``dropout_p`` refused as in :func:`_attention`). Returns out (B, Sq, Hq, D) and LSE (B, Hq, Sq)."""
+    (``dropout_p`` refused as in :func:`_attention`). Returns out (B, Sq, Hq, D) and LSE (B, Hq, Sq).
+    ``packed``: the (B, S, 2 or 3, H, D) tensor that k and v (or q, k and v) are dim-2 slices of, whose gradient
+    is then written as one tensor."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be 4-D (batch, seqlen, nheads, headdim); got "
@@ -546,6 +658,12 @@ def _batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropou
                          f"nheads; got {tuple(q.shape)}, {tuple(k.shape)} and {tuple(v.shape)}")
     b, sq, h = q.shape[:3]
     starts = torch.arange(b + 1, dtype=torch.int32, device=q.device)
-    out, lse = _attention(*(t.flatten(0, 1) for t in (q, k, v)), starts * sq, starts * k.shape[1], dropout_p,
-                          scale, mode, False)
-    return out.view(q.shape), lse.view(h, b, sq).transpose(0, 1).contiguous()  # contiguous as flash-attn's
+    cu_q, cu_k = starts * sq, starts * k.shape[1]
+    if packed is None:
+        out, lse = _attention(*(t.flatten(0, 1) for t in (q, k, v)), cu_q, cu_k, dropout_p, scale, mode, False)
+    else:
+        q = None if packed.shape[2] == 3 else q.flatten(0, 1)  # else q is a slice of packed too
+        out, lse = _packed_attention(q, packed.flatten(0, 1).flatten(1, 2), h, cu_q, cu_k, dropout_p, scale, mode,
+                                     False)
+    # (an explicit head dim: -1 is ambiguous for 0 elements); the LSE contiguous as flash-attn's
+    return out.view(b, sq, h, out.shape[-1]), lse.view(h, b, sq).transpose(0, 1).contiguous()
