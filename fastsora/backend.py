@@ -235,7 +235,9 @@ def select_backend(op: str, device: torch.device, unsupported: Optional[str] = N
                 f"{op}: this call carries the backend request {requested!r}, but {current!r} is requested now. "
                 "Under torch.compile a call keeps the request in effect when it was traced: call "
                 "torch.compiler.reset() after changing the backend (compiling the function again reuses its "
-                "traced graph). Calling torch.ops.fastsora.* directly, pass fastsora.backend.get_backend()")
+                "traced graph). A torch.export program keeps the request it was exported under: run it under "
+                "that request (fastsora.use_backend / set_backend), or export under 'auto'. Calling "
+                "torch.ops.fastsora.* directly, pass fastsora.backend.get_backend()")
     if requested == "torch":
         return "torch"
     if requested == "auto" and device.type != "cuda":

@@ -658,6 +658,10 @@ def test_export_save_load_round_trip(backend, device, tmp_path):
         want = m(*args)
     assert want[-1] is None and got[-1] is None
     assert all(torch.equal(a, b) for a, b in zip(got[:-1], want[:-1], strict=True))
+    other = "torch" if backend == "triton" else "triton"
+    with use_backend(other), pytest.raises(BackendError, match=rf"carries the backend request '{backend}', but "
+                                                             rf"'{other}' .* A torch.export program keeps the request"):
+        torch.export.load(str(tmp_path / "attn.pt2")).module()(*args)
 
 
 def test_fake_tensor_shapes():
