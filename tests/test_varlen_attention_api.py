@@ -853,13 +853,20 @@ def test_docs_examples_run_as_documented(backend, device, poison):
     """docs/varlen_attention.md's examples, run as written: the imports are our entry points, and the packed
     images (BlockDiagonalMask) and the packed self- and cross-attention modules (head dim 72) give each sequence
     what it gets alone."""
-    imports, modules, masks = doc_examples("docs/varlen_attention.md")
+    imports, modules, masks, padding = doc_examples("docs/varlen_attention.md")
     ns = {}
     exec(imports, ns)
     for name in ("flash_attn_varlen_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func",
                  "flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func",
-                 "memory_efficient_attention", "BlockDiagonalMask"):
+                 "memory_efficient_attention", "BlockDiagonalMask", "unpad_input", "pad_input"):
         assert ns[name] is getattr(fastsora.ops, name), name
+    ns = {}
+    with use_backend(backend), torch.device(device), torch.no_grad():
+        exec(padding, ns)  # a padded batch: each clip's tokens get what the clip gets alone, zeros at the padding
+        for b, n in enumerate((10, 6)):
+            alone = flash_attn_func(*ns["qkv"][b:b + 1, :n].unbind(2))[0]
+            assert_close(ns["out"][b, :n], alone, torch.float32, f"padded clip {b}")
+            assert not ns["out"][b, n:].any()
     ns = {}
     with use_backend(backend), torch.device(device), torch.no_grad():
         exec(masks, ns)  # three images packed with a BlockDiagonalMask: each gets what it gets alone

@@ -1,0 +1,163 @@
+"""Padding helpers with flash-attn's ``flash_attn.bert_padding`` names and return values, so a call site that
+unpads a padded batch for the varlen kernels (and pads the result back) changes only its import:
+``from fastsora.ops import unpad_input, pad_input``.
+
+* :func:`unpad_input`: (batch, seqlen, ...) + a (batch, seqlen) mask -> the kept tokens packed, their flat
+  indices, int32 ``cu_seqlens``, the longest length and the used lengths (flash-attn >= 2.7's five values).
+* :func:`unpad_input_for_concatenated_sequences`: rows that each hold several sequences back to back, given by
+  their lengths.
+* :func:`pad_input`: the inverse (zeros where nothing was kept).
+* :func:`index_first_axis`, :func:`index_put_first_axis`: the gather / scatter along dim 0 underneath.
+
+Plain torch ops (autograd included); :func:`unpad_input` reads the longest length on the host, as flash-attn's
+does (one synchronisation).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["index_first_axis", "index_put_first_axis", "unpad_input", "unpad_input_for_concatenated_sequences",
+           "pad_input"]
+
+
+def _check_indices(indices: torch.Tensor, device: torch.device, first_axis_dim: int) -> None:
+    """Type, device and range (one host synchronisation, skipped under torch.compile: an index out of range
+    would be a device-side assert on CUDA)."""
+    if not isinstance(indices, torch.Tensor) or indices.dim() != 1 or indices.dtype not in (torch.int32,
+                                                                                            torch.int64):
+        raise TypeError("indices must be a 1-D int64 (or int32) tensor of positions along dim 0; got "
+                        + (f"{indices.dtype} of shape {tuple(indices.shape)}" if isinstance(indices, torch.Tensor)
+                           else type(indices).__name__))
+    if indices.device != device:
+        raise ValueError(f"indices must be on the device of the values ({device}); got {indices.device}")
+    if indices.numel() and not torch.compiler.is_compiling():
+        low, high = torch.stack([indices.min(), indices.max()]).tolist()
+        if low < 0 or high >= first_axis_dim:
+            raise IndexError(f"indices must lie in [0, {first_axis_dim}); got values from {low} to {high}")
+
+
+def index_first_axis(input: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Rows ``indices`` of ``input`` (first_axis_dim, ...): (len(indices), ...). Differentiable in input (the
+    gradient is scattered back, zeros elsewhere)."""
+    if not isinstance(input, torch.Tensor) or input.dim() < 2:
+        raise ValueError(f"input must be a tensor of at least 2 dims (first_axis_dim, ...); got "
+                         f"{tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__}")
+    _check_indices(indices, input.device, input.shape[0])
+    return input.index_select(0, indices)
+
+
+def index_put_first_axis(values: torch.Tensor, indices: torch.Tensor, first_axis_dim: int) -> torch.Tensor:
+    """A (first_axis_dim, ...) tensor of zeros with ``values`` (len(indices), ...) written at rows ``indices``
+    (distinct). Differentiable in values."""
+    if not isinstance(values, torch.Tensor) or values.dim() < 2:
+        raise ValueError(f"values must be a tensor of at least 2 dims (nnz, ...); got "
+                         f"{tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__}")
+    _check_indices(indices, values.device, int(first_axis_dim))
+    if indices.shape[0] != values.shape[0]:
+        raise ValueError(f"indices ({indices.shape[0]}) and values ({values.shape[0]} rows) must have one entry per "
+                         "row")
+    out = values.new_zeros((int(first_axis_dim), *values.shape[1:]))
+    return out.index_copy(0, indices.long(), values)
+
+
+def _check_mask(name: str, mask: torch.Tensor, batch_seqlen: Tuple[int, ...]) -> None:
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != batch_seqlen:
+        raise ValueError(f"{name} must be a (batch, seqlen) = {batch_seqlen} tensor; got "
+                         f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+    if mask.is_complex():
+        raise TypeError(f"{name} must be bool or integer (nonzero = kept); got {mask.dtype}")
+
+
+def _check_hidden(hidden_states: torch.Tensor) -> None:
+    if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() < 3:
+        raise ValueError("hidden_states must be (batch, seqlen, ...) with at least one trailing dim; got "
+                         + (f"{tuple(hidden_states.shape)}" if isinstance(hidden_states, torch.Tensor)
+                            else type(hidden_states).__name__))
+
+
+def _cumulative(lengths: torch.Tensor) -> torch.Tensor:
+    """int32 (n + 1,) offsets starting at 0."""
+    out = lengths.new_zeros(lengths.numel() + 1, dtype=torch.int32)
+    out[1:] = torch.cumsum(lengths, 0, dtype=torch.int32)
+    return out
+
+
+def unpad_input(hidden_states: torch.Tensor, attention_mask: torch.Tensor,
+                unused_mask: Optional[torch.Tensor] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """Drop-in for ``flash_attn.bert_padding.unpad_input`` (flash-attn >= 2.7, five values; code written for
+    older releases unpacks four: add ``_`` for the fifth).
+
+    Args:
+        hidden_states: (batch, seqlen, ...) any dtype.
+        attention_mask: (batch, seqlen) bool or integer, nonzero = a real token (anywhere in its row: left or
+            right padding, or holes).
+        unused_mask: optional (batch, seqlen), nonzero = a slot kept in the packed output but not used
+            (flash-attn's ``seqused``); must not overlap attention_mask.
+
+    Returns:
+        (packed (total, ...), indices (total,) int64 into the flattened batch * seqlen positions, cu_seqlens
+        (batch + 1,) int32, max_seqlen_in_batch int, used_seqlens_in_batch (batch,) int32: the real tokens per
+        row, kept slots of unused_mask not counted).
+    """
+    _check_hidden(hidden_states)
+    batch_seqlen = tuple(hidden_states.shape[:2])
+    _check_mask("attention_mask", attention_mask, batch_seqlen)
+    used = attention_mask != 0
+    kept = used
+    if unused_mask is not None:
+        _check_mask("unused_mask", unused_mask, batch_seqlen)
+        unused = unused_mask != 0
+        if bool((used & unused).any()):
+            raise ValueError("unused_mask overlaps attention_mask: a slot is either a used token or an unused one")
+        kept = used | unused
+    used, kept = used.to(hidden_states.device), kept.to(hidden_states.device)
+    lengths = kept.sum(-1, dtype=torch.int32)
+    indices = torch.nonzero(kept.flatten()).flatten()
+    max_seqlen = int(lengths.max()) if lengths.numel() else 0
+    packed = hidden_states.flatten(0, 1).index_select(0, indices)  # (indices valid by construction)
+    return packed, indices, _cumulative(lengths), max_seqlen, used.sum(-1, dtype=torch.int32)
+
+
+def unpad_input_for_concatenated_sequences(hidden_states: torch.Tensor, attention_mask_in_length: torch.Tensor
+                                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Drop-in for ``flash_attn.bert_padding.unpad_input_for_concatenated_sequences``: each row of
+    hidden_states (batch, seqlen, ...) holds several sequences back to back from its start;
+    ``attention_mask_in_length`` (batch, seqlen) integer lists their lengths, nonzero entries in order, zeros
+    after (row [2, 3, 0, 0, 0, 0]: a 2-token and a 3-token sequence, then one padding slot).
+
+    Returns (packed (total, ...), indices (total,) int64, cu_seqlens int32 with one entry per sequence of every
+    row, in row order, max_seqlen int): each sequence attends only within itself.
+    """
+    _check_hidden(hidden_states)
+    batch, seqlen = hidden_states.shape[:2]
+    _check_mask("attention_mask_in_length", attention_mask_in_length, (batch, seqlen))
+    lengths_in_rows = attention_mask_in_length.to(hidden_states.device)
+    if lengths_in_rows.is_floating_point() or lengths_in_rows.dtype == torch.bool:
+        raise TypeError(f"attention_mask_in_length must be integer (sequence lengths); got "
+                        f"{attention_mask_in_length.dtype}")
+    if bool((lengths_in_rows < 0).any()):
+        raise ValueError("attention_mask_in_length must hold lengths >= 0")
+    per_row = lengths_in_rows.sum(-1)
+    if bool((per_row > seqlen).any()):
+        raise ValueError(f"attention_mask_in_length: a row's lengths add up to more than seqlen ({seqlen})")
+    kept = torch.arange(seqlen, device=per_row.device) < per_row[:, None]
+    lengths = lengths_in_rows.flatten()
+    lengths = lengths[lengths != 0].to(torch.int32)
+    indices = torch.nonzero(kept.flatten()).flatten()
+    max_seqlen = int(lengths.max()) if lengths.numel() else 0
+    return hidden_states.flatten(0, 1).index_select(0, indices), indices, _cumulative(lengths), max_seqlen
+
+
+def pad_input(hidden_states: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
+    """Drop-in for ``flash_attn.bert_padding.pad_input``: the inverse of :func:`unpad_input`. hidden_states
+    (total, ...) and the ``indices`` unpad_input returned -> (batch, seqlen, ...), zeros at the dropped
+    positions. Differentiable in hidden_states."""
+    if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() < 2:
+        raise ValueError("hidden_states must be (total, ...) with at least one trailing dim; got "
+                         + (f"{tuple(hidden_states.shape)}" if isinstance(hidden_states, torch.Tensor)
+                            else type(hidden_states).__name__))
+    out = index_put_first_axis(hidden_states, indices, int(batch) * int(seqlen))
+    return out.unflatten(0, (int(batch), int(seqlen)))
