@@ -111,19 +111,27 @@ def test_bad_input():
         unpad_input(x, mask, torch.ones(4))
     with pytest.raises(ValueError, match=r"hidden_states must be \(batch, seqlen, \.\.\.\)"):
         unpad_input(x[0], mask)
-    with pytest.raises(TypeError, match="attention_mask must be bool or integer"):
+    with pytest.raises(TypeError, match=r"attention_mask must be real \(bool, integer or floating; nonzero = kept\)"):
         unpad_input(x, torch.ones(2, 4, dtype=torch.complex64))
     packed, indices, *_ = unpad_input(x, mask)
-    with pytest.raises(IndexError, match=r"indices must lie in \[0, 6\); got values from 0 to 7"):
+    with pytest.raises(IndexError, match=r"indices must lie in \[0, batch \* seqlen = 6\); got values from 0 to 7"):
         pad_input(packed, indices, 2, 3)
-    with pytest.raises(IndexError, match=r"indices must lie in \[0, 8\); got values from -1 to 1"):
+    with pytest.raises(IndexError, match=r"indices must lie in \[0, input.shape\[0\] = 8\); got values from -1 to 1"):
         index_first_axis(x.flatten(0, 1), torch.tensor([-1, 1]))
     with pytest.raises(TypeError, match=r"indices must be a 1-D int64 \(or int32\) tensor .* torch.float32"):
         pad_input(packed, indices.float(), 2, 4)
-    with pytest.raises(ValueError, match=r"indices \(3\) and values \(8 rows\) must have one entry per row"):
+    with pytest.raises(ValueError, match=r"indices \(3 entries\) and hidden_states \(8 rows\) must have one entry"):
         pad_input(packed, indices[:3], 2, 4)
     with pytest.raises(ValueError, match=r"hidden_states must be \(total, \.\.\.\)"):
         pad_input(packed[:, 0], indices, 2, 4)
+    with pytest.raises(TypeError, match=r"batch must be an int >= 0; got 2.9"):
+        pad_input(packed, indices, 2.9, 4)
+    with pytest.raises(TypeError, match=r"seqlen must be an int >= 0; got -4"):
+        pad_input(packed, indices, 2, -4)
+    with pytest.raises(TypeError, match=r"first_axis_dim must be an int >= 0; got -1"):
+        index_put_first_axis(packed, indices, -1)
+    with pytest.raises(ValueError, match=r"indices \(3 entries\) and values \(8 rows\) must have one entry"):
+        index_put_first_axis(packed, indices[:3], 9)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -154,3 +162,33 @@ def test_padded_batch_through_varlen_attention(backend, device, dtype, poison):
     assert_close(got, want, dtype, "dqkv", tol=3 * TOLERANCE[dtype])
     dropped = ~mask.bool().to(device)
     assert not padded[dropped].any() and not got[dropped].any()
+
+
+def test_masks_and_indices_on_another_device(device):
+    """Masks and indices are moved to the hidden states' device (flash-attn's indexing accepts CPU indices)."""
+    x = torch.randn(3, 5, 2, device=device)
+    mask, unused = random_mask(3, 5, seed=5), torch.zeros(3, 5, dtype=torch.bool)
+    unused[0, 0] = True
+    packed, indices, cu, _, used = unpad_input(x, mask, unused)
+    want, want_idx, want_cu, _ = oracle_unpad(x.cpu(), mask.bool() | unused)
+    assert torch.equal(packed.cpu(), want) and torch.equal(indices.cpu(), want_idx) and cu.device == x.device
+    assert torch.equal(pad_input(packed, indices.cpu(), 3, 5), pad_input(packed, indices, 3, 5))
+
+
+def test_compile_fullgraph():
+    """All five trace whole under torch.compile (the host-side value checks are skipped there) and give the
+    eager results."""
+    torch._dynamo.reset()
+    x = torch.randn(3, 6, 4)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1], [1, 0, 1, 0, 1, 1]])
+    unused = torch.zeros(3, 6, dtype=torch.bool)
+    unused[0, 4] = True
+    lengths = torch.tensor([[2, 3, 0, 0, 0, 0], [3, 2, 0, 0, 0, 0], [6, 0, 0, 0, 0, 0]])
+    packed, indices = unpad_input(x, mask)[:2]
+    for fn, args in ((unpad_input, (x, mask, unused)), (unpad_input_for_concatenated_sequences, (x, lengths)),
+                     (pad_input, (packed, indices, 3, 6)), (index_first_axis, (x.flatten(0, 1), indices)),
+                     (index_put_first_axis, (packed, indices, 18))):
+        got = torch.compile(fn, fullgraph=True, backend="aot_eager")(*args)
+        want = fn(*args)
+        for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+            assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, fn.__name__

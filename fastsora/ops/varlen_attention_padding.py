@@ -9,11 +9,14 @@ unpads a padded batch for the varlen kernels (and pads the result back) changes 
 * :func:`pad_input`: the inverse (zeros where nothing was kept).
 * :func:`index_first_axis`, :func:`index_put_first_axis`: the gather / scatter along dim 0 underneath.
 
-Plain torch ops (autograd included); :func:`unpad_input` reads the longest length on the host, as flash-attn's
-does (one synchronisation).
+Plain torch ops (autograd included). Host synchronisations, outside torch.compile: :func:`unpad_input` reads
+the longest length, as flash-attn's does (plus one for the overlap check with ``unused_mask``); the
+concatenated form also checks the lengths (one more); :func:`pad_input` and the index helpers check the index
+range (one), where flash-attn would hit a device-side assert.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Tuple
 
 import torch
@@ -22,44 +25,54 @@ __all__ = ["index_first_axis", "index_put_first_axis", "unpad_input", "unpad_inp
            "pad_input"]
 
 
-def _check_indices(indices: torch.Tensor, device: torch.device, first_axis_dim: int) -> None:
-    """Type, device and range (one host synchronisation, skipped under torch.compile: an index out of range
-    would be a device-side assert on CUDA)."""
+def _is_count(value) -> bool:
+    return isinstance(value, (numbers.Integral, torch.SymInt)) and not isinstance(value, bool) and value >= 0
+
+
+def _indices_on(indices: torch.Tensor, device: torch.device, size: int, size_name: str) -> torch.Tensor:
+    """``indices`` checked (type; range: one host synchronisation, skipped under torch.compile, as an index out
+    of range would be a device-side assert on CUDA) and moved to ``device``."""
     if not isinstance(indices, torch.Tensor) or indices.dim() != 1 or indices.dtype not in (torch.int32,
                                                                                             torch.int64):
         raise TypeError("indices must be a 1-D int64 (or int32) tensor of positions along dim 0; got "
                         + (f"{indices.dtype} of shape {tuple(indices.shape)}" if isinstance(indices, torch.Tensor)
                            else type(indices).__name__))
-    if indices.device != device:
-        raise ValueError(f"indices must be on the device of the values ({device}); got {indices.device}")
+    indices = indices.to(device)
     if indices.numel() and not torch.compiler.is_compiling():
         low, high = torch.stack([indices.min(), indices.max()]).tolist()
-        if low < 0 or high >= first_axis_dim:
-            raise IndexError(f"indices must lie in [0, {first_axis_dim}); got values from {low} to {high}")
+        if low < 0 or high >= size:
+            raise IndexError(f"indices must lie in [0, {size_name} = {size}); got values from {low} to {high}")
+    return indices
+
+
+def _rows_of(t, name: str, layout: str) -> None:
+    if not isinstance(t, torch.Tensor) or t.dim() < 2:
+        raise ValueError(f"{name} must be {layout} with at least one trailing dim; got "
+                         f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
 
 
 def index_first_axis(input: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Rows ``indices`` of ``input`` (first_axis_dim, ...): (len(indices), ...). Differentiable in input (the
     gradient is scattered back, zeros elsewhere)."""
-    if not isinstance(input, torch.Tensor) or input.dim() < 2:
-        raise ValueError(f"input must be a tensor of at least 2 dims (first_axis_dim, ...); got "
-                         f"{tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__}")
-    _check_indices(indices, input.device, input.shape[0])
-    return input.index_select(0, indices)
+    _rows_of(input, "input", "(first_axis_dim, ...)")
+    return input.index_select(0, _indices_on(indices, input.device, input.shape[0], "input.shape[0]"))
+
+
+def _index_put(values: torch.Tensor, indices: torch.Tensor, size: int, values_name: str, size_name: str):
+    indices = _indices_on(indices, values.device, size, size_name)
+    if indices.shape[0] != values.shape[0]:
+        raise ValueError(f"indices ({indices.shape[0]} entries) and {values_name} ({values.shape[0]} rows) must "
+                         "have one entry per row")
+    return values.new_zeros((size, *values.shape[1:])).index_copy(0, indices.long(), values)
 
 
 def index_put_first_axis(values: torch.Tensor, indices: torch.Tensor, first_axis_dim: int) -> torch.Tensor:
     """A (first_axis_dim, ...) tensor of zeros with ``values`` (len(indices), ...) written at rows ``indices``
     (distinct). Differentiable in values."""
-    if not isinstance(values, torch.Tensor) or values.dim() < 2:
-        raise ValueError(f"values must be a tensor of at least 2 dims (nnz, ...); got "
-                         f"{tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__}")
-    _check_indices(indices, values.device, int(first_axis_dim))
-    if indices.shape[0] != values.shape[0]:
-        raise ValueError(f"indices ({indices.shape[0]}) and values ({values.shape[0]} rows) must have one entry per "
-                         "row")
-    out = values.new_zeros((int(first_axis_dim), *values.shape[1:]))
-    return out.index_copy(0, indices.long(), values)
+    _rows_of(values, "values", "(nnz, ...)")
+    if not _is_count(first_axis_dim):
+        raise TypeError(f"first_axis_dim must be an int >= 0; got {first_axis_dim!r}")
+    return _index_put(values, indices, first_axis_dim, "values", "first_axis_dim")
 
 
 def _check_mask(name: str, mask: torch.Tensor, batch_seqlen: Tuple[int, ...]) -> None:
@@ -67,7 +80,7 @@ def _check_mask(name: str, mask: torch.Tensor, batch_seqlen: Tuple[int, ...]) ->
         raise ValueError(f"{name} must be a (batch, seqlen) = {batch_seqlen} tensor; got "
                          f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
     if mask.is_complex():
-        raise TypeError(f"{name} must be bool or integer (nonzero = kept); got {mask.dtype}")
+        raise TypeError(f"{name} must be real (bool, integer or floating; nonzero = kept); got {mask.dtype}")
 
 
 def _check_hidden(hidden_states: torch.Tensor) -> None:
@@ -92,7 +105,7 @@ def unpad_input(hidden_states: torch.Tensor, attention_mask: torch.Tensor,
 
     Args:
         hidden_states: (batch, seqlen, ...) any dtype.
-        attention_mask: (batch, seqlen) bool or integer, nonzero = a real token (anywhere in its row: left or
+        attention_mask: (batch, seqlen) bool, integer or floating, nonzero = a real token (anywhere in its row: left or
             right padding, or holes).
         unused_mask: optional (batch, seqlen), nonzero = a slot kept in the packed output but not used
             (flash-attn's ``seqused``); must not overlap attention_mask.
@@ -105,18 +118,17 @@ def unpad_input(hidden_states: torch.Tensor, attention_mask: torch.Tensor,
     _check_hidden(hidden_states)
     batch_seqlen = tuple(hidden_states.shape[:2])
     _check_mask("attention_mask", attention_mask, batch_seqlen)
-    used = attention_mask != 0
+    used = attention_mask.to(hidden_states.device) != 0
     kept = used
     if unused_mask is not None:
         _check_mask("unused_mask", unused_mask, batch_seqlen)
-        unused = unused_mask != 0
-        if bool((used & unused).any()):
+        unused = unused_mask.to(hidden_states.device) != 0
+        if not torch.compiler.is_compiling() and bool((used & unused).any()):
             raise ValueError("unused_mask overlaps attention_mask: a slot is either a used token or an unused one")
         kept = used | unused
-    used, kept = used.to(hidden_states.device), kept.to(hidden_states.device)
     lengths = kept.sum(-1, dtype=torch.int32)
     indices = torch.nonzero(kept.flatten()).flatten()
-    max_seqlen = int(lengths.max()) if lengths.numel() else 0
+    max_seqlen = int(lengths.max()) if lengths.numel() else 0  # (batch 0: no row)
     packed = hidden_states.flatten(0, 1).index_select(0, indices)  # (indices valid by construction)
     return packed, indices, _cumulative(lengths), max_seqlen, used.sum(-1, dtype=torch.int32)
 
@@ -138,16 +150,18 @@ def unpad_input_for_concatenated_sequences(hidden_states: torch.Tensor, attentio
     if lengths_in_rows.is_floating_point() or lengths_in_rows.dtype == torch.bool:
         raise TypeError(f"attention_mask_in_length must be integer (sequence lengths); got "
                         f"{attention_mask_in_length.dtype}")
-    if bool((lengths_in_rows < 0).any()):
-        raise ValueError("attention_mask_in_length must hold lengths >= 0")
     per_row = lengths_in_rows.sum(-1)
-    if bool((per_row > seqlen).any()):
-        raise ValueError(f"attention_mask_in_length: a row's lengths add up to more than seqlen ({seqlen})")
+    if not torch.compiler.is_compiling():  # one host synchronisation for both checks
+        negative, too_long = torch.stack([(lengths_in_rows < 0).any(), (per_row > seqlen).any()]).tolist()
+        if negative:
+            raise ValueError("attention_mask_in_length must hold lengths >= 0")
+        if too_long:
+            raise ValueError(f"attention_mask_in_length: a row's lengths add up to more than seqlen ({seqlen})")
     kept = torch.arange(seqlen, device=per_row.device) < per_row[:, None]
-    lengths = lengths_in_rows.flatten()
-    lengths = lengths[lengths != 0].to(torch.int32)
+    flat = lengths_in_rows.flatten()
+    lengths = flat.index_select(0, torch.nonzero(flat).flatten()).to(torch.int32)
     indices = torch.nonzero(kept.flatten()).flatten()
-    max_seqlen = int(lengths.max()) if lengths.numel() else 0
+    max_seqlen = int(flat.max()) if flat.numel() else 0  # (zero entries do not change the maximum)
     return hidden_states.flatten(0, 1).index_select(0, indices), indices, _cumulative(lengths), max_seqlen
 
 
@@ -155,9 +169,9 @@ def pad_input(hidden_states: torch.Tensor, indices: torch.Tensor, batch: int, se
     """Drop-in for ``flash_attn.bert_padding.pad_input``: the inverse of :func:`unpad_input`. hidden_states
     (total, ...) and the ``indices`` unpad_input returned -> (batch, seqlen, ...), zeros at the dropped
     positions. Differentiable in hidden_states."""
-    if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() < 2:
-        raise ValueError("hidden_states must be (total, ...) with at least one trailing dim; got "
-                         + (f"{tuple(hidden_states.shape)}" if isinstance(hidden_states, torch.Tensor)
-                            else type(hidden_states).__name__))
-    out = index_put_first_axis(hidden_states, indices, int(batch) * int(seqlen))
-    return out.unflatten(0, (int(batch), int(seqlen)))
+    _rows_of(hidden_states, "hidden_states", "(total, ...)")
+    for name, value in (("batch", batch), ("seqlen", seqlen)):
+        if not _is_count(value):
+            raise TypeError(f"{name} must be an int >= 0; got {value!r}")
+    out = _index_put(hidden_states, indices, batch * seqlen, "hidden_states", "batch * seqlen")
+    return out.unflatten(0, (batch, seqlen))
