@@ -175,6 +175,8 @@ def test_masks_and_indices_on_another_device(device):
     assert torch.equal(pad_input(packed, indices.cpu(), 3, 5), pad_input(packed, indices, 3, 5))
 
 
+# nonzero's shape and the longest length read on the host: traced by default in torch 2.11 and 2.13, not 2.8
+@torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True)
 def test_compile_fullgraph():
     """All five trace whole under torch.compile (the host-side value checks are skipped there) and give the
     eager results."""
