@@ -9,10 +9,10 @@ unpads a padded batch for the varlen kernels (and pads the result back) changes 
 * :func:`pad_input`: the inverse (zeros where nothing was kept).
 * :func:`index_first_axis`, :func:`index_put_first_axis`: the gather / scatter along dim 0 underneath.
 
-Plain torch ops (autograd included). Host synchronisations, outside torch.compile: :func:`unpad_input` reads
-the longest length, as flash-attn's does (plus one for the overlap check with ``unused_mask``); the
-concatenated form also checks the lengths (one more); :func:`pad_input` and the index helpers check the index
-range (one), where flash-attn would hit a device-side assert.
+Plain torch ops (autograd included). Host synchronisations, outside torch.compile: the unpad forms find the
+kept positions (``nonzero``) and read the longest length, as flash-attn's do, plus one for the overlap check
+with ``unused_mask`` or for the concatenated form's length check; :func:`pad_input` and the index helpers check
+the index range (one), where flash-attn would hit a device-side assert.
 """
 from __future__ import annotations
 
@@ -45,8 +45,9 @@ def _indices_on(indices: torch.Tensor, device: torch.device, size: int, size_nam
     return indices
 
 
-def _rows_of(t, name: str, layout: str) -> None:
-    if not isinstance(t, torch.Tensor) or t.dim() < 2:
+def _rows_of(t, name: str, layout: str, dims: int = 2) -> None:
+    """ValueError unless t is a tensor of at least ``dims`` dims."""
+    if not isinstance(t, torch.Tensor) or t.dim() < dims:
         raise ValueError(f"{name} must be {layout} with at least one trailing dim; got "
                          f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
 
@@ -83,13 +84,6 @@ def _check_mask(name: str, mask: torch.Tensor, batch_seqlen: Tuple[int, ...]) ->
         raise TypeError(f"{name} must be real (bool, integer or floating; nonzero = kept); got {mask.dtype}")
 
 
-def _check_hidden(hidden_states: torch.Tensor) -> None:
-    if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() < 3:
-        raise ValueError("hidden_states must be (batch, seqlen, ...) with at least one trailing dim; got "
-                         + (f"{tuple(hidden_states.shape)}" if isinstance(hidden_states, torch.Tensor)
-                            else type(hidden_states).__name__))
-
-
 def _cumulative(lengths: torch.Tensor) -> torch.Tensor:
     """int32 (n + 1,) offsets starting at 0."""
     out = lengths.new_zeros(lengths.numel() + 1, dtype=torch.int32)
@@ -105,8 +99,8 @@ def unpad_input(hidden_states: torch.Tensor, attention_mask: torch.Tensor,
 
     Args:
         hidden_states: (batch, seqlen, ...) any dtype.
-        attention_mask: (batch, seqlen) bool, integer or floating, nonzero = a real token (anywhere in its row: left or
-            right padding, or holes).
+        attention_mask: (batch, seqlen) bool, integer or floating, nonzero = a real token (anywhere in its row:
+            left or right padding, or holes).
         unused_mask: optional (batch, seqlen), nonzero = a slot kept in the packed output but not used
             (flash-attn's ``seqused``); must not overlap attention_mask.
 
@@ -115,7 +109,7 @@ def unpad_input(hidden_states: torch.Tensor, attention_mask: torch.Tensor,
         (batch + 1,) int32, max_seqlen_in_batch int, used_seqlens_in_batch (batch,) int32: the real tokens per
         row, kept slots of unused_mask not counted).
     """
-    _check_hidden(hidden_states)
+    _rows_of(hidden_states, "hidden_states", "(batch, seqlen, ...)", 3)
     batch_seqlen = tuple(hidden_states.shape[:2])
     _check_mask("attention_mask", attention_mask, batch_seqlen)
     used = attention_mask.to(hidden_states.device) != 0
@@ -143,7 +137,7 @@ def unpad_input_for_concatenated_sequences(hidden_states: torch.Tensor, attentio
     Returns (packed (total, ...), indices (total,) int64, cu_seqlens int32 with one entry per sequence of every
     row, in row order, max_seqlen int): each sequence attends only within itself.
     """
-    _check_hidden(hidden_states)
+    _rows_of(hidden_states, "hidden_states", "(batch, seqlen, ...)", 3)
     batch, seqlen = hidden_states.shape[:2]
     _check_mask("attention_mask_in_length", attention_mask_in_length, (batch, seqlen))
     lengths_in_rows = attention_mask_in_length.to(hidden_states.device)
