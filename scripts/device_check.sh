@@ -79,11 +79,13 @@ if [ "$budget_bench" -gt 0 ]; then
   cases+='|^flash protocol L=(2048|16384) d128 h16( causal)?$|^flash protocol L=2048 d64 h32$'
   cases+='|^navit video 12288 \+ 10 images d72'
   # one run per op, a third of the budget each (so every issue gets rows); a point started before its budget
-  # may still autotune and time for a while: the hard limit leaves room
+  # may still autotune and time for a while: the hard limit leaves room. fastsora's rows: the default layout
+  # and conv's channels_last_3d (a target); other variants (varlen's qkvpacked) are in the full run
   per_op=$((budget_bench / 3))
   for op in lfq causal_conv3d varlen_attention; do
     timeout $((per_op + 40)) "${fastsora[@]}" bench --ops "$op" --dtype bfloat16 --modes fwd fwd+bwd \
-      --cases "$cases" --budget-s "$((per_op - 20))" --impls fastsora vector-quantize-pytorch "F.pad+F.conv3d" \
+      --cases "$cases" --budget-s "$((per_op - 20))" --impls "fastsora[triton]" "fastsora[triton,channels_last_3d]" \
+      vector-quantize-pytorch "F.pad+F.conv3d" \
       "F.pad+F.conv3d[channels_last_3d]" torch_varlen_attn sdpa_dense --out "$out" >>"$out/bench.log" 2>&1
     echo "== $op: exit $?" >>"$out/bench.log"
   done

@@ -120,6 +120,19 @@ def _fastsora(args, mode):
     return _fwd_bwd(lambda: _op(q, k, v, cu_q, cu_k, causal_mode, scale), (q, k, v), mode)
 
 
+def _fastsora_qkvpacked(args, mode):
+    """flash_attn_varlen_qkvpacked_func on the case's q, k, v stacked (self-attention cases): the same kernels,
+    the backward writing one packed gradient (its time and peak memory against the separate-input row)."""
+    from fastsora.ops.varlen_attention import flash_attn_varlen_qkvpacked_func
+
+    q, k, v, cu_q, cu_k, causal_mode, scale = args
+    if q.shape != k.shape or causal_mode == 2 or not torch.equal(cu_q, cu_k):  # (set-up only, not timed)
+        return None
+    qkv = torch.stack([q, k, v], 1).detach().requires_grad_(True)
+    return _fwd_bwd(lambda: flash_attn_varlen_qkvpacked_func(qkv, cu_q, None, 0.0, scale, causal_mode == 1,
+                                                             validate=False), (qkv,), mode)
+
+
 def _reference(args, mode):
     from fastsora.reference.varlen_attention import varlen_attention as ref
 
@@ -324,7 +337,7 @@ register_op(OpSpec(
     check_cases=check_cases,
     tolerance={torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2},
     bench_cases=bench_cases,
-    bench_impls={"fastsora": _fastsora, "reference": _reference, "sdpa_dense": _sdpa_dense,
+    bench_impls={"fastsora": _fastsora, "fastsora[qkvpacked]": _fastsora_qkvpacked, "reference": _reference, "sdpa_dense": _sdpa_dense,
                  "flex_attention": _flex, "torch_varlen_attn": _torch_varlen, "flash_attn": _flash_attn,
                  "xformers": _xformers},
     bench_modes=("fwd", "fwd+bwd"),
