@@ -664,6 +664,29 @@ def test_export_save_load_round_trip(backend, device, tmp_path):
         torch.export.load(str(tmp_path / "attn.pt2")).module()(*args)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_ops_pass_opcheck(backend, device):
+    """torch.library.opcheck on the four varlen ops (schema, autograd registration, fake implementations against
+    the backend's outputs, AOT dispatch): GQA views of a packed projection with head dim 20 (padded buffers),
+    a zero-length sequence, the separate and the packed forms, q given apart or packed."""
+    ops = torch.ops.fastsora
+    cu, cu_k = offsets([3, 0, 4], device), offsets([2, 3, 2], device)
+    qkv = rand(7, 4 + 2 * 2, 20, device=device, grad=True)  # heads [q | k | v]
+    kv = rand(7, 2 * 2, 20, device=device, seed=1, grad=True)
+    q = rand(7, 4, 20, device=device, seed=2, grad=True)
+    with use_backend(backend):
+        out, lse = ops.varlen_attention_packed_fwd(None, qkv, 4, cu, cu, 0.3, 1, backend)
+        dout = torch.randn_like(out)
+        torch.library.opcheck(ops.varlen_attention_fwd.default, (qkv[:, :4], qkv[:, 4:6], qkv[:, 6:], cu, cu, 0.3, 1,
+                                                                  backend))
+        torch.library.opcheck(ops.varlen_attention_bwd.default, (dout, *(t.detach() for t in (
+            qkv[:, :4], qkv[:, 4:6], qkv[:, 6:], out, lse)), cu, cu, 0.3, 1, None, backend))
+        torch.library.opcheck(ops.varlen_attention_packed_fwd.default, (None, qkv, 4, cu, cu, 0.3, 1, backend))
+        torch.library.opcheck(ops.varlen_attention_packed_fwd.default, (q, kv, 0, cu, cu_k, 0.3, 0, backend))
+        torch.library.opcheck(ops.varlen_attention_packed_bwd.default, (dout, None, qkv.detach(), 4, out.detach(),
+                                                                         lse.detach(), cu, cu, 0.3, 1, None, backend))
+
+
 def test_fake_tensor_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
