@@ -1,6 +1,7 @@
 """Varlen attention entry points: argument errors, flash-attn and xformers drop-ins (duck-typed mask objects),
 torch.compile(fullgraph=True), the packed attention nn.Module, and CUDA checks (flash-attn's error rule)."""
 import copy
+import functools
 import importlib
 import math
 import re
@@ -207,36 +208,37 @@ _GRADIENT_COPIES = {"UnbindBackward0", "StackBackward0", "CatBackward0", "SliceB
                     "SplitBackward0", "SplitWithSizesBackward0"}
 
 
-def _packed_case(form, device, d):
+def _packed_case(form, device, d, dtype):
     """(run(packed, q) -> out, the same attention on unpacked views, packed input, separate q or None). The varlen
     packs end with rows past the offsets (zero gradient, written by the kernels too)."""
     cu, cu_k = offsets([5, 0, 4], device), offsets([3, 2, 6], device)
+    new = functools.partial(rand, device=device, dtype=dtype, grad=True)
     if form == "varlen_qkv":
         return (lambda p, q: flash_attn_varlen_qkvpacked_func(p, cu, None, 0.0, 0.3, True),
                 lambda p, q: varlen_attention(*p.unbind(1), cu, cu, softmax_scale=0.3, causal=True),
-                rand(11, 3, 2, d, device=device, grad=True), None)
+                new(11, 3, 2, d), None)
     if form == "varlen_kv":
         return (lambda p, q: flash_attn_varlen_kvpacked_func(q, p, cu, cu_k, causal=True),
                 lambda p, q: varlen_attention(q, *p.unbind(1), cu, cu_k, causal=True),
-                rand(13, 2, 1, d, device=device, grad=True), rand(10, 3, d, device=device, seed=1, grad=True))
+                new(13, 2, 1, d), new(10, 3, d, seed=1))
     if form == "batch_qkv":
         return (lambda p, q: flash_attn_qkvpacked_func(p, causal=True),
                 lambda p, q: flash_attn_func(*p.unbind(2), causal=True),
-                rand(2, 5, 3, 2, d, device=device, grad=True), None)
+                new(2, 5, 3, 2, d), None)
     return (lambda p, q: flash_attn_kvpacked_func(q, p, causal=True),  # batch_kv
             lambda p, q: flash_attn_func(q, *p.unbind(2), causal=True),
-            rand(2, 7, 2, 2, d, device=device, grad=True), rand(2, 4, 4, d, device=device, seed=1, grad=True))
+            new(2, 7, 2, 2, d), new(2, 4, 4, d, seed=1))
 
 
 @pytest.mark.parametrize("form", ["varlen_qkv", "varlen_kv", "batch_qkv", "batch_kv"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_packed_forms_write_one_gradient(form, backend, device, poison):
+def test_packed_forms_write_one_gradient(form, backend, device, dtype, poison):
     """flash-attn's packed functions exist so that the backward writes the packed gradient as one tensor instead
     of stacking dq, dk, dv (a second gradient-sized buffer and a copy): no unbind / stack / slice node lies
-    between the output and the packed input, and values and gradients equal the unpacked call's exactly
-    (head dim 20 also covers the kernels' padded gradient buffer)."""
+    between the output and the packed input, and values and gradients equal the unpacked call's exactly, in
+    every dtype (head dim 20 also covers the kernels' padded gradient buffer)."""
     for d in (16, 20):
-        run, unpacked, packed, q = _packed_case(form, device, d)
+        run, unpacked, packed, q = _packed_case(form, device, d, dtype)
         inputs = [packed] if q is None else [packed, q]
         with use_backend(backend):
             out = run(packed, q)
