@@ -337,8 +337,8 @@ register_op(OpSpec(
     check_cases=check_cases,
     tolerance={torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2},
     bench_cases=bench_cases,
-    bench_impls={"fastsora": _fastsora, "fastsora[qkvpacked]": _fastsora_qkvpacked, "reference": _reference, "sdpa_dense": _sdpa_dense,
-                 "flex_attention": _flex, "torch_varlen_attn": _torch_varlen, "flash_attn": _flash_attn,
-                 "xformers": _xformers},
+    bench_impls={"fastsora": _fastsora, "fastsora[qkvpacked]": _fastsora_qkvpacked, "reference": _reference,
+                 "sdpa_dense": _sdpa_dense, "flex_attention": _flex, "torch_varlen_attn": _torch_varlen,
+                 "flash_attn": _flash_attn, "xformers": _xformers},
     bench_modes=("fwd", "fwd+bwd"),
 ))

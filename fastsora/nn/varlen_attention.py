@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from fastsora.ops.varlen_attention import _attention, _causal_mode, _packed_attention
+from fastsora.ops.varlen_attention import _attention, _causal_mode, _packed_attention, _split_packed
 
 __all__ = ["VarlenAttention"]
 
@@ -78,8 +78,8 @@ class VarlenAttention(nn.Module):
             # q, k and v stay head slices of the projections: the backward writes one packed gradient
             out, _ = _packed_attention(q, packed, h, cu_seqlens, cu_seqlens_k, 0.0, self.softmax_scale, mode,
                                        validate)
-        else:  # one split (its backward is one concatenation), not three slices (each a zero-filled gradient)
-            q, k, v = (q,) + packed.split(hkv, 1) if q is not None else packed.split([h, hkv, hkv], 1)
+        else:
+            q, k, v = _split_packed(q, packed, h)  # one split: its backward concatenates the gradients once
             out, _ = _attention(self.q_norm(q), self.k_norm(k), v, cu_seqlens, cu_seqlens_k, 0.0,
                                 self.softmax_scale, mode, validate)
         return self.proj(out.reshape(-1, h * d))

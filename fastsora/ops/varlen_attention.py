@@ -142,12 +142,13 @@ refuse_double_backward(_bwd_op, "varlen_attention")
 
 def _split_packed(q: Optional[torch.Tensor], packed: torch.Tensor, q_heads: int):
     """q, k, v as head slices of ``packed`` (tokens, heads, D): [q | k | v] with q_heads query heads when q is
-    None, else [k | v] (q given apart)."""
+    None, else [k | v] (q given apart). One split: under autograd (the module with QK norms) its backward
+    concatenates the gradients once, where separate slices would each build a zero-filled full-size one."""
     if q is None:
         hkv = (packed.shape[1] - q_heads) // 2
-        return packed[:, :q_heads], packed[:, q_heads:q_heads + hkv], packed[:, q_heads + hkv:]
+        return packed.split([q_heads, hkv, hkv], 1)
     hkv = packed.shape[1] // 2
-    return q, packed[:, :hkv], packed[:, hkv:]
+    return (q, *packed.split([hkv, hkv], 1))
 
 
 @torch.library.custom_op("fastsora::varlen_attention_packed_fwd", mutates_args=())
@@ -340,26 +341,25 @@ def _refuse_dropout(value, name: str) -> None:
                                   f"{name}=0.0 (apply dropout outside the attention if you need it)")
 
 
-def _attention(q, k, v, cu_q, cu_k, dropout_p, softmax_scale, causal_mode, validate):
+def _checked(q, k, v, cu_q, cu_k, dropout_p, softmax_scale, validate) -> Tuple[torch.Tensor, torch.Tensor, float]:
+    """What every entry point does before the op: refuse dropout, check the inputs, make the offsets
+    unit-stride (the kernels index them so) and default the scale. Returns (cu_q, cu_k, softmax_scale)."""
     _refuse_dropout(dropout_p, "dropout_p")
     _check_inputs(q, k, v, cu_q, cu_k, validate)
-    cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()  # the kernels index the offsets with unit stride
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-    return _fwd_op(q, k, v, cu_q, cu_k, float(softmax_scale), int(causal_mode), backend_request())
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+    return cu_q.contiguous(), cu_k.contiguous(), float(scale)
+
+
+def _attention(q, k, v, cu_q, cu_k, dropout_p, softmax_scale, causal_mode, validate):
+    cu_q, cu_k, scale = _checked(q, k, v, cu_q, cu_k, dropout_p, softmax_scale, validate)
+    return _fwd_op(q, k, v, cu_q, cu_k, scale, int(causal_mode), backend_request())
 
 
 def _packed_attention(q, packed, q_heads, cu_q, cu_k, dropout_p, softmax_scale, causal_mode, validate):
     """:func:`_attention` of the head slices of ``packed`` (tokens, heads, D): [q | k | v] with ``q_heads``
     query heads when q is None, else [k | v]; the gradient of ``packed`` is written as one tensor."""
-    _refuse_dropout(dropout_p, "dropout_p")
-    qs, k, v = _split_packed(q, packed, q_heads)
-    _check_inputs(qs, k, v, cu_q, cu_k, validate)
-    cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(qs.shape[-1])
-    return _packed_fwd_op(q, packed, int(q_heads), cu_q, cu_k, float(softmax_scale), int(causal_mode),
-                          backend_request())
+    cu_q, cu_k, scale = _checked(*_split_packed(q, packed, q_heads), cu_q, cu_k, dropout_p, softmax_scale, validate)
+    return _packed_fwd_op(q, packed, int(q_heads), cu_q, cu_k, scale, int(causal_mode), backend_request())
 
 
 # ----------------------------------------------------------------------------------------------------------
