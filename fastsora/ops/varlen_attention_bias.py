@@ -89,6 +89,16 @@ def _causal_block(lq: int, lk: int, offset: int, device: Device) -> torch.Tensor
     return torch.arange(lk, device=device)[None, :] <= i + offset
 
 
+def _top_left_block(lq: int, lk: int, device: Device) -> torch.Tensor:
+    """Causal from the top-left: query i sees keys j <= i (xformers' plain causal masks)."""
+    return _causal_block(lq, lk, 0, device)
+
+
+def _bottom_right_block(lq: int, lk: int, device: Device) -> torch.Tensor:
+    """Causal from the bottom-right: query i sees keys j <= i + Lk - Lq (flash-attn's causal)."""
+    return _causal_block(lq, lk, lk - lq, device)
+
+
 @dataclasses.dataclass
 class BlockDiagonalMask:
     """Queries and keys packed along M in as many blocks; query block i attends to key block i only.
@@ -128,7 +138,6 @@ class BlockDiagonalMask:
 
     split = split_queries
 
-
     def split_kv(self, tensor: torch.Tensor) -> List[torch.Tensor]:
         return self.k_seqinfo.split(tensor, self._batch_sizes)
 
@@ -160,8 +169,7 @@ class BlockDiagonalMask:
 class BlockDiagonalCausalMask(BlockDiagonalMask):
     """:class:`BlockDiagonalMask` with each block causal from its top-left: query i sees keys j <= i."""
 
-    def _block(self, lq: int, lk: int, device: Device) -> torch.Tensor:
-        return _causal_block(lq, lk, 0, device)
+    _block = staticmethod(_top_left_block)
 
 
 @dataclasses.dataclass
@@ -169,15 +177,13 @@ class BlockDiagonalCausalFromBottomRightMask(BlockDiagonalMask):
     """:class:`BlockDiagonalMask` with each block causal from its bottom-right: query i sees keys
     j <= i + Lk - Lq (flash-attn's causal)."""
 
-    def _block(self, lq: int, lk: int, device: Device) -> torch.Tensor:
-        return _causal_block(lq, lk, lk - lq, device)
+    _block = staticmethod(_bottom_right_block)
 
 
 class LowerTriangularMask:
     """Causal attention per batch element, from the top-left: query i sees keys j <= i."""
 
-    def _block(self, lq: int, lk: int, device: Device) -> torch.Tensor:
-        return _causal_block(lq, lk, 0, device)
+    _block = staticmethod(_top_left_block)
 
     def materialize(self, shape: Sequence[int], dtype: torch.dtype = torch.float32, device: Device = "cpu"
                     ) -> torch.Tensor:
@@ -187,5 +193,4 @@ class LowerTriangularMask:
 class LowerTriangularFromBottomRightMask(LowerTriangularMask):
     """Causal attention per batch element, from the bottom-right: query i sees keys j <= i + Lk - Lq."""
 
-    def _block(self, lq: int, lk: int, device: Device) -> torch.Tensor:
-        return _causal_block(lq, lk, lk - lq, device)
+    _block = staticmethod(_bottom_right_block)
