@@ -154,13 +154,16 @@ def grads(outputs: Any, inputs: Sequence[torch.Tensor], seed: int = 0,
 
 
 def attention_per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens_q: Sequence[int],
-                           lens_k: Sequence[int], scale: float, causal_mode: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                           lens_k: Sequence[int], scale: float, causal_mode: int,
+                           window: Tuple[int, int] = (-1, -1)) -> Tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of packed sequences written out per sequence and query head from the masks' definitions,
     independent of fastsora.reference (a test oracle for it and for the modules). q (Tq, Hq, D), k and v (Tk, Hkv,
     D) with Hq a multiple of Hkv (GQA), sequences of ``lens_q`` / ``lens_k`` tokens packed from row 0.
     ``causal_mode`` 0 sees every key; 1 key j from query i when j <= i + Lk - Lq (bottom-right, flash-attn's
-    causal); 2 when j <= i (top-left). A row that sees no key, and a tail row past the last sequence, gives 0
-    with LSE +inf. Returns (out like q, LSE (Hq, Tq) in q's dtype); differentiable."""
+    causal); 2 when j <= i (top-left). ``window`` (left, right), flash-attn's sliding window, -1 unbounded:
+    also only keys with -left <= j - (i + shift) <= right, shift = 0 in mode 2 and Lk - Lq otherwise. A row that
+    sees no key, and a tail row past the last sequence, gives 0 with LSE +inf. Returns (out like q, LSE (Hq, Tq)
+    in q's dtype); differentiable."""
     out = torch.zeros_like(q)
     lse = torch.full((q.shape[1], q.shape[0]), float("inf"), dtype=q.dtype, device=q.device)
     group = q.shape[1] // k.shape[1]
@@ -170,6 +173,11 @@ def attention_per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, le
         j = torch.arange(lk, device=q.device)[None, :]
         everything = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
         seen = {0: everything, 1: j <= i + lk - lq, 2: j <= i}[causal_mode]
+        offset = j - i - (0 if causal_mode == 2 else lk - lq)   # key position relative to the query's own
+        if window[0] != -1:
+            seen = seen & (offset >= -window[0])
+        if window[1] != -1:
+            seen = seen & (offset <= window[1])
         has_key = seen.any(1)
         for h in range(q.shape[1]):
             s = (q[a:a + lq, h] @ k[b:b + lk, h // group].T * scale).masked_fill(~seen, float("-inf"))

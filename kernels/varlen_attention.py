@@ -22,6 +22,9 @@ Kernels:
 
 Causal masking: ``IS_CAUSAL`` with a runtime ``bottom_right`` flag: query i sees key j iff
 j <= i + bottom_right * (Lk - Lq) (flash-attn 2: bottom-right; xformers' BlockDiagonalCausalMask: top-left).
+Sliding windows (flash-attn's ``window_size``): ``IS_LOCAL`` with runtime ``win_left`` / ``win_right`` (-1:
+unbounded): query i sees key j iff i + diag - win_left <= j <= i + diag + win_right, diag = bottom_right *
+(Lk - Lq); causal windows pass win_right = 0 and IS_CAUSAL off. Every tile of a window is masked.
 """
 from __future__ import annotations
 
@@ -117,6 +120,32 @@ def _query_block_key_range(blk, diag, seqlen_k, IS_CAUSAL: tl.constexpr, BLOCK_M
 
 
 @triton.jit
+def _window_bounds(diag, seqlen_q, seqlen_k, win_left, win_right):
+    """Offsets (lo, hi) of the window's band: query i sees keys i + lo <= j <= i + hi. An unbounded side (-1)
+    and a side wider than the sequences become max(Lq, Lk), which reaches every key from every row; so all
+    bounds of a sequence under 2^30 tokens stay in int32."""
+    cap = tl.maximum(seqlen_q, seqlen_k)
+    left = tl.where(win_left < 0, cap, tl.minimum(win_left, cap))
+    right = tl.where(win_right < 0, cap, tl.minimum(win_right, cap))
+    return diag - left, diag + right
+
+
+@triton.jit
+def _query_block_key_band(blk, band_lo, band_hi, seqlen_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys [lo, hi) some row of query block ``blk`` sees in a window; lo is a multiple of BLOCK_N."""
+    lo = tl.maximum(blk * BLOCK_M + band_lo, 0) // BLOCK_N * BLOCK_N
+    hi = tl.minimum((blk + 1) * BLOCK_M + band_hi, seqlen_k)
+    return lo, tl.maximum(hi, lo)
+
+
+@triton.jit
+def _in_window(rows, cols, band_lo, band_hi):
+    """Key ``cols`` within the window of query ``rows`` (sequence positions, broadcast against each other)."""
+    # one unsigned comparison: an offset below band_lo wraps past the band's width
+    return (cols - rows - band_lo).to(tl.uint32) <= (band_hi - band_lo).to(tl.uint32)
+
+
+@triton.jit
 def _load_full_kv_tile(k_ptrs, v_ptrs, mask_d, EVEN_D: tl.constexpr):
     """K and V tiles whose key rows are all in range (only padded head-dim columns are masked)."""
     if EVEN_D:
@@ -132,9 +161,9 @@ def _load_full_kv_tile(k_ptrs, v_ptrs, mask_d, EVEN_D: tl.constexpr):
 def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                 stride_qt, stride_qh, stride_kt, stride_kh,
                 stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
-                total_q, batch, group, head_dim, qk_scale, bottom_right,
-                IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
+                total_q, batch, group, head_dim, qk_scale, bottom_right, win_left, win_right,
+                IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
     stride_qt, stride_qh = _rows8(stride_qt, stride_qh)
     stride_kt, stride_kh = _rows8(stride_kt, stride_kh)
     stride_vt, stride_vh = _rows8(stride_vt, stride_vh)
@@ -168,21 +197,30 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     diag = bottom_right * (seqlen_k - seqlen_q)
-    full_end, hi = _query_block_key_range(blk, diag, seqlen_k, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    if IS_LOCAL:
+        # a window: every tile of [first, hi) masked (the masked loop starts at full_end)
+        band_lo, band_hi = _window_bounds(diag, seqlen_q, seqlen_k, win_left, win_right)
+        first, hi = _query_block_key_band(blk, band_lo, band_hi, seqlen_k, BLOCK_M, BLOCK_N)
+        full_end = first
+        k_base += first.to(tl.int64) * stride_kt
+        v_base += first.to(tl.int64) * stride_vt
+    else:
+        full_end, hi = _query_block_key_range(blk, diag, seqlen_k, IS_CAUSAL, BLOCK_M, BLOCK_N)
 
-    # blocks with no masking
-    for start_n in range(0, full_end, BLOCK_N):
-        k, v = _load_full_kv_tile(k_base + k_off, v_base + v_off, mask_d, EVEN_D)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
-        m_i = m_new
-        k_base += BLOCK_N * stride_kt
-        v_base += BLOCK_N * stride_vt
+    # blocks with no masking (none in a window: not even compiled there)
+    if not IS_LOCAL:
+        for start_n in range(0, full_end, BLOCK_N):
+            k, v = _load_full_kv_tile(k_base + k_off, v_base + v_off, mask_d, EVEN_D)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+            m_i = m_new
+            k_base += BLOCK_N * stride_kt
+            v_base += BLOCK_N * stride_vt
     # boundary blocks: key range end and causal diagonal
     for start_n in range(full_end, hi, BLOCK_N):
         cols = start_n + offs_n
@@ -193,6 +231,8 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
         visible = mask_n[None, :]
         if IS_CAUSAL:
             visible = visible & (cols[None, :] <= offs_m[:, None] + diag)
+        if IS_LOCAL:
+            visible = visible & _in_window(offs_m[:, None], cols[None, :], band_lo, band_hi)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # never -inf since m_i starts at -FLT_MAX, so m_safe == m_new; the select stays because removing it left
@@ -278,9 +318,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
                      stride_qt, stride_qh, stride_kt, stride_kh,
                      stride_vt, stride_vh, stride_dot, stride_doh,
                      stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
-                     total_k, batch, group, head_dim, qk_scale, sm_scale, bottom_right,
-                     IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
+                     total_k, batch, group, head_dim, qk_scale, sm_scale, bottom_right, win_left, win_right,
+                     IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
     stride_qt, stride_qh = _rows8(stride_qt, stride_qh)
     stride_kt, stride_kh = _rows8(stride_kt, stride_kh)
     stride_vt, stride_vh = _rows8(stride_vt, stride_vh)
@@ -314,9 +354,17 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
         full_start = tl.maximum((blk + 1) * BLOCK_N - 1 - diag, 0)
         full_start = tl.minimum((full_start + BLOCK_M - 1) // BLOCK_M * BLOCK_M, seqlen_q)
         full_start = tl.maximum(full_start, lo)
+        q_end = seqlen_q
+    elif IS_LOCAL:
+        # query rows that see some key of the block: j - band_hi <= i <= j - band_lo; every block masked
+        band_lo, band_hi = _window_bounds(diag, seqlen_q, seqlen_k, win_left, win_right)
+        lo = tl.maximum(blk * BLOCK_N - band_hi, 0) // BLOCK_M * BLOCK_M
+        full_start = tl.maximum(tl.minimum((blk + 1) * BLOCK_N - band_lo, seqlen_q), lo)
+        q_end = full_start
     else:
         lo = seqlen_q * 0
         full_start = lo
+        q_end = seqlen_q
     q_base = Q + q_start.to(tl.int64) * stride_qt
     do_base = DO + q_start.to(tl.int64) * stride_dot
     q_off = offs_m[:, None] * stride_qt + offs_d[None, :]
@@ -325,7 +373,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
     # outer loop's state on the stack.
     lse_base = LSE + q_start.to(tl.int64)
     delta_base = DELTA + q_start.to(tl.int64)
-    # diagonal blocks (causal only): mask by position
+    # diagonal blocks (causal; every block of a window): mask by position
     n_diag = (full_start - lo + BLOCK_M - 1) // BLOCK_M
     for it in range(0, group * n_diag):
         rows, q, do, lse, delta = _dkdv_query_block(
@@ -335,9 +383,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
         pT = tl.math.exp2(sT - lse[None, :])
         if IS_CAUSAL:
             pT = tl.where((offs_n[:, None] <= rows[None, :] + diag) & mask_n[:, None], pT, 0.0)
+        if IS_LOCAL:
+            pT = tl.where(_in_window(rows[None, :], offs_n[:, None], band_lo, band_hi) & mask_n[:, None], pT, 0.0)
         dk, dv = _dkdv_accumulate(pT, q, v, do, delta, dk, dv, DOT_PREC)
-    # blocks where every key of the block is visible (all of them when not causal)
-    n_full = (seqlen_q - full_start + BLOCK_M - 1) // BLOCK_M
+    # blocks where every key of the block is visible (all of them when not causal, none in a window)
+    n_full = (q_end - full_start + BLOCK_M - 1) // BLOCK_M
     for it in range(0, group * n_full):
         rows, q, do, lse, delta = _dkdv_query_block(
             it, n_full, full_start, hk, group, offs_m, seqlen_q, q_base, do_base, lse_base, delta_base, q_off,
@@ -359,9 +409,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
                    stride_qt, stride_qh, stride_kt, stride_kh,
                    stride_vt, stride_vh, stride_dot, stride_doh,
                    stride_dqt, stride_dqh, stride_lh,
-                   total_q, batch, group, head_dim, qk_scale, sm_scale, bottom_right,
-                   IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
+                   total_q, batch, group, head_dim, qk_scale, sm_scale, bottom_right, win_left, win_right,
+                   IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
     stride_qt, stride_qh = _rows8(stride_qt, stride_qh)
     stride_kt, stride_kh = _rows8(stride_kt, stride_kh)
     stride_vt, stride_vh = _rows8(stride_vt, stride_vh)
@@ -395,17 +445,25 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     diag = bottom_right * (seqlen_k - seqlen_q)
-    full_end, hi = _query_block_key_range(blk, diag, seqlen_k, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    if IS_LOCAL:
+        band_lo, band_hi = _window_bounds(diag, seqlen_q, seqlen_k, win_left, win_right)
+        first, hi = _query_block_key_band(blk, band_lo, band_hi, seqlen_k, BLOCK_M, BLOCK_N)
+        full_end = first
+        k_base += first.to(tl.int64) * stride_kt
+        v_base += first.to(tl.int64) * stride_vt
+    else:
+        full_end, hi = _query_block_key_range(blk, diag, seqlen_k, IS_CAUSAL, BLOCK_M, BLOCK_N)
 
-    for start_n in range(0, full_end, BLOCK_N):
-        k, v = _load_full_kv_tile(k_base + k_off, v_base + v_off, mask_d, EVEN_D)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        p = tl.math.exp2(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
-        k_base += BLOCK_N * stride_kt
-        v_base += BLOCK_N * stride_vt
+    if not IS_LOCAL:  # blocks with no masking (none in a window)
+        for start_n in range(0, full_end, BLOCK_N):
+            k, v = _load_full_kv_tile(k_base + k_off, v_base + v_off, mask_d, EVEN_D)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            p = tl.math.exp2(s - lse[:, None])
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+            k_base += BLOCK_N * stride_kt
+            v_base += BLOCK_N * stride_vt
     for start_n in range(full_end, hi, BLOCK_N):
         cols = start_n + offs_n
         mask_n = cols < seqlen_k
@@ -415,6 +473,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
         visible = mask_n[None, :]
         if IS_CAUSAL:
             visible = visible & (cols[None, :] <= offs_m[:, None] + diag)
+        if IS_LOCAL:
+            visible = visible & _in_window(offs_m[:, None], cols[None, :], band_lo, band_hi)
         p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
@@ -445,7 +505,8 @@ def block_d_for(head_dim: int) -> int:
 #: Autotune candidates on CUDA: (BLOCK_M, BLOCK_N, num_warps, num_stages) per architecture, kernel, dtype class
 #: ('16bit' = fp16/bf16 with tensor-core dots, 'fp32' = exact "ieee" dots on the FMA units) and padded head dim.
 #: For dkdv, BLOCK_N is the key block a program owns and BLOCK_M the query rows per step. Every candidate
-#: compiles for its architecture, in all four variants (causal or not, power-of-two or padded D), with no spill
+#: compiles for its architecture, in all variants (no mask or causal; power-of-two or padded D; for the window
+#: variant see _NOT_IN_WINDOW), with no spill
 #: and no stack frame under triton 3.4, 3.6 and 3.9 (AOT with the JIT's alignment hints) - except fp32 on sm_90 at
 #: D = 128 (forward, dQ) and D = 256 (dQ): no candidate was clean under 3.4 (8-24 B stack frames), so these are
 #: clean under 3.6 and 3.9 only (fp32 is the exact path, not the fast one). Not yet timed on a GPU:
@@ -509,6 +570,8 @@ _CANDIDATES = {
     },
 }
 _KINDS = ("fwd", "dkdv", "dq")
+#: (tag, IS_CAUSAL, IS_LOCAL): the mask variants every tile compiles in
+_MASK_VARIANTS = (("", False, False), (" causal", True, False), (" window", False, True))
 #: (arch, dtype class, kernel, padded D) -> releases under which a candidate keeps a small stack frame in the plain
 #: build (only 3.4, see above)
 _STACK_IN_PLAIN_BUILD = {("sm_90", "fp32", "fwd", 128): ("3.4",), ("sm_90", "fp32", "dq", 128): ("3.4",),
@@ -528,6 +591,21 @@ _STACK_WITH_DIVISIBLE_INTS = {
     ("sm_80", "fp32", "dkdv", 128): ("3.4",), ("sm_80", "fp32", "dq", 64): ("3.4",),
     ("sm_90", "fp32", "dq", 64): ("3.4",),
 }
+#: The window variant (IS_LOCAL) compiles to other code, where ptxas left small stack frames (8-16 B) in builds
+#: that are clean in the other variants. Candidates it leaves out where its slot has clean ones, per (arch, dtype
+#: class, kernel, padded D): sm_80 dQ 16x32 at D = 256 (plain build, triton 3.9) and 128x32 at D = 128 (plain,
+#: 3.4); dK/dV 16x16 and sm_90 dQ 16x16 at D = 256 (launch specialisation, 3.6).
+_NOT_IN_WINDOW = {("sm_80", "16bit", "dq", 256): ((16, 32, 8, 1),),
+                  ("sm_80", "16bit", "dq", 128): ((128, 32, 8, 2),),
+                  ("sm_80", "16bit", "dkdv", 256): ((16, 16, 8, 1),),
+                  ("sm_90", "16bit", "dkdv", 256): ((16, 16, 8, 1),),
+                  ("sm_90", "16bit", "dq", 256): ((16, 16, 4, 1),)}
+#: Stack frames the window variant keeps beyond the tables above, in exact-fp32 slots with a single candidate: the
+#: sm_80 forward and dK/dV at D = 256 in the plain build under 3.4; in the launch specialisation, at D = 32 the
+#: sm_80 dQ and the sm_90 forward under 3.6, and the sm_90 forward at D = 256 under 3.9.
+_WINDOW_STACK_IN_PLAIN_BUILD = {("sm_80", "fp32", "fwd", 256): ("3.4",), ("sm_80", "fp32", "dkdv", 256): ("3.4",)}
+_WINDOW_STACK_WITH_DIVISIBLE_INTS = {("sm_80", "fp32", "dq", 32): ("3.6",), ("sm_90", "fp32", "fwd", 32): ("3.6",),
+                                     ("sm_90", "fp32", "fwd", 256): ("3.9",)}
 
 
 def _arch(device: torch.device) -> str:
@@ -539,9 +617,16 @@ def _klass(dtype: torch.dtype) -> str:
     return "fp32" if dtype == torch.float32 else "16bit"
 
 
-def cuda_candidates(arch: str, kind: str, dtype: torch.dtype, block_d: int) -> List[Tuple[int, int, int, int]]:
-    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner may pick on ``arch`` ('sm_80' or 'sm_90')."""
-    return _CANDIDATES[arch][_klass(dtype)][kind][block_d]
+def cuda_candidates(arch: str, kind: str, dtype: torch.dtype, block_d: int, local: bool = False
+                    ) -> List[Tuple[int, int, int, int]]:
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner may pick on ``arch`` ('sm_80' or 'sm_90'), in
+    the window variant when ``local``."""
+    return _tiles(arch, _klass(dtype), kind, block_d, local)
+
+
+def _tiles(arch: str, klass: str, kind: str, block_d: int, local: bool) -> List[Tuple[int, int, int, int]]:
+    left_out = _NOT_IN_WINDOW.get((arch, klass, kind, block_d), ()) if local else ()
+    return [tile for tile in _CANDIDATES[arch][klass][kind][block_d] if tile not in left_out]
 
 
 def _dot_prec(dtype: torch.dtype) -> str:
@@ -553,16 +638,16 @@ def _dot_prec(dtype: torch.dtype) -> str:
 _RUNTIME_ARGS = {
     "fwd": ("Q", "K", "V", "O", "LSE", "CU_Q", "CU_K", "stride_qt", "stride_qh", "stride_kt", "stride_kh",
             "stride_vt", "stride_vh", "stride_ot", "stride_oh", "stride_lh", "total_q", "batch", "group", "head_dim",
-            "qk_scale", "bottom_right"),
+            "qk_scale", "bottom_right", "win_left", "win_right"),
     "dkdv": ("Q", "K", "V", "DO", "LSE", "DELTA", "DK", "DV", "CU_Q", "CU_K", "stride_qt", "stride_qh", "stride_kt",
              "stride_kh", "stride_vt", "stride_vh", "stride_dot", "stride_doh", "stride_dkt", "stride_dkh",
              "stride_dvt", "stride_dvh", "stride_lh", "total_k", "batch", "group", "head_dim", "qk_scale",
-             "sm_scale", "bottom_right"),
+             "sm_scale", "bottom_right", "win_left", "win_right"),
     "dq": ("Q", "K", "V", "DO", "LSE", "DELTA", "DQ", "CU_Q", "CU_K", "stride_qt", "stride_qh", "stride_kt",
            "stride_kh", "stride_vt", "stride_vh", "stride_dot", "stride_doh", "stride_dqt", "stride_dqh", "stride_lh",
-           "total_q", "batch", "group", "head_dim", "qk_scale", "sm_scale", "bottom_right"),
+           "total_q", "batch", "group", "head_dim", "qk_scale", "sm_scale", "bottom_right", "win_left", "win_right"),
 }
-_CONSTEXPRS = ("IS_CAUSAL", "BLOCK_M", "BLOCK_N", "BLOCK_D", "EVEN_D", "DOT_PREC")
+_CONSTEXPRS = ("IS_CAUSAL", "IS_LOCAL", "BLOCK_M", "BLOCK_N", "BLOCK_D", "EVEN_D", "DOT_PREC")
 
 
 def _signature(kind: str, dt: str) -> dict:
@@ -579,9 +664,10 @@ def _signature(kind: str, dt: str) -> dict:
     return sig
 
 
-def _known_stack(table: dict, archs: List[str], key: Tuple[str, str, int]) -> Tuple[str, ...]:
-    """The releases ``table`` lists for (arch, *key) on any of ``archs`` (a tile shared by both archs)."""
-    return tuple(sorted({r for a in archs for r in table.get((a, *key), ())}))
+def _known_stack(tables: Sequence[dict], key: Tuple[str, str, int]):
+    """A function of a tile's archs: the releases the ``tables`` list for (arch, *key) on any of them (a tile
+    shared by both archs)."""
+    return lambda archs: tuple(sorted({r for t in tables for a in archs for r in t.get((a, *key), ())}))
 
 
 def _register() -> None:
@@ -591,24 +677,25 @@ def _register() -> None:
     pre = []
     for torch_dt, dt in _DTYPES.items():
         for block_d in BLOCK_DS:
-            for kind in _KINDS:
+            for kind, (mask, causal, local) in ((k, m) for k in _KINDS for m in _MASK_VARIANTS):
                 archs_of = {}
                 for arch in sorted(_CANDIDATES):
-                    for tile in cuda_candidates(arch, kind, torch_dt, block_d):
+                    for tile in cuda_candidates(arch, kind, torch_dt, block_d, local):
                         archs_of.setdefault(tile, []).append(arch)
+                key = (_klass(torch_dt), kind, block_d)
+                known = _known_stack((_STACK_IN_PLAIN_BUILD,) + ((_WINDOW_STACK_IN_PLAIN_BUILD,) if local else ()),
+                                     key)
+                known_ints = _known_stack((_STACK_WITH_DIVISIBLE_INTS,)
+                                          + ((_WINDOW_STACK_WITH_DIVISIBLE_INTS,) if local else ()), key)
                 for (bm, bn, w, s), archs in archs_of.items():
-                    for causal in (False, True):
-                        for even_d in (True, False):
-                            cx = dict(IS_CAUSAL=causal, BLOCK_D=block_d, EVEN_D=even_d,
-                                      DOT_PREC=_dot_prec(torch_dt), BLOCK_M=bm, BLOCK_N=bn)
-                            tag = f"{dt} D={block_d}{'' if even_d else ' padded'}{' causal' if causal else ''}"
-                            key = (_klass(torch_dt), kind, block_d)
-                            known = _known_stack(_STACK_IN_PLAIN_BUILD, archs, key)
-                            known_ints = _known_stack(_STACK_WITH_DIVISIBLE_INTS, archs, key)
-                            configs[kind].append(KernelConfig(f"{'/'.join(archs)} {kind} {tag} BM={bm} BN={bn} "
-                                                              f"w{w} s{s}", _signature(kind, dt), cx, w, s,
-                                                              archs=tuple(archs), known_stack_under=known,
-                                                              known_stack_with_divisible_ints=known_ints))
+                    for even_d in (True, False):
+                        cx = dict(IS_CAUSAL=causal, IS_LOCAL=local, BLOCK_D=block_d, EVEN_D=even_d,
+                                  DOT_PREC=_dot_prec(torch_dt), BLOCK_M=bm, BLOCK_N=bn)
+                        tag = f"{dt} D={block_d}{'' if even_d else ' padded'}{mask}"
+                        configs[kind].append(KernelConfig(f"{'/'.join(archs)} {kind} {tag} BM={bm} BN={bn} "
+                                                          f"w{w} s{s}", _signature(kind, dt), cx, w, s,
+                                                          archs=tuple(archs), known_stack_under=known(archs),
+                                                          known_stack_with_divisible_ints=known_ints(archs)))
             sig = {"O": f"*{dt}", "DO": f"*{dt}", "DELTA": "*fp32"}
             sig.update({n: "i32" for n in ("stride_ot", "stride_oh", "stride_dot", "stride_doh",
                                            "stride_delh", "total_q", "head_dim")})
@@ -640,14 +727,15 @@ _register()
 _KERNELS = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}
 #: What the autotuner's choice depends on besides the tensors' dtypes. Sequence lengths are left out on
 #: purpose: packs change every step, and a re-tune per pack would cost more than it saves.
-_TUNE_KEY = ["group", "IS_CAUSAL", "BLOCK_D", "EVEN_D", "DOT_PREC"]
+_TUNE_KEY = ["group", "IS_CAUSAL", "IS_LOCAL", "BLOCK_D", "EVEN_D", "DOT_PREC"]
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(kind: str, arch: str, klass: str, block_d: int):
+def _tuned(kind: str, arch: str, klass: str, block_d: int, local: bool):
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-               for bm, bn, w, s in _CANDIDATES[arch][klass][kind][block_d]]
-    return autotuned(f"varlen_attention {kind} {arch} {klass} D={block_d}", _KERNELS[kind], configs, _TUNE_KEY)
+               for bm, bn, w, s in _tiles(arch, klass, kind, block_d, local)]
+    return autotuned(f"varlen_attention {kind} {arch} {klass} D={block_d}{' window' if local else ''}",
+                     _KERNELS[kind], configs, _TUNE_KEY)
 
 
 def _launch(kind: str, rows: int, batch: int, heads: int, args: tuple, consts: dict, dtype: torch.dtype,
@@ -663,13 +751,27 @@ def _launch(kind: str, rows: int, batch: int, heads: int, args: tuple, consts: d
                                                                       num_stages=1)
     else:
         grid = lambda meta: (_grid_items(rows, batch, meta[side]), heads)  # noqa: E731
-        launch_tuned(_tuned(kind, _arch(device), _klass(dtype), consts["BLOCK_D"]), grid, *args, **consts)
+        launch_tuned(_tuned(kind, _arch(device), _klass(dtype), consts["BLOCK_D"], consts["IS_LOCAL"]), grid, *args,
+                     **consts)
 
 
-def _consts(dtype: torch.dtype, head_dim: int, causal_mode: int) -> dict:
+def _consts(dtype: torch.dtype, head_dim: int, local: bool, causal: bool) -> dict:
     """The constexprs of the fwd/dkdv/dq kernels other than the tile."""
     block_d = block_d_for(head_dim)
-    return dict(IS_CAUSAL=causal_mode != 0, BLOCK_D=block_d, EVEN_D=block_d == head_dim, DOT_PREC=_dot_prec(dtype))
+    return dict(IS_CAUSAL=causal, IS_LOCAL=local, BLOCK_D=block_d, EVEN_D=block_d == head_dim,
+                DOT_PREC=_dot_prec(dtype))
+
+
+def _mask_args(causal_mode: int, window: Tuple[int, int]) -> Tuple[dict, Tuple[int, int, int]]:
+    """The kernels' mask: (IS_CAUSAL / IS_LOCAL constexprs, (bottom_right, win_left, win_right)). A window
+    ((left, right), -1 unbounded; aligned as the causal mode, bottom-right when there is none) runs the IS_LOCAL
+    variant, with a causal mask folded in as right = 0; a causal mask alone the IS_CAUSAL one."""
+    left, right = window
+    if causal_mode != 0:
+        right = 0
+    if left >= 0 or (right >= 0 and causal_mode == 0):
+        return dict(local=True, causal=False), (0 if causal_mode == 2 else 1, left, right)
+    return dict(local=False, causal=causal_mode != 0), (1 if causal_mode == 1 else 0, -1, -1)
 
 
 #: Largest token stride (elements) the kernels take in place. Within a tile they form row offsets as
@@ -744,9 +846,12 @@ def _grid_items(total: int, batch: int, block: int) -> int:
 
 @on_input_device
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
-            softmax_scale: float, causal_mode: int) -> Tuple[torch.Tensor, torch.Tensor]:
+            softmax_scale: float, causal_mode: int, window: Tuple[int, int] = (-1, -1)
+            ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel. q (total_q, Hq, D), k/v (total_k, Hkv, D); cu_q/cu_k int32 (batch+1,) on
-    q's device, already validated. causal_mode 0/1/2 (none / bottom-right / top-left).
+    q's device, already validated. causal_mode 0/1/2 (none / bottom-right / top-left); ``window`` (left, right),
+    -1 unbounded: query i also sees only keys i + diag - left <= j <= i + diag + right, diag = Lk - Lq (0 when
+    causal_mode is 2).
     Returns out (total_q, Hq, D) in q's dtype and lse (Hq, total_q) fp32."""
     total_q, hq, d = q.shape
     hkv = k.shape[1]
@@ -756,11 +861,12 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tenso
     if total_q == 0 or hq == 0:
         return _dense(out), lse
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
+    flags, mask = _mask_args(causal_mode, window)
     _launch("fwd", total_q, batch, hq, (
         q, k, v, out, lse, cu_q, cu_k,
         *_st(q), *_st(k), *_st(v), *_st(out), lse.stride(0),
-        total_q, batch, hq // hkv, d, float(softmax_scale) * LOG2E, 1 if causal_mode == 1 else 0),
-        _consts(q.dtype, d, causal_mode), q.dtype, q.device)
+        total_q, batch, hq // hkv, d, float(softmax_scale) * LOG2E, *mask),
+        _consts(q.dtype, d, **flags), q.dtype, q.device)
     return _dense(out), lse
 
 
@@ -768,9 +874,10 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tenso
 def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
              lse: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, softmax_scale: float, causal_mode: int,
              dlse: Optional[torch.Tensor] = None,
-             grads: Optional[Tuple[Optional[torch.Tensor], ...]] = None
+             grads: Optional[Tuple[Optional[torch.Tensor], ...]] = None, window: Tuple[int, int] = (-1, -1)
              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch preprocess, dK/dV and dQ kernels. Returns dq, dk, dv shaped and typed like q, k, v.
+    """Launch preprocess, dK/dV and dQ kernels. Returns dq, dk, dv shaped and typed like q, k, v. The mask
+    (``causal_mode``, ``window``) as in :func:`forward`.
     ``dlse`` (Hq, total_q), optional: the gradient reaching the LSE output. ``grads``, optional: (dq, dk, dv)
     buffers to write instead of new ones (None items are allocated), each shaped and typed like its input,
     from :func:`new_grad_buffer` or views of one (the packed gradient of a qkv projection); they come back
@@ -794,18 +901,18 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         if dlse is not None:  # rows without a visible key (LSE +inf) take no LSE gradient: P is 0 there
             delta -= torch.where(torch.isinf(lse), 0.0, dlse.to(torch.float32))
     qk_scale = float(softmax_scale) * LOG2E
-    br = 1 if causal_mode == 1 else 0
-    common = _consts(q.dtype, d, causal_mode)
+    flags, mask = _mask_args(causal_mode, window)
+    common = _consts(q.dtype, d, **flags)
     if total_k > 0 and hkv > 0:
         _launch("dkdv", total_k, batch, hkv, (
             q, k, v, do, lse, delta, dk, dv, cu_q, cu_k,
             *_st(q), *_st(k), *_st(v), *_st(do), *_st(dk), *_st(dv), lse.stride(0),
-            total_k, batch, hq // hkv, d, qk_scale, float(softmax_scale), br), common, q.dtype, q.device)
+            total_k, batch, hq // hkv, d, qk_scale, float(softmax_scale), *mask), common, q.dtype, q.device)
     if total_q > 0 and hq > 0:
         _launch("dq", total_q, batch, hq, (
             q, k, v, do, lse, delta, dq, cu_q, cu_k,
             *_st(q), *_st(k), *_st(v), *_st(do), *_st(dq), lse.stride(0),
-            total_q, batch, hq // hkv, d, qk_scale, float(softmax_scale), br), common, q.dtype, q.device)
+            total_q, batch, hq // hkv, d, qk_scale, float(softmax_scale), *mask), common, q.dtype, q.device)
     return tuple(g if g is not None else _dense(t) for g, t in zip(given, (dq, dk, dv)))
 
 

@@ -426,22 +426,29 @@ def test_random_packs(seed, device, poison):
 
 def test_registered_configs_cover_every_cuda_launch():
     """`fastsora compile` builds exactly what the CUDA autotuners can pick: every candidate of every arch
-    (tiles, warps, stages) in every variant (causal or not, padded D or not) and dtype."""
+    (tiles, warps, stages) in every variant (no mask, causal or window; padded D or not) and dtype."""
     from fastsora.registry import KERNELS
 
     names = {"fwd": "_fwd_kernel", "dkdv": "_bwd_dkdv_kernel", "dq": "_bwd_dq_kernel"}
     for kind, name in names.items():
         configs = KERNELS[f"varlen_attention.{name}"].configs
-        seen = {(c.constexprs["BLOCK_D"], c.constexprs["IS_CAUSAL"], c.constexprs["EVEN_D"], c.constexprs["BLOCK_M"],
-                 c.constexprs["BLOCK_N"], c.num_warps, c.num_stages, c.signature["Q"]) for c in configs}
+        seen = {(c.constexprs["BLOCK_D"], (c.constexprs["IS_CAUSAL"], c.constexprs["IS_LOCAL"]), c.constexprs["EVEN_D"],
+                 c.constexprs["BLOCK_M"], c.constexprs["BLOCK_N"], c.num_warps, c.num_stages, c.signature["Q"])
+                for c in configs}
         wanted = set()
         for dt, ptr in ((torch.float16, "*fp16"), (torch.bfloat16, "*bf16"), (torch.float32, "*fp32")):
             for block_d in kern.BLOCK_DS:
                 for arch in ("sm_80", "sm_90"):
-                    for bm, bn, w, s in kern.cuda_candidates(arch, kind, dt, block_d):
-                        wanted |= {(block_d, causal, even, bm, bn, w, s, ptr)
-                                   for causal in (False, True) for even in (False, True)}
+                    for mask in ((False, False), (True, False), (False, True)):
+                        tiles = kern.cuda_candidates(arch, kind, dt, block_d, local=mask[1])
+                        wanted |= {(block_d, mask, even, *tile, ptr) for tile in tiles for even in (False, True)}
+                        tuner = kern._tuned(kind, arch, kern._klass(dt), block_d, mask[1])  # what a launch times
+                        assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                                for c in tuner.configs] == tiles, (kind, arch, dt, block_d, mask)
         assert seen == wanted, (kind, sorted(wanted - seen)[:3], sorted(seen - wanted)[:3])
+    # the window variant leaves out the tiles whose window build kept a stack frame
+    assert (16, 32, 8, 1) in kern.cuda_candidates("sm_80", "dq", torch.float16, 256)
+    assert (16, 32, 8, 1) not in kern.cuda_candidates("sm_80", "dq", torch.float16, 256, local=True)
     pre = KERNELS["varlen_attention._bwd_preprocess_kernel"].configs
     assert {(c.constexprs["BLOCK_D"], c.constexprs["BLOCK_M"]) for c in pre} == \
         {(d, kern._pre_block_m_cuda(d)) for d in kern.BLOCK_DS}
@@ -469,7 +476,7 @@ def test_cuda_launch_path_autotunes_over_candidates(monkeypatch, poison):
         return [2.0 + len(timed) % 2] * len(quantiles)
 
     try:
-        tuned = [kern._tuned(kind, "sm_90", "fp32", 32) for kind in kern._KINDS]
+        tuned = [kern._tuned(kind, "sm_90", "fp32", 32, False) for kind in kern._KINDS]
         for t in tuned:
             t.do_bench = fake_bench
         q, k, v, cu_q, cu_k = make([37, 5, 0, 20], [11, 40, 3, 9], 4, 2, 24, torch.float32, "cpu", 3, 2)

@@ -143,8 +143,8 @@ def test_flash_attn_varlen_func_refuses_unsupported_options():
              lambda *a, **kw: flash_attn_varlen_kvpacked_func(q, kv, cu_q, cu_k, *a, **kw),
              lambda *a, **kw: flash_attn_varlen_qkvpacked_func(qkv, cu_q, *a[1:], **kw))  # one max_seqlen
     for call in forms:
-        with pytest.raises(NotImplementedError, match=r"window_size=\(4, 0\)"):
-            call(6, 7, window_size=(4, 0))
+        with pytest.raises(ValueError, match=r"window_size left must be -1 \(unbounded\) or a number of keys"):
+            call(6, 7, window_size=(-4, 0))   # windows are supported (test_varlen_attention_window.py)
         with pytest.raises(NotImplementedError, match="softcap=30.0"):
             call(6, 7, softcap=30.0)
         with pytest.raises(NotImplementedError, match="alibi"):
@@ -332,8 +332,8 @@ def test_flash_attn_batch_forms_refuse_bad_input():
     for call in (lambda **kw: flash_attn_func(q, k, k, **kw),
                  lambda **kw: flash_attn_kvpacked_func(q, torch.stack([k, k], 2), **kw),
                  lambda **kw: flash_attn_qkvpacked_func(torch.stack([q, q, q], 2), **kw)):
-        with pytest.raises(NotImplementedError, match=r"window_size=\(8, 0\)"):
-            call(window_size=(8, 0))
+        with pytest.raises(TypeError, match=r"window_size must be a pair \(left, right\) of ints; got 8"):
+            call(window_size=8)
         with pytest.raises(NotImplementedError, match="softcap"):
             call(softcap=5.0)
         with pytest.raises(NotImplementedError, match="alibi"):
@@ -390,7 +390,7 @@ BlockDiagonalCausalMask = _mask_class("BlockDiagonalCausalMask")
 BlockDiagonalCausalFromBottomRightMask = _mask_class("BlockDiagonalCausalFromBottomRightMask")
 LowerTriangularMask = type("LowerTriangularMask", (), {})
 LowerTriangularFromBottomRightMask = type("LowerTriangularFromBottomRightMask", (), {})
-BlockDiagonalCausalLocalAttentionMask = _mask_class("BlockDiagonalCausalLocalAttentionMask")
+BlockDiagonalPaddedKeysMask = _mask_class("BlockDiagonalPaddedKeysMask")
 
 
 @pytest.mark.parametrize("cls, mode", [(BlockDiagonalMask, 0), (BlockDiagonalCausalMask, 2),
@@ -563,8 +563,8 @@ def test_memory_efficient_attention_errors():
     bias = BlockDiagonalMask.from_seqlens([2, 4])
     with pytest.raises(ValueError, match="batch size must be 1"):
         memory_efficient_attention(q, q, q, bias)
-    with pytest.raises(NotImplementedError, match="BlockDiagonalCausalLocalAttentionMask is not supported"):
-        memory_efficient_attention(q[:1], q[:1], q[:1], BlockDiagonalCausalLocalAttentionMask.from_seqlens([2, 4]))
+    with pytest.raises(NotImplementedError, match="BlockDiagonalPaddedKeysMask is not supported"):
+        memory_efficient_attention(q[:1], q[:1], q[:1], BlockDiagonalPaddedKeysMask.from_seqlens([2, 4]))
     with pytest.raises(NotImplementedError, match="attn_bias as a tensor"):
         memory_efficient_attention(q, q, q, torch.zeros(6, 6))
     with pytest.raises(ValueError, match=r"seqstart\[-1\] = 7 is past the number of tokens \(6\)"):
@@ -877,10 +877,10 @@ def test_cuda_flash_attn_rule_bf16(lens_q, lens_k, hq, hkv, d, mode):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_docs_examples_run_as_documented(backend, device, poison):
-    """docs/varlen_attention.md's examples, run as written: the imports are our entry points, and the packed
-    images (BlockDiagonalMask) and the packed self- and cross-attention modules (head dim 72) give each sequence
-    what it gets alone."""
-    imports, modules, masks, padding = doc_examples("docs/varlen_attention.md")
+    """docs/varlen_attention.md's examples, run as written: the imports are our entry points, the sliding window
+    gives the float64 windowed attention of each clip, and the packed images (BlockDiagonalMask) and the packed
+    self- and cross-attention modules (head dim 72) give each sequence what it gets alone."""
+    imports, modules, window, masks, padding = doc_examples("docs/varlen_attention.md")
     ns = {}
     exec(imports, ns)
     for name in ("flash_attn_varlen_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func",
@@ -894,6 +894,12 @@ def test_docs_examples_run_as_documented(backend, device, poison):
             alone = flash_attn_func(*ns["qkv"][b:b + 1, :n].unbind(2))[0]
             assert_close(ns["out"][b, :n], alone, torch.float32, f"padded clip {b}")
             assert not ns["out"][b, n:].any()
+    ns = {}
+    with use_backend(backend), torch.device(device), torch.no_grad():
+        exec(window, ns)  # a causal window of 64 keys in each of two clips
+    q = ns["q"].double()
+    want = attention_per_sequence(q, q, q, [200, 100], [200, 100], 64 ** -0.5, 1, (64, -1))[0]
+    assert_close(ns["out"], want, torch.float32, "windowed clips")
     ns = {}
     with use_backend(backend), torch.device(device), torch.no_grad():
         exec(masks, ns)  # three images packed with a BlockDiagonalMask: each gets what it gets alone

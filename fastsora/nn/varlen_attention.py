@@ -1,12 +1,12 @@
 """Packed (varlen) multi-head attention module for NaViT-style packs and DiT blocks."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
-from fastsora.ops.varlen_attention import _attention, _causal_mode, _packed_attention, _split_packed
+from fastsora.ops.varlen_attention import _attention, _causal_mode, _packed_attention, _split_packed, _window
 
 __all__ = ["VarlenAttention"]
 
@@ -25,6 +25,8 @@ class VarlenAttention(nn.Module):
         qk_norm: RMSNorm over head_dim on q and k (SD3 / Open-Sora / Wan style).
         cross_attention_dim: width of the context for cross-attention (None: self-attention).
         causal: bottom-right aligned causal mask within each sequence.
+        window_size: (left, right) sliding window within each sequence, as flash-attn's (query i sees keys
+            i + Lk - Lq - left .. i + Lk - Lq + right; -1 unbounded; with ``causal`` the right side is 0).
         bias: biases of the projections.
         norm_eps: epsilon of the QK RMSNorms (with ``qk_norm``).
         softmax_scale: scale of q·k (default 1 / sqrt(head_dim)).
@@ -32,7 +34,8 @@ class VarlenAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: Optional[int] = None, qk_norm: bool = False,
                  cross_attention_dim: Optional[int] = None, causal: bool = False, bias: bool = True,
-                 norm_eps: float = 1e-6, softmax_scale: Optional[float] = None):
+                 norm_eps: float = 1e-6, softmax_scale: Optional[float] = None,
+                 window_size: Tuple[int, int] = (-1, -1)):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
@@ -42,6 +45,7 @@ class VarlenAttention(nn.Module):
         self.dim, self.num_heads, self.num_kv_heads = dim, num_heads, num_kv_heads
         self.head_dim = dim // num_heads
         self.causal, self.softmax_scale = causal, softmax_scale
+        self.window_size = _window(window_size)
         self.is_cross = cross_attention_dim is not None
         kv_dim = 2 * num_kv_heads * self.head_dim
         if self.is_cross:
@@ -77,9 +81,9 @@ class VarlenAttention(nn.Module):
         if isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity):
             # q, k and v stay head slices of the projections: the backward writes one packed gradient
             out, _ = _packed_attention(q, packed, h, cu_seqlens, cu_seqlens_k, 0.0, self.softmax_scale, mode,
-                                       validate)
+                                       validate, self.window_size)
         else:
             q, k, v = _split_packed(q, packed, h)  # one split: its backward concatenates the gradients once
             out, _ = _attention(self.q_norm(q), self.k_norm(k), v, cu_seqlens, cu_seqlens_k, 0.0,
-                                self.softmax_scale, mode, validate)
+                                self.softmax_scale, mode, validate, self.window_size)
         return self.proj(out.reshape(-1, h * d))

@@ -9,6 +9,9 @@ from .varlen_attention import (flash_attn_func, flash_attn_kvpacked_func, flash_
                                flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,
                                flash_attn_varlen_qkvpacked_func, memory_efficient_attention, varlen_attention)
 from .varlen_attention_bias import (BlockDiagonalCausalFromBottomRightMask, BlockDiagonalCausalMask,  # noqa: F401
-                                    BlockDiagonalMask, LowerTriangularFromBottomRightMask, LowerTriangularMask)
+                                    BlockDiagonalCausalLocalAttentionFromBottomRightMask,
+                                    BlockDiagonalCausalLocalAttentionMask, BlockDiagonalMask,
+                                    LocalAttentionFromBottomRightMask, LowerTriangularFromBottomRightLocalAttentionMask,
+                                    LowerTriangularFromBottomRightMask, LowerTriangularMask)
 from .varlen_attention_padding import (index_first_axis, index_put_first_axis, pad_input, unpad_input,  # noqa: F401
                                        unpad_input_for_concatenated_sequences)

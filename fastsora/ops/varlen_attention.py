@@ -29,6 +29,7 @@ from fastsora.reference import varlen_attention as _ref
 
 OP_NAME = "varlen_attention"
 CAUSAL_NONE, CAUSAL_BOTTOM_RIGHT, CAUSAL_TOP_LEFT = _ref.CAUSAL_NONE, _ref.CAUSAL_BOTTOM_RIGHT, _ref.CAUSAL_TOP_LEFT
+NO_WINDOW = _ref.NO_WINDOW
 MAX_HEAD_DIM = 256
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -73,21 +74,24 @@ def _kernels():
 @torch.library.custom_op("fastsora::varlen_attention_fwd", mutates_args=())
 @without_autocast
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-            cu_seqlens_k: torch.Tensor, softmax_scale: float, causal_mode: int, requested_backend: str
-            ) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode, requested_backend)
+            cu_seqlens_k: torch.Tensor, softmax_scale: float, causal_mode: int, requested_backend: str,
+            window_left: int = -1, window_right: int = -1) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode, requested_backend,
+                    (window_left, window_right))
 
 
-def _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode, requested_backend, packed_heads=0):
+def _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode, requested_backend, window,
+             packed_heads=0):
     backend = select_backend(OP_NAME, q.device, _unsupported(q, packed_heads), requested_backend, forward=True)
     if backend == "triton":
-        return _kernels().forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode)
-    out, lse = _ref.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode)
+        return _kernels().forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode, window)
+    out, lse = _ref.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode, window)
     return out.contiguous(), lse.to(_lse_dtype(q)).contiguous()
 
 
 @_fwd_op.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode, requested_backend):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode, requested_backend, window_left=-1,
+      window_right=-1):
     return torch.empty_like(q, memory_format=torch.contiguous_format), \
         q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q))
 
@@ -96,30 +100,33 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode, requested
 @without_autocast
 def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
             lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, softmax_scale: float,
-            causal_mode: int, dlse: Optional[torch.Tensor], requested_backend: str
-            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            causal_mode: int, dlse: Optional[torch.Tensor], requested_backend: str, window_left: int = -1,
+            window_right: int = -1) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     backend = select_backend(OP_NAME, q.device, _unsupported(q), requested_backend)
+    window = (window_left, window_right)
     if backend == "triton":
         return _kernels().backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale,
-                                   causal_mode, dlse)
+                                   causal_mode, dlse, window=window)
     dq, dk, dv = _ref.varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                                                softmax_scale, causal_mode, dlse)
+                                                softmax_scale, causal_mode, dlse, window)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode, dlse, requested_backend):
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode, dlse, requested_backend,
+      window_left=-1, window_right=-1):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, scale, mode, requested_backend = inputs
+    q, k, v, cu_q, cu_k, scale, mode, requested_backend, window_left, window_right = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
     ctx.scale = scale
     ctx.mode = mode
+    ctx.window = (window_left, window_right)
     ctx.requested_backend = requested_backend  # the backward resolves as the forward did (see select_backend)
 
 
@@ -127,8 +134,9 @@ def _backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = _bwd_op(dout, q, k, v, out, lse, cu_q, cu_k, ctx.scale, ctx.mode, dlse, ctx.requested_backend)
-    return dq, dk, dv, None, None, None, None, None
+    dq, dk, dv = _bwd_op(dout, q, k, v, out, lse, cu_q, cu_k, ctx.scale, ctx.mode, dlse, ctx.requested_backend,
+                         *ctx.window)
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -154,14 +162,15 @@ def _split_packed(q: Optional[torch.Tensor], packed: torch.Tensor, q_heads: int)
 @torch.library.custom_op("fastsora::varlen_attention_packed_fwd", mutates_args=())
 @without_autocast
 def _packed_fwd_op(q: Optional[torch.Tensor], packed: torch.Tensor, q_heads: int, cu_seqlens_q: torch.Tensor,
-                   cu_seqlens_k: torch.Tensor, softmax_scale: float, causal_mode: int, requested_backend: str
-                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+                   cu_seqlens_k: torch.Tensor, softmax_scale: float, causal_mode: int, requested_backend: str,
+                   window_left: int = -1, window_right: int = -1) -> Tuple[torch.Tensor, torch.Tensor]:
     return _forward(*_split_packed(q, packed, q_heads), cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode,
-                    requested_backend, packed.shape[1])
+                    requested_backend, (window_left, window_right), packed.shape[1])
 
 
 @_packed_fwd_op.register_fake
-def _(q, packed, q_heads, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode, requested_backend):
+def _(q, packed, q_heads, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode, requested_backend,
+      window_left=-1, window_right=-1):
     q = _split_packed(q, packed, q_heads)[0]
     return torch.empty_like(q, memory_format=torch.contiguous_format), \
         q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q))
@@ -171,36 +180,38 @@ def _(q, packed, q_heads, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode
 @without_autocast
 def _packed_bwd_op(dout: torch.Tensor, q: Optional[torch.Tensor], packed: torch.Tensor, q_heads: int,
                    out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-                   softmax_scale: float, causal_mode: int, dlse: Optional[torch.Tensor], requested_backend: str
-                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+                   softmax_scale: float, causal_mode: int, dlse: Optional[torch.Tensor], requested_backend: str,
+                   window_left: int = -1, window_right: int = -1) -> Tuple[torch.Tensor, torch.Tensor]:
     """(dq, dpacked): dq empty when q is part of ``packed``."""
     qs, k, v = _split_packed(q, packed, q_heads)
     backend = select_backend(OP_NAME, qs.device, _unsupported(qs, packed.shape[1]), requested_backend)
     args = (dout, qs, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode, dlse)
+    window = (window_left, window_right)
     if backend == "triton":
         kern = _kernels()
         dpacked = kern.new_grad_buffer(packed.shape, packed.dtype, packed.device)
         views = _split_packed(q, dpacked, q_heads)
-        dq = kern.backward(*args, grads=(views[0] if q is None else None,) + views[1:])[0]
+        dq = kern.backward(*args, grads=(views[0] if q is None else None,) + views[1:], window=window)[0]
         dpacked = dpacked.contiguous()
     else:
-        dq, dk, dv = _ref.varlen_attention_backward(*args)
+        dq, dk, dv = _ref.varlen_attention_backward(*args, window)
         dpacked = torch.cat([dq, dk, dv] if q is None else [dk, dv], 1)
     return (packed.new_empty(0) if q is None else dq.contiguous()), dpacked
 
 
 @_packed_bwd_op.register_fake
 def _(dout, q, packed, q_heads, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode, dlse,
-      requested_backend):
+      requested_backend, window_left=-1, window_right=-1):
     dq = packed.new_empty(0) if q is None else torch.empty_like(q, memory_format=torch.contiguous_format)
     return dq, torch.empty_like(packed, memory_format=torch.contiguous_format)
 
 
 def _packed_setup_context(ctx, inputs, output):
-    q, packed, q_heads, cu_q, cu_k, scale, mode, requested_backend = inputs
+    q, packed, q_heads, cu_q, cu_k, scale, mode, requested_backend, window_left, window_right = inputs
     out, lse = output
     ctx.save_for_backward(q, packed, out, lse, cu_q, cu_k)
     ctx.q_heads, ctx.scale, ctx.mode, ctx.requested_backend = q_heads, scale, mode, requested_backend
+    ctx.window = (window_left, window_right)
 
 
 def _packed_backward(ctx, dout, dlse):
@@ -208,8 +219,8 @@ def _packed_backward(ctx, dout, dlse):
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dpacked = _packed_bwd_op(dout, q, packed, ctx.q_heads, out, lse, cu_q, cu_k, ctx.scale, ctx.mode, dlse,
-                                 ctx.requested_backend)
-    return (None if q is None else dq), dpacked, None, None, None, None, None, None
+                                 ctx.requested_backend, *ctx.window)
+    return (None if q is None else dq), dpacked, None, None, None, None, None, None, None, None
 
 
 _packed_fwd_op.register_autograd(_packed_backward, setup_context=_packed_setup_context)
@@ -350,16 +361,35 @@ def _checked(q, k, v, cu_q, cu_k, dropout_p, softmax_scale, validate) -> Tuple[t
     return cu_q.contiguous(), cu_k.contiguous(), float(scale)
 
 
-def _attention(q, k, v, cu_q, cu_k, dropout_p, softmax_scale, causal_mode, validate):
+def _attention(q, k, v, cu_q, cu_k, dropout_p, softmax_scale, causal_mode, validate, window=NO_WINDOW):
     cu_q, cu_k, scale = _checked(q, k, v, cu_q, cu_k, dropout_p, softmax_scale, validate)
-    return _fwd_op(q, k, v, cu_q, cu_k, scale, int(causal_mode), backend_request())
+    return _fwd_op(q, k, v, cu_q, cu_k, scale, int(causal_mode), backend_request(), *window)
 
 
-def _packed_attention(q, packed, q_heads, cu_q, cu_k, dropout_p, softmax_scale, causal_mode, validate):
+def _packed_attention(q, packed, q_heads, cu_q, cu_k, dropout_p, softmax_scale, causal_mode, validate,
+                      window=NO_WINDOW):
     """:func:`_attention` of the head slices of ``packed`` (tokens, heads, D): [q | k | v] with ``q_heads``
     query heads when q is None, else [k | v]; the gradient of ``packed`` is written as one tensor."""
     cu_q, cu_k, scale = _checked(*_split_packed(q, packed, q_heads), cu_q, cu_k, dropout_p, softmax_scale, validate)
-    return _packed_fwd_op(q, packed, int(q_heads), cu_q, cu_k, scale, int(causal_mode), backend_request())
+    return _packed_fwd_op(q, packed, int(q_heads), cu_q, cu_k, scale, int(causal_mode), backend_request(), *window)
+
+
+def _window(window_size: Any, max_seqlen_k: Any = None) -> Tuple[int, int]:
+    """flash-attn's ``window_size`` (left, right) checked: two ints, each -1 (unbounded) or >= 0. As flash-attn,
+    a side of at least ``max_seqlen_k`` (when it is a Python or numpy int: a tensor is never read) becomes -1."""
+    try:
+        left, right = window_size
+    except (TypeError, ValueError):
+        raise TypeError(f"window_size must be a pair (left, right) of ints; got {window_size!r}") from None
+    for name, side in (("left", left), ("right", right)):
+        if isinstance(side, bool) or not isinstance(side, numbers.Integral):
+            raise TypeError(f"window_size {name} must be an int; got {type(side).__name__}")
+        if side < -1:
+            raise ValueError(f"window_size {name} must be -1 (unbounded) or a number of keys >= 0; got {side}")
+    left, right = int(left), int(right)
+    if isinstance(max_seqlen_k, numbers.Integral) and not isinstance(max_seqlen_k, bool):
+        left, right = (-1 if side >= max_seqlen_k else side for side in (left, right))
+    return left, right
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -370,8 +400,8 @@ def _packed_attention(q, packed, q_heads, cu_q, cu_k, dropout_p, softmax_scale, 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                      cu_seqlens_k: torch.Tensor, max_seqlen_q: Optional[int] = None,
                      max_seqlen_k: Optional[int] = None, dropout_p: float = 0.0,
-                     softmax_scale: Optional[float] = None, causal: bool = False, *, return_lse: bool = False,
-                     validate: bool = True):
+                     softmax_scale: Optional[float] = None, causal: bool = False, *,
+                     window_size: Tuple[int, int] = (-1, -1), return_lse: bool = False, validate: bool = True):
     """Attention within each packed sequence (flash-attn 2 ``flash_attn_varlen_func`` semantics).
 
     Args:
@@ -386,6 +416,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         softmax_scale: default 1 / sqrt(D).
         causal: mask aligned to the bottom-right corner: query i sees key j iff j <= i + Lk - Lq. A query row
             that sees no key outputs 0 (its LSE is +inf).
+        window_size: (left, right) sliding window, flash-attn's: query i sees only keys
+            i + Lk - Lq - left <= j <= i + Lk - Lq + right (and the causal mask when ``causal``); -1 leaves a
+            side unbounded. A side >= ``max_seqlen_k`` (an int) counts as -1, as in flash-attn.
         return_lse: also return the log-sum-exp, (Hq, total_q) float32 (float64 for float64 inputs),
             differentiable.
         validate: check the offsets' values: one host synchronisation the first time an offsets tensor is
@@ -397,7 +430,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     """
     _check_max_seqlen(max_seqlen_q, max_seqlen_k)
     out, lse = _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, softmax_scale,
-                          _causal_mode(bool(causal)), validate)
+                          _causal_mode(bool(causal)), validate, _window(window_size, max_seqlen_k))
     return (out, lse) if return_lse else out
 
 
@@ -407,21 +440,20 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
                            validate=True):
     """Drop-in for ``flash_attn.flash_attn_varlen_func`` (flash-attn 2 keyword names).
 
-    Supported: everything :func:`varlen_attention` supports. ``deterministic`` is accepted either way (the
-    backward has no atomics: bit-identical within a process; across processes
-    ``torch.use_deterministic_algorithms(True)`` also fixes the autotuned tiles). Refused with
-    NotImplementedError: ``window_size`` other than (-1, -1), ``softcap`` != 0, ``alibi_slopes``,
-    ``block_table``, ``dropout_p`` > 0.
+    Supported: everything :func:`varlen_attention` supports, ``window_size`` (sliding windows) included.
+    ``deterministic`` is accepted either way (the backward has no atomics: bit-identical within a process;
+    across processes ``torch.use_deterministic_algorithms(True)`` also fixes the autotuned tiles). Refused with
+    NotImplementedError: ``softcap`` != 0, ``alibi_slopes``, ``block_table``, ``dropout_p`` > 0.
     ``return_attn_probs=True`` returns ``(out, softmax_lse, None)``: the LSE (Hq, total_q) float32 (float64 for
     float64 inputs); the
     dropout mask flash-attn would return as the third item does not exist here (no dropout).
     ``validate`` (keyword only, not in flash-attn): as in :func:`varlen_attention`, a host synchronisation to
     check a new offsets tensor's values; flash-attn never checks them, pass False for its behaviour.
     """
-    _refuse_flash_attn_options(window_size, softcap, alibi_slopes, block_table)
+    _refuse_flash_attn_options(softcap, alibi_slopes, block_table)
     _check_max_seqlen(max_seqlen_q, max_seqlen_k)
     out, lse = _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, softmax_scale,
-                          _causal_mode(bool(causal)), validate)
+                          _causal_mode(bool(causal)), validate, _window(window_size, max_seqlen_k))
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -434,10 +466,10 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen=None, dropout_p
     ``cu_seqlens`` (batch + 1,) int32 serves queries and keys. Returns (total, nheads, headdim), or
     ``(out, softmax_lse, None)`` with ``return_attn_probs``. Options as :func:`flash_attn_varlen_func`."""
     _check_packed(qkv, "qkv", 3, "(total, 3, nheads, headdim)")
-    _refuse_flash_attn_options(window_size, softcap, alibi_slopes, None)
+    _refuse_flash_attn_options(softcap, alibi_slopes, None)
     _check_max_seqlen(max_seqlen, max_seqlen)
     out, lse = _packed_attention(None, qkv.flatten(1, 2), qkv.shape[2], cu_seqlens, cu_seqlens, dropout_p,
-                                 softmax_scale, _causal_mode(bool(causal)), validate)
+                                 softmax_scale, _causal_mode(bool(causal)), validate, _window(window_size, max_seqlen))
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -453,10 +485,10 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
     if not isinstance(q, torch.Tensor):  # (None would read as "q packed in kv")
         raise TypeError(f"q must be a tensor; got {type(q).__name__}")
     _check_packed(kv, "kv", 2, "(total_k, 2, nheads_k, headdim)")
-    _refuse_flash_attn_options(window_size, softcap, alibi_slopes, None)
+    _refuse_flash_attn_options(softcap, alibi_slopes, None)
     _check_max_seqlen(max_seqlen_q, max_seqlen_k)
     out, lse = _packed_attention(q, kv.flatten(1, 2), 0, cu_seqlens_q, cu_seqlens_k, dropout_p, softmax_scale,
-                                 _causal_mode(bool(causal)), validate)
+                                 _causal_mode(bool(causal)), validate, _window(window_size, max_seqlen_k))
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -467,8 +499,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     bottom right. Returns (batch, seqlen_q, nheads, headdim), or ``(out, softmax_lse, None)`` with
     ``return_attn_probs``, the LSE (batch, nheads, seqlen_q) float32 (float64 for float64 inputs). Options and
     refusals as :func:`flash_attn_varlen_func`."""
-    _refuse_flash_attn_options(window_size, softcap, alibi_slopes, None)
-    out, lse = _batched_attention(q, k, v, dropout_p, softmax_scale, _causal_mode(bool(causal)))
+    _refuse_flash_attn_options(softcap, alibi_slopes, None)
+    out, lse = _batched_attention(q, k, v, dropout_p, softmax_scale, _causal_mode(bool(causal)), window=window_size)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -477,8 +509,9 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
     """Drop-in for ``flash_attn.flash_attn_qkvpacked_func``: :func:`flash_attn_func` with q, k and v stacked in
     ``qkv`` (batch, seqlen, 3, nheads, headdim), read as views (no copy), its gradient written as one tensor."""
     _check_packed(qkv, "qkv", 3, "(batch, seqlen, 3, nheads, headdim)", dim=2)
-    _refuse_flash_attn_options(window_size, softcap, alibi_slopes, None)
-    out, lse = _batched_attention(*qkv.unbind(2), dropout_p, softmax_scale, _causal_mode(bool(causal)), packed=qkv)
+    _refuse_flash_attn_options(softcap, alibi_slopes, None)
+    out, lse = _batched_attention(*qkv.unbind(2), dropout_p, softmax_scale, _causal_mode(bool(causal)), packed=qkv,
+                                  window=window_size)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -487,16 +520,14 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
     """Drop-in for ``flash_attn.flash_attn_kvpacked_func``: :func:`flash_attn_func` with k and v stacked in ``kv``
     (batch, seqlen_k, 2, nheads_k, headdim), read as views (no copy), its gradient written as one tensor."""
     _check_packed(kv, "kv", 2, "(batch, seqlen_k, 2, nheads_k, headdim)", dim=2)
-    _refuse_flash_attn_options(window_size, softcap, alibi_slopes, None)
-    out, lse = _batched_attention(q, *kv.unbind(2), dropout_p, softmax_scale, _causal_mode(bool(causal)), packed=kv)
+    _refuse_flash_attn_options(softcap, alibi_slopes, None)
+    out, lse = _batched_attention(q, *kv.unbind(2), dropout_p, softmax_scale, _causal_mode(bool(causal)), packed=kv,
+                                  window=window_size)
     return (out, lse, None) if return_attn_probs else out
 
 
-def _refuse_flash_attn_options(window_size: Any, softcap: float, alibi_slopes: Any, block_table: Any) -> None:
+def _refuse_flash_attn_options(softcap: float, alibi_slopes: Any, block_table: Any) -> None:
     """NotImplementedError naming each flash-attn option given a value other than its default."""
-    if tuple(window_size) != (-1, -1):
-        raise NotImplementedError(f"window_size={tuple(window_size)}: sliding-window attention is not supported; "
-                                  "only window_size=(-1, -1)")
     if softcap != 0.0:
         raise NotImplementedError(f"softcap={softcap}: logit soft-capping is not supported; only softcap=0.0")
     if alibi_slopes is not None:
@@ -516,14 +547,35 @@ def _check_packed(t: Any, name: str, parts: int, layout: str, dim: int = 1) -> N
 # xformers entry point
 # ----------------------------------------------------------------------------------------------------------
 
-#: attn_bias class names understood, mapped to (block diagonal?, causal mode)
+#: attn_bias class names understood, mapped to (block diagonal?, causal mode, window attributes): a causal local
+#: mask's ``_window_size`` w is the window (w - 1, -1) (the causal mask bounds the right side), the sliding
+#: window's ``window_left`` / ``window_right`` are flash-attn's window_size
 _XFORMERS_BIASES = {
-    "BlockDiagonalMask": (True, CAUSAL_NONE),
-    "BlockDiagonalCausalMask": (True, CAUSAL_TOP_LEFT),
-    "BlockDiagonalCausalFromBottomRightMask": (True, CAUSAL_BOTTOM_RIGHT),
-    "LowerTriangularMask": (False, CAUSAL_TOP_LEFT),
-    "LowerTriangularFromBottomRightMask": (False, CAUSAL_BOTTOM_RIGHT),
+    "BlockDiagonalMask": (True, CAUSAL_NONE, ()),
+    "BlockDiagonalCausalMask": (True, CAUSAL_TOP_LEFT, ()),
+    "BlockDiagonalCausalFromBottomRightMask": (True, CAUSAL_BOTTOM_RIGHT, ()),
+    "LowerTriangularMask": (False, CAUSAL_TOP_LEFT, ()),
+    "LowerTriangularFromBottomRightMask": (False, CAUSAL_BOTTOM_RIGHT, ()),
+    "BlockDiagonalCausalLocalAttentionMask": (True, CAUSAL_TOP_LEFT, ("_window_size",)),
+    "BlockDiagonalCausalLocalAttentionFromBottomRightMask": (True, CAUSAL_BOTTOM_RIGHT, ("_window_size",)),
+    "LowerTriangularFromBottomRightLocalAttentionMask": (False, CAUSAL_BOTTOM_RIGHT, ("_window_size",)),
+    "LocalAttentionFromBottomRightMask": (False, CAUSAL_NONE, ("window_left", "window_right")),
 }
+
+
+def _xformers_window(attn_bias: Any, names: Tuple[str, ...]) -> Tuple[int, int]:
+    """The window (left, right) of a local xformers mask, read from its attributes ``names`` (see above)."""
+    values = []
+    for name in names:
+        value = getattr(attn_bias, name, None)
+        least = 1 if name == "_window_size" else 0
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+            raise ValueError(f"attn_bias ({type(attn_bias).__name__}) must have an int {name} >= {least}; got "
+                             f"{value!r}")
+        values.append(int(value))
+    if names == ("_window_size",):
+        return values[0] - 1, -1
+    return tuple(values) if values else NO_WINDOW
 
 
 def _seqstart(info: Any, name: str, device: torch.device, total: int) -> torch.Tensor:
@@ -557,9 +609,13 @@ def memory_efficient_attention(query: torch.Tensor, key: torch.Tensor, value: to
             ``BlockDiagonalMask`` (B must be 1; packed sequences, no causal mask),
             ``BlockDiagonalCausalMask`` (causal from the top-left of each block: key j <= query i),
             ``BlockDiagonalCausalFromBottomRightMask`` (causal from the bottom-right: j <= i + Lk - Lq),
-            ``LowerTriangularMask`` / ``LowerTriangularFromBottomRightMask`` (per batch element).
+            ``LowerTriangularMask`` / ``LowerTriangularFromBottomRightMask`` (per batch element); and the local
+            forms ``BlockDiagonalCausalLocalAttentionMask`` / ``...FromBottomRightMask`` and
+            ``LowerTriangularFromBottomRightLocalAttentionMask`` (causal, each query seeing the ``_window_size``
+            keys ending at its diagonal) and ``LocalAttentionFromBottomRightMask`` (``window_left`` keys before
+            and ``window_right`` after the diagonal).
             fastsora's classes of the same names (:mod:`fastsora.ops.varlen_attention_bias`) need no xformers.
-            Tensor biases and other classes (local/windowed, padded keys, ...) raise NotImplementedError.
+            Tensor biases and other classes (padded or gappy keys, paged, ...) raise NotImplementedError.
         p: dropout probability, must be 0.0.
         scale: default 1 / sqrt(K).
         op: ignored (xformers' kernel choice).
@@ -614,6 +670,7 @@ def _memory_efficient_attention_bmhk(query: torch.Tensor, key: torch.Tensor, val
     b, mq, h, d = query.shape
     mk = key.shape[1]
     device = query.device
+    window = NO_WINDOW
     if attn_bias is None:
         mode, block_diag = CAUSAL_NONE, False
     elif isinstance(attn_bias, torch.Tensor):
@@ -624,9 +681,10 @@ def _memory_efficient_attention_bmhk(query: torch.Tensor, key: torch.Tensor, val
         if cls not in _XFORMERS_BIASES:
             raise NotImplementedError(f"attn_bias of type {cls} is not supported; supported: "
                                       f"{', '.join(sorted(_XFORMERS_BIASES))}")
-        block_diag, mode = _XFORMERS_BIASES[cls]
+        block_diag, mode, window_names = _XFORMERS_BIASES[cls]
+        window = _xformers_window(attn_bias, window_names)
     if not block_diag:
-        return _batched_attention(query, key, value, 0.0, scale, mode)[0]
+        return _batched_attention(query, key, value, 0.0, scale, mode, window=window, seqlen_k_resets_window=False)[0]
     if b != 1:
         raise ValueError(f"with a {type(attn_bias).__name__} the batch size must be 1 (sequences packed along "
                          f"M); got B={b}")
@@ -636,17 +694,20 @@ def _memory_efficient_attention_bmhk(query: torch.Tensor, key: torch.Tensor, val
         raise ValueError(f"attn_bias: {cu_q.numel() - 1} query blocks but {cu_k.numel() - 1} key blocks")
     validate = getattr(attn_bias.q_seqinfo, "seqstart_py", None) is None or \
         getattr(attn_bias.k_seqinfo, "seqstart_py", None) is None
-    out, _ = _attention(query[0], key[0], value[0], cu_q, cu_k, 0.0, scale, mode, validate)
+    out, _ = _attention(query[0], key[0], value[0], cu_q, cu_k, 0.0, scale, mode, validate, window)
     return out.reshape(b, mq, h, d)
 
 
 def _batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
-                       scale: Optional[float], mode: int, packed: Optional[torch.Tensor] = None
+                       scale: Optional[float], mode: int, packed: Optional[torch.Tensor] = None,
+                       window: Any = NO_WINDOW, seqlen_k_resets_window: bool = True
                        ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Attention per batch element of q (B, Sq, Hq, D), k and v (B, Sk, Hkv, D): one packed sequence each
     (``dropout_p`` refused as in :func:`_attention`). Returns out (B, Sq, Hq, D) and LSE (B, Hq, Sq).
     ``packed``: the (B, S, 2 or 3, H, D) tensor that k and v (or q, k and v) are dim-2 slices of, whose gradient
-    is then written as one tensor."""
+    is then written as one tensor. ``window``: flash-attn's ``window_size``, checked here; a side of at least
+    seqlen_k is unbounded when ``seqlen_k_resets_window`` (flash-attn's rule; xformers' masks have no such
+    rule)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be 4-D (batch, seqlen, nheads, headdim); got "
@@ -657,13 +718,15 @@ def _batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropou
                          f"share batch and headdim >= 1, k and v also seqlen_k and nheads_k, with nheads_k dividing "
                          f"nheads; got {tuple(q.shape)}, {tuple(k.shape)} and {tuple(v.shape)}")
     b, sq, h = q.shape[:3]
+    window = _window(window, k.shape[1] if seqlen_k_resets_window else None)
     starts = torch.arange(b + 1, dtype=torch.int32, device=q.device)
     cu_q, cu_k = starts * sq, starts * k.shape[1]
     if packed is None:
-        out, lse = _attention(*(t.flatten(0, 1) for t in (q, k, v)), cu_q, cu_k, dropout_p, scale, mode, False)
+        out, lse = _attention(*(t.flatten(0, 1) for t in (q, k, v)), cu_q, cu_k, dropout_p, scale, mode, False,
+                              window)
     else:
         q = None if packed.shape[2] == 3 else q.flatten(0, 1)  # else q is a slice of packed too
         out, lse = _packed_attention(q, packed.flatten(0, 1).flatten(1, 2), h, cu_q, cu_k, dropout_p, scale, mode,
-                                     False)
+                                     False, window)
     # (an explicit head dim: -1 is ambiguous for 0 elements); the LSE contiguous as flash-attn's
     return out.view(b, sq, h, out.shape[-1]), lse.view(h, b, sq).transpose(0, 1).contiguous()

@@ -10,6 +10,12 @@ without xformers installed (``from fastsora.ops import BlockDiagonalMask``). xfo
   flash-attn's ``causal=True``). xformers refuses a block with fewer keys than queries; here its first rows see
   no key and give 0, as in flash-attn.
 * :class:`LowerTriangularMask`, :class:`LowerTriangularFromBottomRightMask`: the same per batch element.
+* Local (sliding-window) forms: :class:`BlockDiagonalCausalLocalAttentionMask` and
+  :class:`BlockDiagonalCausalLocalAttentionFromBottomRightMask` (``make_local_attention(window_size)`` /
+  ``make_local_attention_from_bottomright(window_size)``), :class:`LowerTriangularFromBottomRightLocalAttentionMask`
+  (causal: query i sees the ``window_size`` keys ending at its diagonal), and
+  :class:`LocalAttentionFromBottomRightMask` (``window_left`` keys before and ``window_right`` after the diagonal,
+  no causal mask). xformers refuses a top-left local block whose last query sees no key; here such rows give 0.
 
 ``materialize(shape)`` writes any of them out as an additive bias (0 / -inf), for debugging and tests.
 """
@@ -22,7 +28,9 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 __all__ = ["SeqLenInfo", "BlockDiagonalMask", "BlockDiagonalCausalMask", "BlockDiagonalCausalFromBottomRightMask",
-           "LowerTriangularMask", "LowerTriangularFromBottomRightMask"]
+           "LowerTriangularMask", "LowerTriangularFromBottomRightMask", "BlockDiagonalCausalLocalAttentionMask",
+           "BlockDiagonalCausalLocalAttentionFromBottomRightMask", "LowerTriangularFromBottomRightLocalAttentionMask",
+           "LocalAttentionFromBottomRightMask"]
 
 Device = Optional[Union[str, torch.device]]
 
@@ -99,6 +107,20 @@ def _bottom_right_block(lq: int, lk: int, device: Device) -> torch.Tensor:
     return _causal_block(lq, lk, lk - lq, device)
 
 
+def _local_block(lq: int, lk: int, offset: int, left: int, right: int, device: Device) -> torch.Tensor:
+    """True where query i sees key j with i + offset - left <= j <= i + offset + right."""
+    return _causal_block(lq, lk, offset + right, device) & ~_causal_block(lq, lk, offset - left - 1, device)
+
+
+def _check_window(owner: object, **sides: int) -> None:
+    """ValueError naming the attribute of ``owner`` that is not an int of at least its minimum
+    (``_window_size`` >= 1, ``window_left`` / ``window_right`` >= 0), as xformers refuses them."""
+    for name, value in sides.items():
+        least = 1 if name == "_window_size" else 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{type(owner).__name__}: {name} must be an int >= {least}; got {value!r}")
+
+
 @dataclasses.dataclass
 class BlockDiagonalMask:
     """Queries and keys packed along M in as many blocks; query block i attends to key block i only.
@@ -147,8 +169,18 @@ class BlockDiagonalMask:
     def make_causal_from_bottomright(self) -> "BlockDiagonalCausalFromBottomRightMask":
         return BlockDiagonalCausalFromBottomRightMask(self.q_seqinfo, self.k_seqinfo, self._batch_sizes)
 
+    def make_local_attention(self, window_size: int) -> "BlockDiagonalCausalLocalAttentionMask":
+        """Each block causal from its top-left, query i seeing keys i - window_size < j <= i."""
+        return BlockDiagonalCausalLocalAttentionMask(self.q_seqinfo, self.k_seqinfo, self._batch_sizes, window_size)
+
+    def make_local_attention_from_bottomright(self, window_size: int
+                                              ) -> "BlockDiagonalCausalLocalAttentionFromBottomRightMask":
+        """Each block causal from its bottom-right, query i seeing the ``window_size`` keys up to i + Lk - Lq."""
+        return BlockDiagonalCausalLocalAttentionFromBottomRightMask(self.q_seqinfo, self.k_seqinfo,
+                                                                    self._batch_sizes, window_size)
+
     def to(self, device: Device):
-        return type(self)(self.q_seqinfo.to(device), self.k_seqinfo.to(device), self._batch_sizes)
+        return dataclasses.replace(self, q_seqinfo=self.q_seqinfo.to(device), k_seqinfo=self.k_seqinfo.to(device))
 
     def _block(self, lq: int, lk: int, device: Device) -> torch.Tensor:
         return torch.ones(lq, lk, dtype=torch.bool, device=device)
@@ -180,17 +212,82 @@ class BlockDiagonalCausalFromBottomRightMask(BlockDiagonalMask):
     _block = staticmethod(_bottom_right_block)
 
 
-class LowerTriangularMask:
-    """Causal attention per batch element, from the top-left: query i sees keys j <= i."""
+class _PerBatchElementMask:
+    """A mask applied to each batch element's (Mq, Mk) scores alike, given by ``_block``."""
 
-    _block = staticmethod(_top_left_block)
+    def _block(self, lq: int, lk: int, device: Device) -> torch.Tensor:
+        raise NotImplementedError
 
     def materialize(self, shape: Sequence[int], dtype: torch.dtype = torch.float32, device: Device = "cpu"
                     ) -> torch.Tensor:
         return _finite_or_masked(self._block(shape[-2], shape[-1], device), dtype).expand(*shape)
 
 
+class LowerTriangularMask(_PerBatchElementMask):
+    """Causal attention per batch element, from the top-left: query i sees keys j <= i."""
+
+    _block = staticmethod(_top_left_block)
+
+
 class LowerTriangularFromBottomRightMask(LowerTriangularMask):
     """Causal attention per batch element, from the bottom-right: query i sees keys j <= i + Lk - Lq."""
 
     _block = staticmethod(_bottom_right_block)
+
+
+@dataclasses.dataclass
+class BlockDiagonalCausalLocalAttentionMask(BlockDiagonalCausalMask):
+    """:class:`BlockDiagonalCausalMask` made local: query i of a block sees keys i - window_size < j <= i."""
+
+    _window_size: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_window(self, _window_size=self._window_size)
+
+    def _block(self, lq: int, lk: int, device: Device) -> torch.Tensor:
+        return _local_block(lq, lk, 0, self._window_size - 1, 0, device)
+
+
+@dataclasses.dataclass
+class BlockDiagonalCausalLocalAttentionFromBottomRightMask(BlockDiagonalCausalFromBottomRightMask):
+    """:class:`BlockDiagonalCausalFromBottomRightMask` made local: query i of a block sees the ``window_size``
+    keys ending at its diagonal, i + Lk - Lq - window_size < j <= i + Lk - Lq."""
+
+    _window_size: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_window(self, _window_size=self._window_size)
+
+    def _block(self, lq: int, lk: int, device: Device) -> torch.Tensor:
+        return _local_block(lq, lk, lk - lq, self._window_size - 1, 0, device)
+
+
+@dataclasses.dataclass
+class LowerTriangularFromBottomRightLocalAttentionMask(LowerTriangularFromBottomRightMask):
+    """:class:`LowerTriangularFromBottomRightMask` made local, per batch element: query i sees keys
+    i + Lk - Lq - window_size < j <= i + Lk - Lq."""
+
+    _window_size: int
+
+    def __post_init__(self) -> None:
+        _check_window(self, _window_size=self._window_size)
+
+    def _block(self, lq: int, lk: int, device: Device) -> torch.Tensor:
+        return _local_block(lq, lk, lk - lq, self._window_size - 1, 0, device)
+
+
+@dataclasses.dataclass
+class LocalAttentionFromBottomRightMask(_PerBatchElementMask):
+    """Sliding window per batch element, no causal mask: query i sees keys
+    i + Lk - Lq - window_left <= j <= i + Lk - Lq + window_right (flash-attn's ``window_size``)."""
+
+    window_left: int
+    window_right: int
+
+    def __post_init__(self) -> None:
+        _check_window(self, window_left=self.window_left, window_right=self.window_right)
+
+    def _block(self, lq: int, lk: int, device: Device) -> torch.Tensor:
+        return _local_block(lq, lk, lk - lq, self.window_left, self.window_right, device)
