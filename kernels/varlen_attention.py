@@ -122,8 +122,9 @@ def _query_block_key_range(blk, diag, seqlen_k, IS_CAUSAL: tl.constexpr, BLOCK_M
 @triton.jit
 def _window_bounds(diag, seqlen_q, seqlen_k, win_left, win_right):
     """Offsets (lo, hi) of the window's band: query i sees keys i + lo <= j <= i + hi. An unbounded side (-1)
-    and a side wider than the sequences become max(Lq, Lk), which reaches every key from every row; so all
-    bounds of a sequence under 2^30 tokens stay in int32."""
+    and a side wider than the sequences become max(Lq, Lk), which reaches every key from every row. Every bound
+    the window kernels form from these stays in int32 while the launch's query and key tokens together number
+    fewer than MAX_WINDOW_TOKENS (the op refuses more)."""
     cap = tl.maximum(seqlen_q, seqlen_k)
     left = tl.where(win_left < 0, cap, tl.minimum(win_left, cap))
     right = tl.where(win_right < 0, cap, tl.minimum(win_right, cap))
@@ -765,13 +766,29 @@ def _consts(dtype: torch.dtype, head_dim: int, local: bool, causal: bool) -> dic
 def _mask_args(causal_mode: int, window: Tuple[int, int]) -> Tuple[dict, Tuple[int, int, int]]:
     """The kernels' mask: (IS_CAUSAL / IS_LOCAL constexprs, (bottom_right, win_left, win_right)). A window
     ((left, right), -1 unbounded; aligned as the causal mode, bottom-right when there is none) runs the IS_LOCAL
-    variant, with a causal mask folded in as right = 0; a causal mask alone the IS_CAUSAL one."""
-    left, right = window
+    variant, with a causal mask folded in as right = 0; a causal mask alone - or the window (-1, 0), which is
+    flash-attn's causal mask - the IS_CAUSAL one. A side past int32 is unbounded (no sequence is that long)."""
+    left, right = (-1 if side > 2**31 - 1 else side for side in window)
     if causal_mode != 0:
         right = 0
+    elif left < 0 and right == 0:
+        causal_mode = 1
     if left >= 0 or (right >= 0 and causal_mode == 0):
         return dict(local=True, causal=False), (0 if causal_mode == 2 else 1, left, right)
     return dict(local=False, causal=causal_mode != 0), (1 if causal_mode == 1 else 0, -1, -1)
+
+
+#: The window variant forms its band bounds in int32 from sequence lengths and window sides clamped to them
+#: (sums of up to four such terms): a launch with a window takes fewer query and key tokens together than this.
+MAX_WINDOW_TOKENS = 2 ** 29 - 1024
+
+
+def window_unsupported(total_q: int, total_k: int) -> Optional[str]:
+    """Why the window kernels cannot take q and k of these token counts (None when they can)."""
+    if total_q + total_k >= MAX_WINDOW_TOKENS:
+        return (f"a sliding window over {total_q} query and {total_k} key tokens (the window kernels take fewer "
+                f"than {MAX_WINDOW_TOKENS} together: int32 band bounds)")
+    return None
 
 
 #: Largest token stride (elements) the kernels take in place. Within a tile they form row offsets as

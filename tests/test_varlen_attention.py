@@ -496,6 +496,16 @@ def test_cuda_launch_path_autotunes_over_candidates(monkeypatch, poison):
         assert len(timed) == 6, "nothing is timed under torch.use_deterministic_algorithms(True)"
         # fwd and dq block query rows by BLOCK_M, dkdv key rows by BLOCK_N: (16, 32) first, (32, 16) timed fastest
         assert [g[2] for g in grids] == [16, 32, 16], grids
+        # a window launch uses the window variant's own autotuner, without the tiles _NOT_IN_WINDOW names: with
+        # (32, 16) left out, the fastest tile of the plain autotuner above, it runs (16, 32)
+        monkeypatch.setattr(kern, "_NOT_IN_WINDOW", {("sm_90", "fp32", kind, 32): ((32, 16, 4, 1),)
+                                                     for kind in kern._KINDS})
+        grids.clear()
+        with use_backend("triton"):
+            out, _ = _attention(q, k, v, cu_q, cu_k, 0.0, None, 0, True, (3, 2))
+            grads(out, [q, k, v])
+        assert [g[2] for g in grids] == [16, 32, 16], grids
+        assert len(timed) == 6, "one candidate left: nothing to time"
     finally:
         kern._tuned.cache_clear()
 

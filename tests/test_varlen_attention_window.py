@@ -417,3 +417,94 @@ def test_xformers_local_masks_keep_a_side_wider_than_the_keys(backend, device):
                                   0, (0, 2))[0].view(q.shape)
     assert (want[:, :6] == 0).all() and (want[:, 6:] != 0).all()
     assert relative_error(out, want) < 1e-5
+
+
+def test_bench_and_check_cases_carry_the_window():
+    """The cases of `fastsora check` / `fastsora bench` (fastsora/cases/varlen_attention.py) pass the window to
+    every implementation: their FLOP count (visible pairs) and the dense-SDPA baseline's mask agree with the
+    op's mask, and the baseline's output with the op's."""
+    import random
+
+    from fastsora.cases import varlen_attention as cases
+    from fastsora.reference.varlen_attention import visible_mask
+
+    rng = random.Random(0)
+    for _ in range(60):
+        lq = [rng.randint(0, 30) for _ in range(rng.randint(1, 3))]
+        lk = [rng.randint(0, 30) for _ in lq]
+        mode, window = rng.randint(0, 2), tuple(-1 if rng.random() < 0.3 else rng.randint(0, 20) for _ in range(2))
+        masks = [visible_mask(a, b, mode, "cpu", window) for a, b in zip(lq, lk)]
+        assert cases.visible_pairs(lq, lk, mode, window) == sum(int(m.sum()) for m in masks)
+        dense = cases._dense_mask(offsets(lq), offsets(lk), sum(lq), sum(lk), mode, window)
+        assert torch.equal(dense, torch.block_diag(*masks) if masks else dense), (lq, lk, mode, window)
+    case = next(c for c in cases.check_cases(torch.device("cpu")) if "window" in c.label)
+    args = case.make(torch.device("cpu"), torch.float32)
+    assert args[-1] != (-1, -1)
+    with use_backend("torch"):
+        ours = cases._fastsora(args, "fwd")()
+    assert relative_error(cases._sdpa_dense(args, "fwd")(), ours) < 1e-5
+
+
+def test_window_token_limit_is_refused_by_the_triton_path():
+    """The window kernels' int32 band bounds hold below MAX_WINDOW_TOKENS query and key tokens together; more
+    is a BackendError naming the counts (checked from the shapes: stride-0 views, nothing is read)."""
+    import fastsora.kernels.varlen_attention as kern
+    from fastsora import BackendError
+
+    n = kern.MAX_WINDOW_TOKENS // 2
+    q = torch.randn(1, 1, 16).expand(n, 1, 16)
+    cu = torch.tensor([0, n], dtype=torch.int32)
+    with use_backend("triton"), pytest.raises(BackendError, match=rf"a sliding window over {n} query and {n} key "
+                                                                  r"tokens \(the window kernels take fewer than"):
+        varlen_attention(q, q, q, cu, cu, window_size=(4, 4), validate=False)
+    assert kern.window_unsupported(n, n - 1) is None
+
+
+def test_window_sides_past_int32_are_unbounded(device):
+    """No sequence has 2^31 tokens: such a side is -1 (not an int64 kernel argument or a dispatcher error)."""
+    q, k, v, cu, _ = make([40, 9], [40, 9], 2, 2, 16, torch.float32, device)
+    import fastsora.ops as fo
+
+    with use_backend("triton"):
+        plain = varlen_attention(q, k, v, cu, cu)
+        huge = varlen_attention(q, k, v, cu, cu, window_size=(2**31, 2**63))
+        xf = memory_efficient_attention(q[None], k[None], v[None], _xformers_object(
+            "BlockDiagonalCausalLocalAttentionFromBottomRightMask", [40, 9], [40, 9], _window_size=2**40))
+        causal = varlen_attention(q, k, v, cu, cu, causal=True)
+    assert torch.equal(huge, plain)
+    assert torch.equal(xf[0], causal)
+    assert fo.LowerTriangularFromBottomRightMask().make_local_attention(3)._window_size == 3
+
+
+def test_window_minus_one_zero_runs_the_causal_kernels(monkeypatch, device):
+    """window (-1, 0) without causal is flash-attn's causal mask: it runs the IS_CAUSAL variant (unmasked tiles
+    below the diagonal), not the all-masked window one; (-1, 1) runs the window variant."""
+    import fastsora.kernels.varlen_attention as kern
+
+    seen = []
+    real = kern._launch
+    monkeypatch.setattr(kern, "_launch", lambda kind, *a: seen.append((kind, a[4])) or real(kind, *a))
+    q, k, v, cu, _ = make([40], [40], 1, 1, 16, torch.float32, device)
+    with use_backend("triton"):
+        varlen_attention(q, k, v, cu, cu, window_size=(-1, 0))
+        varlen_attention(q, k, v, cu, cu, window_size=(-1, 1))
+    assert [(c["IS_CAUSAL"], c["IS_LOCAL"]) for _, c in seen] == [(True, False), (False, True)]
+
+
+@pytest.mark.parametrize("tiles", [(16, 64), (64, 16)], ids=["16x64", "64x16"])
+def test_non_square_tiles_match_float64_attention(tiles, monkeypatch, device):
+    """The interpreter's tiles are square; the CUDA candidates mostly are not (128x64, 16x64, ...). With BLOCK_M
+    != BLOCK_N a swapped tile size in a band's range would show: random windows against the oracle."""
+    import fastsora.kernels.varlen_attention as kern
+
+    if not kern.KERNELS_INTERPRETED:
+        pytest.skip("the CUDA launches use the autotuned candidates")
+    monkeypatch.setattr(kern, "INTERPRETER_TILES", {kind: tiles for kind in ("fwd", "dkdv", "dq")})
+    gen = torch.Generator().manual_seed(7)
+    randint = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=gen))  # noqa: E731
+    for _ in range(4):
+        lq = [randint(0, 150) for _ in range(randint(1, 3))]
+        lk = lq if randint(0, 1) else [randint(0, 150) for _ in lq]
+        window = tuple(-1 if randint(0, 3) == 0 else randint(0, 90) for _ in range(2))
+        q, k, v, _, _ = make(lq, lk, 2, 1, 16, torch.float32, device, randint(0, 3))
+        check(q, k, v, lq, lk, randint(0, 2), window, "triton")

@@ -38,9 +38,11 @@ __all__ = ["varlen_attention", "flash_attn_varlen_func", "flash_attn_varlen_qkvp
            "flash_attn_kvpacked_func", "memory_efficient_attention"]
 
 
-def _unsupported(q: torch.Tensor, packed_heads: int = 0) -> Optional[str]:
+def _unsupported(q: torch.Tensor, packed_heads: int = 0, k_tokens: int = 0, window: Tuple[int, int] = NO_WINDOW
+                 ) -> Optional[str]:
     """Why the Triton kernels cannot take this input (None when they can). ``packed_heads``: the heads of a
-    packed input, whose gradient the backward writes as one buffer."""
+    packed input, whose gradient the backward writes as one buffer; ``k_tokens`` and ``window``: the keys' token
+    count and the sliding window, if any."""
     if q.dtype not in _KERNEL_DTYPES:
         return f"{str(q.dtype).removeprefix('torch.')} inputs (the kernels take float16, bfloat16 and float32)"
     if reason := interpreter_dtype_reason(q):
@@ -51,6 +53,8 @@ def _unsupported(q: torch.Tensor, packed_heads: int = 0) -> Optional[str]:
         kern = _kernels()
     except ImportError:   # no Triton: the backend selection says so
         return None
+    if tuple(window) != NO_WINDOW and (reason := kern.window_unsupported(q.shape[0], k_tokens)):
+        return reason
     # k and v have no more heads than q; a packed gradient buffer holds packed_heads
     return kern.token_size_unsupported(max(q.shape[1], packed_heads), q.shape[2])
 
@@ -82,7 +86,8 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: tor
 
 def _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode, requested_backend, window,
              packed_heads=0):
-    backend = select_backend(OP_NAME, q.device, _unsupported(q, packed_heads), requested_backend, forward=True)
+    backend = select_backend(OP_NAME, q.device, _unsupported(q, packed_heads, k.shape[0], window), requested_backend,
+                             forward=True)
     if backend == "triton":
         return _kernels().forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode, window)
     out, lse = _ref.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode, window)
@@ -102,8 +107,8 @@ def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
             lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, softmax_scale: float,
             causal_mode: int, dlse: Optional[torch.Tensor], requested_backend: str, window_left: int = -1,
             window_right: int = -1) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    backend = select_backend(OP_NAME, q.device, _unsupported(q), requested_backend)
     window = (window_left, window_right)
+    backend = select_backend(OP_NAME, q.device, _unsupported(q, 0, k.shape[0], window), requested_backend)
     if backend == "triton":
         return _kernels().backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale,
                                    causal_mode, dlse, window=window)
@@ -184,9 +189,10 @@ def _packed_bwd_op(dout: torch.Tensor, q: Optional[torch.Tensor], packed: torch.
                    window_left: int = -1, window_right: int = -1) -> Tuple[torch.Tensor, torch.Tensor]:
     """(dq, dpacked): dq empty when q is part of ``packed``."""
     qs, k, v = _split_packed(q, packed, q_heads)
-    backend = select_backend(OP_NAME, qs.device, _unsupported(qs, packed.shape[1]), requested_backend)
-    args = (dout, qs, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode, dlse)
     window = (window_left, window_right)
+    backend = select_backend(OP_NAME, qs.device, _unsupported(qs, packed.shape[1], k.shape[0], window),
+                             requested_backend)
+    args = (dout, qs, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal_mode, dlse)
     if backend == "triton":
         kern = _kernels()
         dpacked = kern.new_grad_buffer(packed.shape, packed.dtype, packed.device)
@@ -323,7 +329,8 @@ def _check_offset_values(offsets: Sequence[Tuple[str, torch.Tensor, int]]) -> No
 
 def _is_int_like(value: Any) -> bool:
     """None, an int (or SymInt, numpy integer) or a 0-d integer tensor: what flash-attn's ``int`` arguments take.
-    The value itself is never read (no host synchronisation): the offsets define the lengths."""
+    A tensor is never read (no host synchronisation): the offsets define the lengths; an int max_seqlen_k only
+    feeds flash-attn's window rule (:func:`_window`)."""
     if isinstance(value, bool):
         return False
     if value is None or isinstance(value, (numbers.Integral, torch.SymInt)):
@@ -376,7 +383,8 @@ def _packed_attention(q, packed, q_heads, cu_q, cu_k, dropout_p, softmax_scale, 
 
 def _window(window_size: Any, max_seqlen_k: Any = None) -> Tuple[int, int]:
     """flash-attn's ``window_size`` (left, right) checked: two ints, each -1 (unbounded) or >= 0. As flash-attn,
-    a side of at least ``max_seqlen_k`` (when it is a Python or numpy int: a tensor is never read) becomes -1."""
+    a side of at least ``max_seqlen_k`` (when it is a Python or numpy int: a tensor is never read) becomes -1;
+    so does a side of 2^31 or more (int32 offsets: no sequence is that long)."""
     try:
         left, right = window_size
     except (TypeError, ValueError):
@@ -386,7 +394,7 @@ def _window(window_size: Any, max_seqlen_k: Any = None) -> Tuple[int, int]:
             raise TypeError(f"window_size {name} must be an int; got {type(side).__name__}")
         if side < -1:
             raise ValueError(f"window_size {name} must be -1 (unbounded) or a number of keys >= 0; got {side}")
-    left, right = int(left), int(right)
+    left, right = (-1 if side >= 2**31 else int(side) for side in (left, right))
     if isinstance(max_seqlen_k, numbers.Integral) and not isinstance(max_seqlen_k, bool):
         left, right = (-1 if side >= max_seqlen_k else side for side in (left, right))
     return left, right
@@ -410,8 +418,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,) on q's device: sequence b owns query rows
             ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` and key rows ``cu_seqlens_k[b]:cu_seqlens_k[b+1]``.
             Zero-length sequences are allowed; rows past ``cu_seqlens_q[-1]`` output 0 (and get zero gradient).
-        max_seqlen_q, max_seqlen_k: accepted for flash-attn compatibility and not needed: int, numpy integer,
-            0-d integer tensor (never read) or None.
+        max_seqlen_q, max_seqlen_k: accepted for flash-attn compatibility, not needed for the lengths: int,
+            numpy integer, 0-d integer tensor (never read) or None. An int max_seqlen_k is read only for
+            flash-attn's window rule (below).
         dropout_p: must be 0.0 (no dropout; NotImplementedError otherwise).
         softmax_scale: default 1 / sqrt(D).
         causal: mask aligned to the bottom-right corner: query i sees key j iff j <= i + Lk - Lq. A query row
@@ -574,8 +583,8 @@ def _xformers_window(attn_bias: Any, names: Tuple[str, ...]) -> Tuple[int, int]:
                              f"{value!r}")
         values.append(int(value))
     if names == ("_window_size",):
-        return values[0] - 1, -1
-    return tuple(values) if values else NO_WINDOW
+        return _window((values[0] - 1, -1))
+    return _window(tuple(values)) if values else NO_WINDOW
 
 
 def _seqstart(info: Any, name: str, device: torch.device, total: int) -> torch.Tensor:

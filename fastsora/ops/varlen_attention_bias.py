@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -117,7 +118,7 @@ def _check_window(owner: object, **sides: int) -> None:
     (``_window_size`` >= 1, ``window_left`` / ``window_right`` >= 0), as xformers refuses them."""
     for name, value in sides.items():
         least = 1 if name == "_window_size" else 0
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
             raise ValueError(f"{type(owner).__name__}: {name} must be an int >= {least}; got {value!r}")
 
 
@@ -233,6 +234,10 @@ class LowerTriangularFromBottomRightMask(LowerTriangularMask):
     """Causal attention per batch element, from the bottom-right: query i sees keys j <= i + Lk - Lq."""
 
     _block = staticmethod(_bottom_right_block)
+
+    def make_local_attention(self, window_size: int) -> "LowerTriangularFromBottomRightLocalAttentionMask":
+        """The same, query i seeing only the ``window_size`` keys ending at its diagonal."""
+        return LowerTriangularFromBottomRightLocalAttentionMask(window_size)
 
 
 @dataclasses.dataclass
