@@ -440,6 +440,9 @@ def test_bench_and_check_cases_carry_the_window():
     case = next(c for c in cases.check_cases(torch.device("cpu")) if "window" in c.label)
     args = case.make(torch.device("cpu"), torch.float32)
     assert args[-1] != (-1, -1)
+    pairs = sum(int(visible_mask(a, b, args[5], "cpu", args[-1]).sum()) for a, b in zip(case.meta["lq"],
+                                                                                         case.meta["lk"]))
+    assert case.flops == 4.0 * pairs * case.meta["hq"] * case.meta["d"]
     with use_backend("torch"):
         ours = cases._fastsora(args, "fwd")()
     assert relative_error(cases._sdpa_dense(args, "fwd")(), ours) < 1e-5
@@ -451,13 +454,40 @@ def test_window_token_limit_is_refused_by_the_triton_path():
     import fastsora.kernels.varlen_attention as kern
     from fastsora import BackendError
 
+    from fastsora.backend import select_backend
+    from fastsora.ops.varlen_attention import _unsupported
+
     n = kern.MAX_WINDOW_TOKENS // 2
     q = torch.randn(1, 1, 16).expand(n, 1, 16)
-    cu = torch.tensor([0, n], dtype=torch.int32)
-    with use_backend("triton"), pytest.raises(BackendError, match=rf"a sliding window over {n} query and {n} key "
-                                                                  r"tokens \(the window kernels take fewer than"):
-        varlen_attention(q, q, q, cu, cu, window_size=(4, 4), validate=False)
-    assert kern.window_unsupported(n, n - 1) is None
+    # (the refusal is read from the shapes; the op is not called: without the refusal it would run 2^28 rows)
+    reason = _unsupported(q, 0, n, (4, 4))
+    with pytest.raises(BackendError, match=rf"a sliding window over {n} query and {n} key tokens \(the window "
+                                           r"kernels take fewer than"):
+        select_backend("varlen_attention", q.device, reason, "triton")
+    assert _unsupported(q, 0, n, (-1, -1)) is None and _unsupported(q, 0, n - 1, (4, 4)) is None
+
+
+def test_every_window_op_checks_the_token_limit(monkeypatch):
+    """The separate and packed forward and backward ops all pass the window and the key count to the check:
+    with the limit lowered to 100 tokens, 60 queries and 60 keys are refused, 40 + 40 are not."""
+    import fastsora.kernels.varlen_attention as kern
+    from fastsora import BackendError
+
+    qkv = torch.randn(60, 3, 2, 16, requires_grad=True)
+    cu = offsets([60])
+    with use_backend("triton"):
+        outs = [varlen_attention(*qkv.unbind(1), cu, cu, window_size=(3, 3)),
+                flash_attn_varlen_qkvpacked_func(qkv, cu, 60, window_size=(3, 3))]
+        monkeypatch.setattr(kern, "MAX_WINDOW_TOKENS", 100)
+        for out in outs:   # the backward ops
+            with pytest.raises(BackendError, match="a sliding window over 60 query and 60 key tokens"):
+                out.sum().backward()
+        for call in (lambda: varlen_attention(*qkv.unbind(1), cu, cu, window_size=(3, 3)),
+                     lambda: flash_attn_varlen_qkvpacked_func(qkv, cu, 60, window_size=(3, 3))):
+            with pytest.raises(BackendError, match="a sliding window over 60 query and 60 key tokens"):
+                call()
+        small = qkv[:40].detach()
+        varlen_attention(*small.unbind(1), offsets([40]), offsets([40]), window_size=(3, 3))
 
 
 def test_window_sides_past_int32_are_unbounded(device):
