@@ -153,6 +153,18 @@ def grads(outputs: Any, inputs: Sequence[torch.Tensor], seed: int = 0,
     return torch.autograd.grad(outs, list(inputs), cot, allow_unused=False)
 
 
+#: Gradient tolerances of the varlen attention kernels against their float64 reference (relative to its max)
+ATTENTION_GRAD_TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def packed_offsets(lengths: Sequence[int], device: Any = "cpu") -> torch.Tensor:
+    """int32 (len(lengths) + 1,) prefix sums of ``lengths``: the cu_seqlens of sequences packed in that order."""
+    out = [0]
+    for n in lengths:
+        out.append(out[-1] + int(n))
+    return torch.tensor(out, dtype=torch.int32, device=device)
+
+
 def attention_per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens_q: Sequence[int],
                            lens_k: Sequence[int], scale: float, causal_mode: int,
                            window: Tuple[int, int] = (-1, -1)) -> Tuple[torch.Tensor, torch.Tensor]:

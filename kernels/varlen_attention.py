@@ -140,6 +140,15 @@ def _query_block_key_band(blk, band_lo, band_hi, seqlen_k, BLOCK_M: tl.constexpr
 
 
 @triton.jit
+def _window_key_tiles(blk, diag, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """A query block's window: the band's offsets (lo, hi) and the keys [first, end) some row of the block sees."""
+    band_lo, band_hi = _window_bounds(diag, seqlen_q, seqlen_k, win_left, win_right)
+    first, end = _query_block_key_band(blk, band_lo, band_hi, seqlen_k, BLOCK_M, BLOCK_N)
+    return band_lo, band_hi, first, end
+
+
+@triton.jit
 def _in_window(rows, cols, band_lo, band_hi):
     """Key ``cols`` within the window of query ``rows`` (sequence positions, broadcast against each other)."""
     # one unsigned comparison: an offset below band_lo wraps past the band's width
@@ -198,13 +207,11 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     diag = bottom_right * (seqlen_k - seqlen_q)
-    if IS_LOCAL:
-        # a window: every tile of [first, hi) masked (the masked loop starts at full_end)
-        band_lo, band_hi = _window_bounds(diag, seqlen_q, seqlen_k, win_left, win_right)
-        first, hi = _query_block_key_band(blk, band_lo, band_hi, seqlen_k, BLOCK_M, BLOCK_N)
-        full_end = first
-        k_base += first.to(tl.int64) * stride_kt
-        v_base += first.to(tl.int64) * stride_vt
+    if IS_LOCAL:  # a window: the masked loop covers all of [full_end, hi)
+        band_lo, band_hi, full_end, hi = _window_key_tiles(blk, diag, seqlen_q, seqlen_k, win_left, win_right,
+                                                           BLOCK_M, BLOCK_N)
+        k_base += full_end.to(tl.int64) * stride_kt
+        v_base += full_end.to(tl.int64) * stride_vt
     else:
         full_end, hi = _query_block_key_range(blk, diag, seqlen_k, IS_CAUSAL, BLOCK_M, BLOCK_N)
 
@@ -446,12 +453,11 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     diag = bottom_right * (seqlen_k - seqlen_q)
-    if IS_LOCAL:
-        band_lo, band_hi = _window_bounds(diag, seqlen_q, seqlen_k, win_left, win_right)
-        first, hi = _query_block_key_band(blk, band_lo, band_hi, seqlen_k, BLOCK_M, BLOCK_N)
-        full_end = first
-        k_base += first.to(tl.int64) * stride_kt
-        v_base += first.to(tl.int64) * stride_vt
+    if IS_LOCAL:  # a window: the masked loop covers all of [full_end, hi)
+        band_lo, band_hi, full_end, hi = _window_key_tiles(blk, diag, seqlen_q, seqlen_k, win_left, win_right,
+                                                           BLOCK_M, BLOCK_N)
+        k_base += full_end.to(tl.int64) * stride_kt
+        v_base += full_end.to(tl.int64) * stride_vt
     else:
         full_end, hi = _query_block_key_range(blk, diag, seqlen_k, IS_CAUSAL, BLOCK_M, BLOCK_N)
 

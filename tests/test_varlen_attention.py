@@ -11,18 +11,12 @@ import fastsora.kernels.varlen_attention as kern
 from fastsora import use_backend
 from fastsora.ops.varlen_attention import _attention, varlen_attention
 from fastsora.reference.varlen_attention import varlen_attention as ref_attention
+from fastsora.testing import ATTENTION_GRAD_TOL as GRAD_TOL
 from fastsora.testing import (TOLERANCE, assert_close, attention_per_sequence, deterministic_algorithms, grads,
                               relative_error, spread_past_int32, to_float64)
+from fastsora.testing import packed_offsets as offsets
 
 ops_mod = importlib.import_module("fastsora.ops.varlen_attention")
-GRAD_TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
-
-
-def offsets(lengths, device="cpu"):
-    out = [0]
-    for n in lengths:
-        out.append(out[-1] + n)
-    return torch.tensor(out, dtype=torch.int32, device=device)
 
 
 def make(lq, lk, hq, hkv, d, dtype, device, extra_q=0, extra_k=0, seed=0):

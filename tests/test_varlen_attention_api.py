@@ -20,13 +20,7 @@ from fastsora.ops.varlen_attention import (flash_attn_func, flash_attn_kvpacked_
 from fastsora.reference.varlen_attention import varlen_attention as ref_attention
 from fastsora.testing import (TOLERANCE, assert_close, assert_flash_rule, attention_per_sequence, doc_examples, grads,
                               relative_error, to_float64)
-
-
-def offsets(lengths, device="cpu"):
-    out = [0]
-    for n in lengths:
-        out.append(out[-1] + n)
-    return torch.tensor(out, dtype=torch.int32, device=device)
+from fastsora.testing import packed_offsets as offsets
 
 
 def rand(*shape, dtype=torch.float32, device="cpu", seed=0, grad=False):

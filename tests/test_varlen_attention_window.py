@@ -12,16 +12,9 @@ from fastsora.ops.varlen_attention import (_attention, flash_attn_func, flash_at
                                            flash_attn_qkvpacked_func, flash_attn_varlen_func,
                                            flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func,
                                            memory_efficient_attention, varlen_attention)
+from fastsora.testing import ATTENTION_GRAD_TOL as GRAD_TOL
 from fastsora.testing import TOLERANCE, assert_close, attention_per_sequence, grads, relative_error, to_float64
-
-GRAD_TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
-
-
-def offsets(lengths, device="cpu"):
-    out = [0]
-    for n in lengths:
-        out.append(out[-1] + n)
-    return torch.tensor(out, dtype=torch.int32, device=device)
+from fastsora.testing import packed_offsets as offsets
 
 
 def make(lq, lk, hq, hkv, d, dtype, device, extra_q=0):

@@ -16,15 +16,9 @@ import torch
 from fastsora.reference.varlen_attention import NO_WINDOW
 from fastsora.registry import Case, OpSpec, register_op
 from fastsora.testing import grads
+from fastsora.testing import packed_offsets as offsets
 
 OP = "varlen_attention"
-
-
-def offsets(lengths: Sequence[int], device) -> torch.Tensor:
-    out = [0]
-    for n in lengths:
-        out.append(out[-1] + int(n))
-    return torch.tensor(out, dtype=torch.int32, device=device)
 
 
 def visible_pairs(lq: Sequence[int], lk: Sequence[int], causal_mode: int,
