@@ -25,6 +25,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from fastsora.backend import backend_request, interpreter_dtype_reason, select_backend
 from fastsora.ops._custom_op import refuse_double_backward, without_autocast
+from fastsora.ops.varlen_attention_bias import window_attribute_shortfall
 from fastsora.reference import varlen_attention as _ref
 
 OP_NAME = "varlen_attention"
@@ -577,8 +578,8 @@ def _xformers_window(attn_bias: Any, names: Tuple[str, ...]) -> Tuple[int, int]:
     values = []
     for name in names:
         value = getattr(attn_bias, name, None)
-        least = 1 if name == "_window_size" else 0
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        least = window_attribute_shortfall(name, value)
+        if least is not None:
             raise ValueError(f"attn_bias ({type(attn_bias).__name__}) must have an int {name} >= {least}; got "
                              f"{value!r}")
         values.append(int(value))

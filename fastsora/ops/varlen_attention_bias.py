@@ -113,12 +113,22 @@ def _local_block(lq: int, lk: int, offset: int, left: int, right: int, device: D
     return _causal_block(lq, lk, offset + right, device) & ~_causal_block(lq, lk, offset - left - 1, device)
 
 
+def window_attribute_shortfall(name: str, value: object) -> Optional[int]:
+    """The least value xformers allows for the window attribute ``name`` (``_window_size`` 1, ``window_left`` /
+    ``window_right`` 0) when ``value`` is not an int of at least that, else None. Shared by these classes and by
+    :func:`fastsora.ops.memory_efficient_attention`, which reads xformers' own objects."""
+    least = 1 if name == "_window_size" else 0
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        return least
+    return None
+
+
 def _check_window(owner: object, **sides: int) -> None:
-    """ValueError naming the attribute of ``owner`` that is not an int of at least its minimum
-    (``_window_size`` >= 1, ``window_left`` / ``window_right`` >= 0), as xformers refuses them."""
+    """ValueError naming the attribute of ``owner`` that is not an int of at least its minimum, as xformers
+    refuses them."""
     for name, value in sides.items():
-        least = 1 if name == "_window_size" else 0
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        least = window_attribute_shortfall(name, value)
+        if least is not None:
             raise ValueError(f"{type(owner).__name__}: {name} must be an int >= {least}; got {value!r}")
 
 
