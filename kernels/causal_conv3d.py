@@ -31,6 +31,7 @@ import triton.language as tl
 
 from fastsora.kernels import KERNELS_INTERPRETED
 from fastsora.kernels.utils import autotuned, launch_tuned, new_output, on_input_device
+from fastsora.reference.causal_conv3d import memory_format_of
 from fastsora.registry import KernelConfig, register_kernel
 
 # ----------------------------------------------------------------------------------------------------------
@@ -601,12 +602,6 @@ _register()
 # host launchers
 # ----------------------------------------------------------------------------------------------------------
 
-def _memory_format(x: torch.Tensor):
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
-
-
 #: input channels up to which the kernels flatten (tap, channel) into one reduction index
 FLAT_MAX_C_IN = 8
 
@@ -650,7 +645,7 @@ def causal_conv3d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     B, C_in, T, H, W = x.shape
     C_out = weight.shape[0]
     T_out = T // stride
-    fmt = _memory_format(x)
+    fmt = memory_format_of(x)
     y = new_output((B, C_out, T_out, H, W), x.dtype, x.device, memory_format=fmt)
     z = new_output((B, C_out, T_out, H, W), x.dtype, x.device, memory_format=fmt) if store_pre else None
     if B * T_out * H * W == 0 or C_out == 0:
@@ -689,7 +684,7 @@ def _fwd_launch(x, wp, w_shape, bias, residual, cache, y, z, stride, dilation, t
 @on_input_device
 def silu_backward(dy: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """dz = dy * silu'(z), dz in z's layout (dy read through its strides)."""
-    dz = new_output(z.shape, z.dtype, z.device, memory_format=_memory_format(z))
+    dz = new_output(z.shape, z.dtype, z.device, memory_format=memory_format_of(z))
     n = z.numel()
     if n == 0:
         return dz
@@ -756,7 +751,7 @@ def causal_conv3d_bwd(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ca
     dx = dw = db = None
     dw32 = db32 = None
     if need_input:
-        dx = new_output(x.shape, x.dtype, x.device, memory_format=_memory_format(x))
+        dx = new_output(x.shape, x.dtype, x.device, memory_format=memory_format_of(x))
     if need_weight:
         dw32 = torch.zeros((KT * KH * KW, C_in, C_out), dtype=torch.float32, device=x.device)
         db32 = torch.zeros((C_out,), dtype=torch.float32, device=x.device) if has_bias else dw32
@@ -770,7 +765,7 @@ def causal_conv3d_bwd(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ca
                                has_bias)
     if need_weight:
         dw = dw32.reshape(KT, KH, KW, C_in, C_out).permute(4, 3, 0, 1, 2).to(weight.dtype) \
-            .contiguous(memory_format=_memory_format(weight))
+            .contiguous(memory_format=memory_format_of(weight))
         if has_bias:
             db = db32.to(weight.dtype)
     return dx, dw, db

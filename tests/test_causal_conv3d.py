@@ -264,6 +264,23 @@ def test_layouts(layout, dtype, device, poison):
     assert_close([y, gx, gw, gb], [y64, gx64, gw64, gb64], dtype)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_one_channel_input_dense_in_both_layouts_gives_ncdhw_like_conv3d(backend, device, poison):
+    """A one-channel input is dense as NCDHW and as channels_last_3d at once: the output (and grad input) is NCDHW,
+    the layout F.conv3d picks for it, and the values match float64."""
+    x, wt, bs, _ = _inputs(2, 1, 4, 4, 5, 3, (3, 3, 1), torch.float32, device, requires_grad=True)
+    xin = x.detach().contiguous(memory_format=torch.channels_last_3d).requires_grad_(True)
+    assert xin.is_contiguous() and xin.is_contiguous(memory_format=torch.channels_last_3d)
+    with fastsora.use_backend(backend):
+        y = causal_conv3d(xin, wt, bs)
+        gx = grads(y, [xin])[0]
+    assert F.conv3d(xin.detach(), wt.detach(), padding=(1, 1, 0)).is_contiguous()  # torch's choice for it
+    assert y.is_contiguous() and gx.is_contiguous()
+    x64, w64, b64 = to_float64((x, wt, bs))
+    y64 = _oracle(x64, w64.detach(), b64.detach())
+    assert_close([y, gx], [y64, grads(y64, [x64])[0]], torch.float32)
+
+
 def test_channels_last_weight_and_noncontiguous_residual(device, poison):
     x, wt, bs, rs = _inputs(1, 4, 6, 4, 5, 5, (3, 3, 3), torch.float32, device, residual=True)
     w_cl = channels_last(wt)

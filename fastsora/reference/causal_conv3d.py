@@ -53,7 +53,7 @@ def next_cache(x: torch.Tensor, cache: Optional[torch.Tensor], kt: int, stride: 
     """
     n = cache_frames(kt, stride, dilation)
     b, c, t, h, w = x.shape
-    fmt = torch.channels_last_3d if _is_channels_last(x) else torch.contiguous_format
+    fmt = memory_format_of(x)
     if n == 0:
         return torch.empty((b, c, 0, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
     if t >= n:
@@ -68,8 +68,13 @@ def next_cache(x: torch.Tensor, cache: Optional[torch.Tensor], kt: int, stride: 
     return torch.cat([prev[:, :, t:], x.detach()], dim=2).contiguous(memory_format=fmt)
 
 
-def _is_channels_last(x: torch.Tensor) -> bool:
-    return x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """The memory format a result computed from x (B, C, T, H, W) takes: channels_last_3d when x is dense in
+    it and not NCDHW-contiguous (a tensor that is both, e.g. with one channel, counts as NCDHW, as it does for
+    torch's convolutions), else contiguous_format."""
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
 
 
 def causal_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, stride: int = 1,
