@@ -21,7 +21,7 @@ import functools
 import os
 import re
 import warnings
-from typing import Iterator, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 

@@ -29,7 +29,6 @@ unbounded): query i sees key j iff i + diag - win_left <= j <= i + diag + win_ri
 from __future__ import annotations
 
 import functools
-import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch

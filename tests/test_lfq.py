@@ -137,6 +137,7 @@ def test_eval_mode_matches_anchor(name, kw, shape):
     (ra, la), (rb, lb) = _call(ref, x), _call(ours, x)
     assert torch.equal(rb.quantized, ra.quantized) and torch.equal(rb.indices, ra.indices)
     assert rb.entropy_aux_loss.item() == 0 and lb.per_sample_entropy.item() == 0 and lb.commitment.item() == 0
+    assert ra.entropy_aux_loss.item() == 0 and la.per_sample_entropy.item() == 0 and la.commitment.item() == 0
     # the codes carry no gradient back to x or project_in (None, not zeros: optimisers skip None), only to
     # project_out where there is one
     assert rb.quantized.requires_grad == ra.quantized.requires_grad

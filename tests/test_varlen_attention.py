@@ -184,6 +184,8 @@ def test_row_whose_logits_are_all_minus_inf_outputs_zero(dtype, device, poison):
         assert torch.isfinite(lse[lse != float("inf")]).all(), backend
     (out_t, lse_t, g_t), (out_k, lse_k, g_k) = results["torch"], results["triton"]
     assert_close(out_k, out_t, dtype, "out", tol=TOLERANCE[dtype] * 2)
+    finite = torch.isfinite(lse_t)
+    assert torch.equal(torch.isfinite(lse_k), finite) and relative_error(lse_k[finite], lse_t[finite]) < 1e-5
     assert_close(g_k[2], g_t[2], dtype, "dv", tol=GRAD_TOL[dtype])
 
 

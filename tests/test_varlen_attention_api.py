@@ -19,7 +19,7 @@ from fastsora.ops.varlen_attention import (flash_attn_func, flash_attn_kvpacked_
                                            varlen_attention)
 from fastsora.reference.varlen_attention import varlen_attention as ref_attention
 from fastsora.testing import (TOLERANCE, assert_close, assert_flash_rule, attention_per_sequence, doc_examples, grads,
-                              relative_error, to_float64)
+                              to_float64)
 from fastsora.testing import packed_offsets as offsets
 
 

@@ -7,11 +7,12 @@ streamed video a CogVideoX-style ``torch.cat`` frame cache.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, List, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from fastsora.cases import step_thunk
 from fastsora.registry import Case, OpSpec, register_op
 from fastsora.testing import grads
 
@@ -116,26 +117,6 @@ def _bench_cases(device) -> Sequence[Case]:
     ]
 
 
-def _thunk(fwd: Callable[[], torch.Tensor], args, mode: str) -> Callable[[], Any]:
-    leaves = _leaves(args)
-    if mode == "fwd":
-        def run():
-            with torch.no_grad():
-                return fwd()
-        return run
-    if mode == "fwd+bwd":
-        def run():
-            y = fwd()
-            return torch.autograd.grad(y, leaves, torch.ones_like(y))
-        return run
-    y = fwd()
-    gy = torch.ones_like(y)
-
-    def run():
-        return torch.autograd.grad(y, leaves, gy, retain_graph=True)
-    return run
-
-
 def _channels_last(args):
     """The case's x, weight and residual in channels_last_3d (same values)."""
     x, w, b, r, *rest = args
@@ -149,8 +130,8 @@ def _impl(op: Callable, channels_last: bool):
     def make(args, mode):
         args = _channels_last(args) if channels_last else args
         x, w, b, r, stride, dilation, pad_mode, activation = args
-        return _thunk(lambda: op()(x, w, b, stride=stride, dilation=dilation, pad_mode=pad_mode,
-                                   activation=activation, residual=r), args, mode)
+        return step_thunk(lambda: op()(x, w, b, stride=stride, dilation=dilation, pad_mode=pad_mode,
+                                       activation=activation, residual=r), _leaves(args), mode)
     return make
 
 

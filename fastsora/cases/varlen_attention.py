@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
+from fastsora.cases import step_thunk
 from fastsora.reference.varlen_attention import NO_WINDOW
 from fastsora.registry import Case, OpSpec, register_op
 from fastsora.testing import grads
@@ -101,29 +102,9 @@ def check_cases(device) -> List[Case]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _fwd_bwd(fn: Callable[[], torch.Tensor], inputs: Sequence[torch.Tensor], mode: str):
-    """Thunk of one 'fwd' / 'bwd' / 'fwd+bwd' iteration of fn (which returns the attention output)."""
-    if mode == "fwd":
-        def thunk():
-            with torch.no_grad():
-                return fn()
-        return thunk
-    if mode == "fwd+bwd":
-        def thunk():  # gradients returned, not accumulated into .grad (which would add a read-modify-write)
-            out = fn()
-            return torch.autograd.grad(out, inputs, torch.ones_like(out))
-        return thunk
-    out = fn()
-    cot = torch.randn_like(out)
-
-    def thunk():
-        torch.autograd.grad(out, inputs, cot, retain_graph=True)
-    return thunk
-
-
 def _fastsora(args, mode):
     q, k, v, cu_q, cu_k, causal_mode, scale, window = args
-    return _fwd_bwd(lambda: _op(q, k, v, cu_q, cu_k, causal_mode, scale, window), (q, k, v), mode)
+    return step_thunk(lambda: _op(q, k, v, cu_q, cu_k, causal_mode, scale, window), (q, k, v), mode)
 
 
 def _fastsora_qkvpacked(args, mode):
@@ -135,7 +116,7 @@ def _fastsora_qkvpacked(args, mode):
     if q.shape != k.shape or causal_mode == 2 or not torch.equal(cu_q, cu_k):  # (set-up only, not timed)
         return None
     qkv = torch.stack([q, k, v], 1).detach().requires_grad_(True)
-    return _fwd_bwd(lambda: flash_attn_varlen_qkvpacked_func(qkv, cu_q, None, 0.0, scale, causal_mode == 1,
+    return step_thunk(lambda: flash_attn_varlen_qkvpacked_func(qkv, cu_q, None, 0.0, scale, causal_mode == 1,
                                                              window_size=window, validate=False), (qkv,), mode)
 
 
@@ -147,7 +128,7 @@ def _reference(args, mode):
     if longest * q.shape[1] > (2**30 if q.device.type == "cuda" else 2**24):
         return None  # the per-sequence score matrix would not fit
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return _fwd_bwd(lambda: ref(q, k, v, cu_q, cu_k, scale, causal_mode, window)[0], (q, k, v), mode)
+    return step_thunk(lambda: ref(q, k, v, cu_q, cu_k, scale, causal_mode, window)[0], (q, k, v), mode)
 
 
 def _dense_mask(cu_q: torch.Tensor, cu_k: torch.Tensor, tq: int, tk: int, causal_mode: int,
@@ -196,7 +177,7 @@ def _sdpa_dense(args, mode):
         out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kk.transpose(0, 1)[None],
                                              vv.transpose(0, 1)[None], attn_mask=mask, scale=scale)
         return out[0].transpose(0, 1)
-    return _fwd_bwd(fn, (q, k, v), mode)
+    return step_thunk(fn, (q, k, v), mode)
 
 
 _FLEX = {}
@@ -249,7 +230,7 @@ def _flex(args, mode):
         out = flex(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], block_mask=block_mask,
                    scale=scale, enable_gqa=hq != hkv)
         return out[0].transpose(0, 1)
-    return _fwd_bwd(fn, (q, k, v), mode)
+    return step_thunk(fn, (q, k, v), mode)
 
 
 def _torch_varlen(args, mode):
@@ -280,7 +261,7 @@ def _torch_varlen(args, mode):
 
     def fn():
         return varlen_attn(q, k, v, cu_q, cu_k, mq, mk, **kwargs)
-    return _fwd_bwd(fn, (q, k, v), mode)
+    return step_thunk(fn, (q, k, v), mode)
 
 
 def _flash_attn(args, mode):
@@ -292,7 +273,7 @@ def _flash_attn(args, mode):
     except ImportError:
         return None
     mq, mk = int(torch.diff(cu_q).max()), int(torch.diff(cu_k).max())
-    return _fwd_bwd(lambda: flash_attn_varlen_func(q, k, v, cu_q, cu_k, mq, mk, softmax_scale=scale,
+    return step_thunk(lambda: flash_attn_varlen_func(q, k, v, cu_q, cu_k, mq, mk, softmax_scale=scale,
                                                    causal=causal_mode == 1, window_size=window), (q, k, v), mode)
 
 
@@ -308,7 +289,7 @@ def _xformers(args, mode):
     cls = {0: fmha.attn_bias.BlockDiagonalMask, 1: fmha.attn_bias.BlockDiagonalCausalFromBottomRightMask,
            2: fmha.attn_bias.BlockDiagonalCausalMask}[causal_mode]
     bias = cls.from_seqlens(lq, lk)
-    return _fwd_bwd(lambda: fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias,
+    return step_thunk(lambda: fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias,
                                                             scale=scale)[0], (q, k, v), mode)
 
 
