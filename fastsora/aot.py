@@ -155,12 +155,15 @@ def _compile(family: str, kernel, config: KernelConfig, arch: str) -> CompileRes
     import triton
     from triton.backends.compiler import GPUTarget
 
+    from fastsora.kernels.utils import LAUNCH_OPTIONS
+
     result = CompileResult(kernel=f"{family}.{kernel.fn.__name__}", config=config.label, arch=arch, ok=False)
     try:
         src = triton.compiler.ASTSource(fn=kernel, signature=dict(config.signature),
                                         constexprs=dict(config.constexprs), attrs=_alignment_attrs(kernel, config))
         compiled = triton.compile(src, target=GPUTarget("cuda", ARCHS[arch]["cc"], 32),
-                                  options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+                                  options={"num_warps": config.num_warps, "num_stages": config.num_stages,
+                                           **LAUNCH_OPTIONS})
     except Exception as exc:  # report every failure as a row, the caller decides the exit code
         result.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
         return result

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from fastsora.kernels import KERNELS_INTERPRETED
-from fastsora.kernels.utils import autotuned, launch_tuned, new_output, on_input_device
+from fastsora.kernels.utils import LAUNCH_OPTIONS, autotuned, launch_tuned, new_output, on_input_device
 from fastsora.reference.causal_conv3d import memory_format_of
 from fastsora.registry import KernelConfig, register_kernel
 
@@ -505,7 +505,7 @@ def _launch(kind: str, kernel, grid, args: tuple, consts: dict, dtype: torch.dty
     if KERNELS_INTERPRETED:
         bm, bn, bk, nw, ns = _INTERP_WGRAD if kind == "bwd_weight" else _INTERP
         meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
-        kernel[grid(meta)](*args, **consts, **meta, num_warps=nw, num_stages=ns)
+        kernel[grid(meta)](*args, **consts, **meta, num_warps=nw, num_stages=ns, **LAUNCH_OPTIONS)
     else:
         variant, arch, klass = _variant(kind, consts), _arch(device), _klass(dtype)
         if unit_channel_stride and (kind, variant + "_cl", klass) in _CONFIGS[arch]:
@@ -694,7 +694,8 @@ def silu_backward(dy: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     ys = [dy.stride(d) for d in order]
     zs = [z.stride(d) for d in order]
     grid = (triton.cdiv(n, _SILU_BLOCK),)
-    _silu_bwd_kernel[grid](dy, z, dz, n, sizes[1], sizes[2], sizes[3], sizes[4], *ys, *zs, BLOCK=_SILU_BLOCK)
+    _silu_bwd_kernel[grid](dy, z, dz, n, sizes[1], sizes[2], sizes[3], sizes[4], *ys, *zs, BLOCK=_SILU_BLOCK,
+                           **LAUNCH_OPTIONS)
     return dz
 
 

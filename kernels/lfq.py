@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from fastsora.kernels import KERNELS_INTERPRETED
-from fastsora.kernels.utils import autotuned, launch_tuned, new_output, on_input_device
+from fastsora.kernels.utils import LAUNCH_OPTIONS, autotuned, launch_tuned, new_output, on_input_device
 from fastsora.registry import KernelConfig, register_kernel
 
 _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -596,7 +596,7 @@ def quantize_fwd(x: torch.Tensor, code_value: float, logit_scale: float, straigh
         _weights(entropy_weight, t, dev), _weights(commit_weight, t, dev), part, t, c, d,
         x.stride(0), x.stride(1), x.stride(2), float(code_value), float(logit_scale),
         int(bool(straight_through)), int(bool(with_entropy)), BLOCK_T=block_t, BLOCK_D=_block_d(d), num_warps=_CUDA_QUANT["num_warps"],
-        num_stages=_CUDA_QUANT["num_stages"])
+        num_stages=_CUDA_QUANT["num_stages"], **LAUNCH_OPTIONS)
     return out, idx, pos, neg, part
 
 
@@ -621,7 +621,7 @@ def quantize_bwd(x: torch.Tensor, grad_out: Optional[torch.Tensor], grad_pos: Op
         x, g, gp, gn, _weights(entropy_weight, t, dev), _weights(commit_weight, t, dev), coef, dx, t, c, d,
         x.stride(0), x.stride(1), x.stride(2), g.stride(0), g.stride(1), g.stride(2),
         float(code_value), float(logit_scale), int(grad_out is not None), int(has_gp), BLOCK_T=block_t, BLOCK_D=_block_d(d), num_warps=_CUDA_QUANT["num_warps"],
-        num_stages=_CUDA_QUANT["num_stages"])
+        num_stages=_CUDA_QUANT["num_stages"], **LAUNCH_OPTIONS)
     return dx
 
 
@@ -643,7 +643,7 @@ def code_tables(pos: torch.Tensor, neg: torch.Tensor, weight: Optional[torch.Ten
                 pos, neg, w, tab, t, c, d, off, bits, max(bits - block_j.bit_length() + 1, 0), tab.stride(0),
                 tab.stride(1), weighted,
                 BLOCK_T=block_t, LOG_J=block_j.bit_length() - 1, num_warps=_CUDA_TABLE["num_warps"],
-                num_stages=_CUDA_TABLE["num_stages"])
+                num_stages=_CUDA_TABLE["num_stages"], **LAUNCH_OPTIONS)
         tables.append(tab)
     return tables[0], tables[1]
 
@@ -678,7 +678,7 @@ def code_pair(pos: torch.Tensor, neg: torch.Tensor, weight: Optional[torch.Tenso
     if KERNELS_INTERPRETED:   # one tile (the widest), few large token steps
         bh, bl = tiles[0]
         meta = dict(BLOCK_H=bh, BLOCK_L=bl, BLOCK_T=_block_t(t, _CUDA_PAIR["BLOCK_T"], 512))
-        _lfq_code_pair_kernel[grid(meta)](*args, MODE=mode, PRECISION=PRECISION, **meta)
+        _lfq_code_pair_kernel[grid(meta)](*args, MODE=mode, PRECISION=PRECISION, **meta, **LAUNCH_OPTIONS)
     else:
         launch_tuned(_pair_tuned(mode, nh, nl), grid, *args, MODE=mode, PRECISION=PRECISION)
     return out
@@ -713,7 +713,7 @@ def code_pair_bwd(pos: torch.Tensor, neg: torch.Tensor, weight: Optional[torch.T
         _lfq_code_pair_bwd_kernel[(triton.cdiv(t, block_t), triton.cdiv(1 << na, block_a), c)](
             tab_b, w, g, dtab, t, na, nb, tab_b.stride(0), tab_b.stride(1), g.stride(0), sa, sb,
             dtab.stride(0), dtab.stride(1), weighted, BLOCK_T=block_t, BLOCK_A=block_a, BLOCK_B=block_b,
-            PRECISION=PRECISION, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            PRECISION=PRECISION, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **LAUNCH_OPTIONS)
         block_a, bits = _code_block(na, _TABLE_BWD_WIDEST), _block_bits(na)
         cfg = _CUDA_TABLE_BWD_BY_TILE.get(block_a, _CUDA_TABLE_BWD)
         block_t = _block_t(t, cfg["BLOCK_T"], 512)
@@ -722,5 +722,5 @@ def code_pair_bwd(pos: torch.Tensor, neg: torch.Tensor, weight: Optional[torch.T
             # left the 64-code tile with an 8 B stack frame on sm_80 under triton 3.6 and 3.9
             dtab, pos, neg, dpos, dneg, t, c, d, off_a, na, max(na - block_a.bit_length() + 1, 0),
             dtab.stride(0), dtab.stride(1), BLOCK_T=block_t, LOG_A=block_a.bit_length() - 1, BLOCK_BITS=bits,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **LAUNCH_OPTIONS)
     return dpos, dneg

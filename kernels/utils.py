@@ -58,6 +58,13 @@ def new_output_like(t: torch.Tensor, **kwargs) -> torch.Tensor:
     return new_output(t.shape, kwargs.pop("dtype", t.dtype), t.device, **kwargs)
 
 
+#: compile options every fastsora launch passes, and ``fastsora compile`` builds with: FMA contraction on, the
+#: default of every Triton from 3.4 to 3.9. Triton 3.9 warns that its default turns off in 3.10; pinned here,
+#: the kernels stay the binaries ``fastsora compile`` checks whatever the release or TRITON_DEFAULT_FP_FUSION
+#: (TRITON_FORCE_DISABLE_FP_FUSION=1 still turns it off, for debugging).
+LAUNCH_OPTIONS: Dict[str, Any] = {"enable_fp_fusion": True}
+
+
 #: every autotuner a launcher built, by name (what `fastsora bench` reports the picks of)
 AUTOTUNERS: Dict[str, Any] = {}
 
@@ -70,14 +77,14 @@ def autotuned(name: str, kernel, configs: Sequence[Any], key: Sequence[str], **o
 
 
 def launch_tuned(tuner, grid, *args, **kwargs) -> None:
-    """``tuner[grid](*args, **kwargs)``, except under ``torch.use_deterministic_algorithms(True)``: then the
+    """``tuner[grid](*args, **kwargs, **LAUNCH_OPTIONS)``, except under ``torch.use_deterministic_algorithms(True)``: then the
     tuner's first candidate runs untimed. A pick by timing can differ between processes, and with it the
     tile and the accumulation order; a fixed tile makes results bit-reproducible across runs, not only within
     one (the first candidate of every table is a sound default for its slot)."""
     if torch.are_deterministic_algorithms_enabled():
-        tuner.fn[grid](*args, **kwargs, **tuner.configs[0].all_kwargs())
+        tuner.fn[grid](*args, **kwargs, **tuner.configs[0].all_kwargs(), **LAUNCH_OPTIONS)
     else:
-        tuner[grid](*args, **kwargs)
+        tuner[grid](*args, **kwargs, **LAUNCH_OPTIONS)
 
 
 def autotune_picks() -> Dict[str, Dict[str, str]]:

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from fastsora.kernels import KERNELS_INTERPRETED
-from fastsora.kernels.utils import autotuned, launch_tuned, new_output, on_input_device
+from fastsora.kernels.utils import LAUNCH_OPTIONS, autotuned, launch_tuned, new_output, on_input_device
 from fastsora.registry import KernelConfig, register_kernel
 
 LOG2E = 1.4426950408889634
@@ -754,7 +754,7 @@ def _launch(kind: str, rows: int, batch: int, heads: int, args: tuple, consts: d
         bm, bn = INTERPRETER_TILES[kind]
         meta = {"BLOCK_M": bm, "BLOCK_N": bn}
         _KERNELS[kind][(_grid_items(rows, batch, meta[side]), heads)](*args, **consts, **meta, num_warps=4,
-                                                                      num_stages=1)
+                                                                      num_stages=1, **LAUNCH_OPTIONS)
     else:
         grid = lambda meta: (_grid_items(rows, batch, meta[side]), heads)  # noqa: E731
         launch_tuned(_tuned(kind, _arch(device), _klass(dtype), consts["BLOCK_D"], consts["IS_LOCAL"]), grid, *args,
@@ -919,7 +919,7 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         pbm = _pre_block_m(block_d)
         _bwd_preprocess_kernel[(triton.cdiv(total_q, pbm), hq)](
             out, do, delta, *_st(out), *_st(do), delta.stride(0), total_q, d,
-            BLOCK_M=pbm, BLOCK_D=block_d, num_warps=4, num_stages=1)
+            BLOCK_M=pbm, BLOCK_D=block_d, num_warps=4, num_stages=1, **LAUNCH_OPTIONS)
         if dlse is not None:  # rows without a visible key (LSE +inf) take no LSE gradient: P is 0 there
             delta -= torch.where(torch.isinf(lse), 0.0, dlse.to(torch.float32))
     qk_scale = float(softmax_scale) * LOG2E

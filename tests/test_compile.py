@@ -93,3 +93,61 @@ def test_known_stack_frames_are_excused_only_where_documented():
               if c.known_stack_with_divisible_ints]
     assert all(" fp32 " in label or label.startswith("code table bwd ") or releases == ("3.4",)
                for label, releases in listed), listed
+
+
+def test_compile_builds_with_the_launch_options(monkeypatch):
+    """``fastsora compile`` passes the options every launch passes (LAUNCH_OPTIONS), so it checks the binaries
+    the launchers run, whatever Triton's defaults."""
+    from fastsora import aot
+    from fastsora.kernels.utils import LAUNCH_OPTIONS
+
+    seen = []
+
+    def record(src, target=None, options=None):
+        seen.append(dict(options or {}))
+        raise RuntimeError("recorded")
+
+    monkeypatch.setattr(triton, "compile", record)
+    key = sorted(KERNELS)[0]
+    result = aot._compile(KERNELS[key].family, KERNELS[key].kernel, KERNELS[key].configs[0], "sm_90")
+    assert result.error and seen and all(seen[0].get(k) == v for k, v in LAUNCH_OPTIONS.items()), seen
+    assert LAUNCH_OPTIONS == {"enable_fp_fusion": True}, "FMA contraction pinned on (Triton 3.10 turns it off)"
+
+
+@pytest.mark.interpreter
+def test_every_launch_passes_the_launch_options(monkeypatch):
+    """Every kernel launch of the three families (forward and backward) passes LAUNCH_OPTIONS: Triton 3.9 warns
+    that its FMA-contraction default turns off in 3.10, and the launches must not depend on that default."""
+    import torch
+    from triton.runtime import interpreter
+
+    from fastsora import use_backend
+    from fastsora.kernels.utils import LAUNCH_OPTIONS
+    from fastsora.nn import LFQ
+    from fastsora.ops import causal_conv3d, varlen_attention
+    from fastsora.testing import grads, packed_offsets
+
+    launches = []
+    original = interpreter.GridExecutor.__call__
+
+    def spy(self, *args, **kwargs):
+        launches.append((getattr(self.fn, "__name__", repr(self.fn)), {k: kwargs.get(k) for k in LAUNCH_OPTIONS}))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", spy)
+    with use_backend("triton"):
+        x = torch.randn(1, 3, 4, 5, 5, requires_grad=True)
+        w = torch.randn(4, 3, 3, 3, 3, requires_grad=True)
+        b = torch.randn(4, requires_grad=True)
+        grads(causal_conv3d(x, w, b, activation="silu"), [x, w, b])
+        for compat in (False, True):
+            lfq = LFQ(codebook_size=2 ** 6, entropy_clamp_compat=compat)
+            z = torch.randn(2, 5, 6, requires_grad=True)
+            ret = lfq(z)
+            grads(ret.quantized.sum() + ret.entropy_aux_loss, [z])
+        q, k, v = (torch.randn(9, 2, 16, requires_grad=True) for _ in range(3))
+        cu = packed_offsets([4, 5])
+        grads(varlen_attention(q, k, v, cu, cu, causal=True), [q, k, v])
+    names = {name for name, _ in launches}
+    assert len(names) >= 12, names   # conv fwd/dx/dw/silu, lfq quantize/table/pair (+bwd), attention's four
+    assert all(options == LAUNCH_OPTIONS for _, options in launches), [n for n, o in launches if o != LAUNCH_OPTIONS]
