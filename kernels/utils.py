@@ -77,10 +77,11 @@ def autotuned(name: str, kernel, configs: Sequence[Any], key: Sequence[str], **o
 
 
 def launch_tuned(tuner, grid, *args, **kwargs) -> None:
-    """``tuner[grid](*args, **kwargs, **LAUNCH_OPTIONS)``, except under ``torch.use_deterministic_algorithms(True)``: then the
-    tuner's first candidate runs untimed. A pick by timing can differ between processes, and with it the
-    tile and the accumulation order; a fixed tile makes results bit-reproducible across runs, not only within
-    one (the first candidate of every table is a sound default for its slot)."""
+    """``tuner[grid](*args, **kwargs, **LAUNCH_OPTIONS)``, except under
+    ``torch.use_deterministic_algorithms(True)``: then the tuner's first candidate runs untimed. A pick by timing
+    can differ between processes, and with it the tile and the accumulation order; a fixed tile makes results
+    bit-reproducible across runs, not only within one (the first candidate of every table is a sound default for
+    its slot)."""
     if torch.are_deterministic_algorithms_enabled():
         tuner.fn[grid](*args, **kwargs, **tuner.configs[0].all_kwargs(), **LAUNCH_OPTIONS)
     else:

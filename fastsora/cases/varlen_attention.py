@@ -117,7 +117,7 @@ def _fastsora_qkvpacked(args, mode):
         return None
     qkv = torch.stack([q, k, v], 1).detach().requires_grad_(True)
     return step_thunk(lambda: flash_attn_varlen_qkvpacked_func(qkv, cu_q, None, 0.0, scale, causal_mode == 1,
-                                                             window_size=window, validate=False), (qkv,), mode)
+                                                               window_size=window, validate=False), (qkv,), mode)
 
 
 def _reference(args, mode):
@@ -233,9 +233,18 @@ def _flex(args, mode):
     return step_thunk(fn, (q, k, v), mode)
 
 
+def _flash_style(args) -> Optional[Tuple[int, int]]:
+    """max_seqlen_q and max_seqlen_k (host ints: setup only, outside the timed thunk) for the flash-attn-style
+    baselines (torch varlen_attn, flash-attn), or None where they do not run: CPU, fp32, top-left causal."""
+    q, _, _, cu_q, cu_k, causal_mode = args[:6]
+    if q.device.type != "cuda" or q.dtype == torch.float32 or causal_mode == 2:
+        return None
+    return int(torch.diff(cu_q).max()), int(torch.diff(cu_k).max())
+
+
 def _torch_varlen(args, mode):
     q, k, v, cu_q, cu_k, causal_mode, scale, window = args
-    if q.device.type != "cuda" or q.dtype == torch.float32 or causal_mode == 2:
+    if (max_seqlens := _flash_style(args)) is None:
         return None
     try:
         from torch.nn.attention.varlen import varlen_attn
@@ -244,8 +253,6 @@ def _torch_varlen(args, mode):
     params = inspect.signature(varlen_attn).parameters
     if q.shape[1] != k.shape[1] and "enable_gqa" not in params:  # GQA needs a release with enable_gqa
         return None
-    lq, lk = torch.diff(cu_q).max(), torch.diff(cu_k).max()
-    mq, mk = int(lq), int(lk)  # setup only, outside the timed thunk
     kwargs = dict(scale=scale) if scale is not None else {}
     if q.shape[1] != k.shape[1]:
         kwargs["enable_gqa"] = True
@@ -260,21 +267,20 @@ def _torch_varlen(args, mode):
             kwargs["window_size"] = (-1, 0)
 
     def fn():
-        return varlen_attn(q, k, v, cu_q, cu_k, mq, mk, **kwargs)
+        return varlen_attn(q, k, v, cu_q, cu_k, *max_seqlens, **kwargs)
     return step_thunk(fn, (q, k, v), mode)
 
 
 def _flash_attn(args, mode):
     q, k, v, cu_q, cu_k, causal_mode, scale, window = args
-    if q.device.type != "cuda" or q.dtype == torch.float32 or causal_mode == 2:
+    if (max_seqlens := _flash_style(args)) is None:
         return None
     try:
         from flash_attn import flash_attn_varlen_func
     except ImportError:
         return None
-    mq, mk = int(torch.diff(cu_q).max()), int(torch.diff(cu_k).max())
-    return step_thunk(lambda: flash_attn_varlen_func(q, k, v, cu_q, cu_k, mq, mk, softmax_scale=scale,
-                                                   causal=causal_mode == 1, window_size=window), (q, k, v), mode)
+    return step_thunk(lambda: flash_attn_varlen_func(q, k, v, cu_q, cu_k, *max_seqlens, softmax_scale=scale,
+                                                     causal=causal_mode == 1, window_size=window), (q, k, v), mode)
 
 
 def _xformers(args, mode):
@@ -290,7 +296,7 @@ def _xformers(args, mode):
            2: fmha.attn_bias.BlockDiagonalCausalMask}[causal_mode]
     bias = cls.from_seqlens(lq, lk)
     return step_thunk(lambda: fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias,
-                                                            scale=scale)[0], (q, k, v), mode)
+                                                              scale=scale)[0], (q, k, v), mode)
 
 
 def _navit_image_lengths(total: int, patch: int = 16, seed: int = 0) -> List[int]:
