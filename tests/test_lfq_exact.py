@@ -126,6 +126,32 @@ def test_triton_matches_torch_path(poison, dtype, device, t, c, d, masked):
     assert relative_error(gk, gt) <= _dx_tol(dtype)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_real_valued_token_weights_vs_float64(poison, backend, device):
+    """Token weights need not be 0/1 masks: random positive reals for the entropies (entropy_weight) and the
+    commitment (commit_weight). Per-sample and codebook entropies, the commitment and the gradient of a random
+    mix of them w.r.t. x within 1e-5 relative of float64 (brute force over the codes; the commitment's weighted
+    mean written out)."""
+    gen = torch.Generator().manual_seed(11)
+    t, c, d = 23, 2, 6
+    x = (torch.randn(t, c, d, generator=gen) * 0.01).to(device).requires_grad_()
+    w = torch.rand(t, generator=gen) * 2 + 0.05
+    cw = torch.rand(t, generator=gen) * 3 + 0.05
+    coef = torch.randn(c + 2, generator=gen, dtype=torch.float64)
+    with use_backend(backend):
+        res = lfq(x, 1.0, TAU, entropy_weight=w.to(device), commit_weight=cw.to(device))
+    loss = res.per_sample_entropy * coef[0].item() + (res.codebook_entropy * coef[1:c + 1].float().to(device)).sum() \
+        + res.commitment * coef[-1].item()
+    g = torch.autograd.grad(loss, x)[0]
+    x64 = x.detach().to("cpu", torch.float64).requires_grad_()
+    ps64, cb64 = brute_force_entropies(x64, 1.0, TAU, w.double())
+    commit64 = (cw.double()[:, None, None] * (x64 - torch.where(x64 > 0, 1.0, -1.0)) ** 2).sum() / (cw.sum() * c * d)
+    g64 = torch.autograd.grad(ps64 * coef[0] + (cb64 * coef[1:c + 1]).sum() + commit64 * coef[-1], x64)[0]
+    for name, got, want in (("per-sample", res.per_sample_entropy, ps64), ("codebook", res.codebook_entropy, cb64),
+                            ("commitment", res.commitment, commit64), ("dx", g, g64)):
+        assert relative_error(got, want) <= 1e-5, f"{name}: {relative_error(got, want):.2e}"
+
+
 @pytest.mark.parametrize("weighted", [True, False], ids=["weights", "no-weights"])
 @pytest.mark.parametrize("d,c", [(5, 1), (8, 2)])
 def test_probability_gradients_independent_leaves_vs_float64(poison, device, d, c, weighted):

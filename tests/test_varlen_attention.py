@@ -403,6 +403,17 @@ def test_lse_gradient_on_rows_without_keys_is_ignored(backend, device, poison):
         assert relative_error(a, b) < 2e-5, name
 
 
+def test_causal_diagonal_at_every_offset_against_the_tiles(device, poison):
+    """Bottom-right causal masks whose diagonal offset Lk - Lq takes every value from -16 to 15, so it meets the
+    query and key tiles (32 in the interpreter) at every residue: a tile range off by one (which rows of a key
+    block see all its keys, which keys a query block sees) shows only where the diagonal falls on a tile edge.
+    Output, LSE and all three gradients against float64."""
+    lq = [48] * 32
+    lk = [48 + diag for diag in range(-16, 16)]
+    q, k, v, cu_q, cu_k = make(lq, lk, 2, 1, 16, torch.float32, device, seed=5)
+    check_against_reference(q, k, v, cu_q, cu_k, 1)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_random_packs(seed, device, poison):
     """Random ragged packs (zero-length sequences, Lq != Lk, tails), heads, head dims and causal modes."""
