@@ -207,6 +207,21 @@ def test_one_sample_past_launch_positions_is_refused(monkeypatch):
         causal_conv3d(torch.randn(2, 2, 3, 4, 5), wt)
 
 
+@pytest.mark.interpreter
+def test_weight_of_2_31_elements_is_refused():
+    """The kernels index weight elements in int32: a weight of 2^31 elements or more is refused by the Triton
+    backend with the count (stride-0 views: no memory); 2^31 - 1 elements are not refused for their size."""
+    ops = importlib.import_module("fastsora.ops.causal_conv3d")  # the attribute is the function of that name
+    from fastsora.backend import BackendError
+
+    x = torch.randn(1, 1, 2, 1, 1)
+    wt = torch.randn(1, 1, 1, 1, 1).expand(2 ** 32, 1, 1, 1, 1)
+    with fastsora.use_backend("triton"), pytest.raises(BackendError, match=r"a weight of 4294967296 elements >= 2\^31"):
+        causal_conv3d(x, wt)
+    assert ops._triton_unsupported(x, wt[:2 ** 31]) == "a weight of 2147483648 elements >= 2^31"
+    assert ops._triton_unsupported(x, wt[:2 ** 31 - 1]) is None
+
+
 def test_replicate_border_gradient_accumulates(device, poison):
     """With replicate padding the border pixels collect the gradient of every padded position that copies
     them: a 1x1 image (every tap reads the same pixel) and frame 0 (every time tap reads it) show it."""

@@ -380,6 +380,9 @@ def test_bad_inputs():
         LFQ()
     with pytest.raises(ValueError, match="frac_per_sample_entropy"):
         LFQ(codebook_size=16, frac_per_sample_entropy=0.)
+    with pytest.raises(ValueError, match=r"soft_clamp_input_value \(0.5\) must be >= codebook_scale \(1.0\)"):
+        LFQ(codebook_size=16, soft_clamp_input_value=0.5)   # the anchor asserts the same
+    assert LFQ(codebook_size=16, soft_clamp_input_value=1.0, codebook_scale=1.0).soft_clamp_input_value == 1.0
     m = LFQ(codebook_size=2 ** 6)
     with pytest.raises(ValueError, match="expected dimension of 6 but received 5"):
         m(torch.randn(2, 3, 5))
