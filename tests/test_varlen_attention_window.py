@@ -514,6 +514,26 @@ def test_window_minus_one_zero_runs_the_causal_kernels(monkeypatch, device):
     assert [(c["IS_CAUSAL"], c["IS_LOCAL"]) for _, c in seen] == [(True, False), (False, True)]
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_window_minus_one_zero_is_the_bottom_right_causal_mask(backend, device):
+    """Where query and key lengths differ, window (-1, 0) is flash-attn's causal mask aligned bottom-right
+    (query i sees keys j <= i + Lk - Lq), not xformers' top-left one: the same output and gradients as
+    causal=True, and the float64 definition."""
+    lens = ([37, 9], [21, 40])
+    q, k, v, cu_q, cu_k = make(*lens, 2, 1, 16, torch.float32, device)
+    with use_backend(backend):
+        windowed = varlen_attention(q, k, v, cu_q, cu_k, window_size=(-1, 0))
+        causal = varlen_attention(q, k, v, cu_q, cu_k, causal=True)
+    got = grads(windowed, [q, k, v])
+    assert torch.equal(windowed, causal)
+    assert all(torch.equal(a, b) for a, b in zip(got, grads(causal, [q, k, v])))
+    want, _, want_grads = oracle(q, k, v, *lens, 0.25, 0, (-1, 0))
+    assert relative_error(windowed, want) < 1e-5
+    for name, a, b in zip("qkv", got, want_grads):
+        assert_close(a, b, q.dtype, f"d{name}", tol=GRAD_TOL[q.dtype])
+    assert relative_error(windowed, oracle(q, k, v, *lens, 0.25, 2, (-1, -1))[0]) > 1e-2   # top-left differs
+
+
 @pytest.mark.parametrize("tiles", [(16, 64), (64, 16)], ids=["16x64", "64x16"])
 def test_non_square_tiles_match_float64_attention(tiles, monkeypatch, device):
     """The interpreter's tiles are square; the CUDA candidates mostly are not (128x64, 16x64, ...). With BLOCK_M
