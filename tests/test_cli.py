@@ -226,6 +226,43 @@ def test_bench_runs_and_writes_json(registered, tmp_path):
     assert data["device"] == report["device"] and len(data["results"]) == len(rows)
 
 
+def test_bench_rates_follow_from_the_median_and_the_case_counts(registered, monkeypatch):
+    """TFLOP/s, GB/s and % of peak are the case's flops and bytes per mode (backward: BWD_FLOPS_FACTOR times
+    the forward) over the median time: with the median and the peaks fixed, every rate is known exactly."""
+    from fastsora import bench
+
+    monkeypatch.setattr(bench, "median_ms", lambda fn, device: 2.5)
+    monkeypatch.setattr(bench, "measured_peaks", lambda device, dtype: {"tflops": 1e-3, "gbps": 4.0})
+    report = run_bench(torch.device("cpu"), ops=[registered.name], dtypes=[torch.float32], modes=["fwd", "fwd+bwd"],
+                       impls=["reference"])
+    flops, nbytes, k = 2 * 4096, 3 * 4096 * 4, bench.BWD_FLOPS_FACTOR
+    want = {"fwd": 1.0, "fwd+bwd": 1.0 + k}
+    rows = report["results"]
+    assert sorted(r["mode"] for r in rows) == ["fwd", "fwd+bwd"]
+    for r in rows:
+        assert r["median_ms"] == 2.5
+        assert math.isclose(r["tflops"], want[r["mode"]] * flops / 2.5e-3 / 1e12, rel_tol=1e-12)
+        assert math.isclose(r["gbps"], want[r["mode"]] * nbytes / 2.5e-3 / 1e9, rel_tol=1e-12)
+        assert math.isclose(r["pct_peak_flops"], 100 * r["tflops"] / 1e-3, rel_tol=1e-12)
+        assert math.isclose(r["pct_peak_bw"], 100 * r["gbps"] / 4.0, rel_tol=1e-12)
+    assert bench.MODE_FLOPS["bwd"](3.0, k) == 3.0 * k
+
+
+def test_cpu_median_skips_the_warm_up_and_takes_the_median(monkeypatch):
+    """On CPU, median_ms runs fn once untimed, then times at least min_runs calls and reports their median
+    (a fake clock that only fn advances: warm-up 100 ms, then 5, 1 and 30 ms)."""
+    from fastsora import bench
+
+    now = [0.0]
+    durations = iter([0.100, 0.005, 0.001, 0.030])
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+
+    def fn():
+        now[0] += next(durations)
+    assert bench.median_ms(fn, torch.device("cpu"), min_runs=3, budget_s=0.0) == pytest.approx(5.0)
+    assert next(durations, None) is None   # four calls: the warm-up and three timed
+
+
 def test_bench_selection_budget_and_partial_reports(registered):
     """--cases (regex on labels) and --impls select points; a time budget turns the points it cannot start
     into 'skipped' rows; the report is handed out after every point, partial until the last."""
