@@ -129,6 +129,25 @@ def test_compile_reports_spills(arch):
     assert res.ok, res.error
     assert (res.spill_bytes or 0) > 0 or (res.stack_bytes or 0) > 0, res
     assert res.problems, res
+    if res.spill_bytes:
+        assert f"spills {res.spill_bytes} B" in res.problems, res
+    if res.stack_bytes:
+        assert f"stack frame {res.stack_bytes} B (spilled registers)" in res.problems, res
+
+
+def test_each_resource_over_its_limit_is_a_problem():
+    """Spilled (LOCAL) bytes, a stack frame and shared memory past the arch's per-block limit are each reported
+    on their own, a failed build by its error; a build within every limit has no problem."""
+    from fastsora.aot import CompileResult
+
+    def problems(**fields):
+        return CompileResult("k", "c", "sm_80", True, registers=64, **fields).problems
+    limit = ARCHS["sm_80"]["smem"]
+    assert problems(spill_bytes=0, stack_bytes=0, shared_bytes=limit) == []
+    assert problems(spill_bytes=16) == ["spills 16 B"]
+    assert problems(stack_bytes=8) == ["stack frame 8 B (spilled registers)"]
+    assert problems(shared_bytes=limit + 1) == [f"shared memory {limit + 1} B > {limit} B"]
+    assert CompileResult("k", "c", "sm_90", False, error="boom").problems == ["compile failed: boom"]
 
 
 def test_compile_passes_the_alignment_the_jit_would_see():
