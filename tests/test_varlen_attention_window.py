@@ -515,7 +515,7 @@ def test_window_minus_one_zero_runs_the_causal_kernels(monkeypatch, device):
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_window_minus_one_zero_is_the_bottom_right_causal_mask(backend, device):
+def test_window_minus_one_zero_is_the_bottom_right_causal_mask(backend, device, poison):
     """Where query and key lengths differ, window (-1, 0) is flash-attn's causal mask aligned bottom-right
     (query i sees keys j <= i + Lk - Lq), not xformers' top-left one: the same output and gradients as
     causal=True, and the float64 definition."""

@@ -19,7 +19,6 @@ import torch
 from fastsora.backend import backend_request, interpreter_dtype_reason, select_backend
 from fastsora.ops._custom_op import AUTOCAST_DEVICES, refuse_double_backward, without_autocast
 from fastsora.reference import causal_conv3d as _ref
-from fastsora.reference.causal_conv3d import memory_format_of
 
 __all__ = ["causal_conv3d"]
 
@@ -141,7 +140,7 @@ def _causal_conv3d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         y = torch.nn.functional.silu(y)
     if residual is not None:
         y = y + residual
-    fmt = memory_format_of(x)
+    fmt = _ref.memory_format_of(x)
     y = y.contiguous(memory_format=fmt)
     if y is x or y is residual:
         y = y.clone()
@@ -153,7 +152,7 @@ def _(x, weight, bias, residual, cache, stride, dilation, pad_mode, activation, 
       requested_backend):
     B, _, T, H, W = x.shape
     shape = (B, weight.shape[0], T // stride, H, W)
-    fmt = memory_format_of(x)
+    fmt = _ref.memory_format_of(x)
     y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
     z = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt) if save_pre else x.new_empty(0)
     return y, z
@@ -180,9 +179,9 @@ def _causal_conv3d_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.
     else:
         dx, dw, db = _ref.causal_conv3d_backward(dy, x, weight, bias, cache, stride, dilation, pad_mode, act,
                                                  streaming)
-        dx = dx.contiguous(memory_format=memory_format_of(x))
+        dx = dx.contiguous(memory_format=_ref.memory_format_of(x))
         if dw is not None:  # ATen picks grad weight's layout from x's; the fake (and the kernels) use weight's
-            dw = dw.contiguous(memory_format=memory_format_of(weight))
+            dw = dw.contiguous(memory_format=_ref.memory_format_of(weight))
     return (dx if (need_input and dx is not None) else x.new_empty(0),
             dw if (need_weight and dw is not None) else x.new_empty(0),
             db if (need_weight and db is not None) else x.new_empty(0))
@@ -191,10 +190,10 @@ def _causal_conv3d_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.
 @_causal_conv3d_backward_op.register_fake
 def _(dy, x, weight, bias, pre, cache, stride, dilation, pad_mode, activation, streaming, need_input, need_weight,
       requested_backend):
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(x)) \
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_ref.memory_format_of(x)) \
         if need_input else x.new_empty(0)
     dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device,
-                     memory_format=memory_format_of(weight)) if need_weight else x.new_empty(0)
+                     memory_format=_ref.memory_format_of(weight)) if need_weight else x.new_empty(0)
     db = torch.empty(bias.shape, dtype=bias.dtype, device=bias.device) \
         if (need_weight and bias is not None) else x.new_empty(0)
     return dx, dw, db
