@@ -1,13 +1,13 @@
 """flash-attn's bert_padding helpers (unpad_input, pad_input, unpad_input_for_concatenated_sequences,
-index_first_axis, index_put_first_axis) against loop-built oracles, their gradients, bad input, and the padded
+index_first_axis, index_first_axis_residual, index_put_first_axis) against loop-built oracles, their gradients, bad input, and the padded
 batch -> varlen attention -> padded batch pattern of video DiT code (FastVideo's flash_attn_no_pad)."""
 import pytest
 import torch
 
 import fastsora.ops
 from fastsora import use_backend
-from fastsora.ops import (flash_attn_varlen_qkvpacked_func, index_first_axis, index_put_first_axis, pad_input,
-                          unpad_input, unpad_input_for_concatenated_sequences)
+from fastsora.ops import (flash_attn_varlen_qkvpacked_func, index_first_axis, index_first_axis_residual,
+                          index_put_first_axis, pad_input, unpad_input, unpad_input_for_concatenated_sequences)
 from fastsora.testing import TOLERANCE, assert_close, attention_per_sequence, grads, to_float64
 
 
@@ -97,9 +97,36 @@ def test_index_helpers():
     (g,) = grads(put, [x])
     cot = torch.randn((9, 2, 3), generator=torch.Generator().manual_seed(0), dtype=torch.float64).float()
     assert torch.equal(g[:3], cot[idx]) and not g[3:].any()
-    for name in ("index_first_axis", "index_put_first_axis", "unpad_input", "unpad_input_for_concatenated_sequences",
-                 "pad_input"):
+    for name in ("index_first_axis", "index_first_axis_residual", "index_put_first_axis", "unpad_input",
+                 "unpad_input_for_concatenated_sequences", "pad_input"):
         assert getattr(fastsora.ops, name).__module__ == "fastsora.ops.varlen_attention_padding"
+
+
+def test_index_first_axis_residual():
+    """The rows and a view of the whole input, strides kept (a channels-last-like input stays so); the two
+    gradients add up in input: the rows' scattered back, summed where an index repeats, plus the residual's."""
+    x = torch.randn(8, 5, 3).transpose(1, 2).requires_grad_()   # (8, 3, 5), not contiguous
+    idx = torch.tensor([6, 1, 6, 0, 7])                          # a repeated row
+    rows, residual = index_first_axis_residual(x, idx)
+    assert torch.equal(rows, x.detach()[idx]) and rows.shape == (5, 3, 5)
+    assert torch.equal(residual, x.detach()) and residual.stride() == x.stride()
+    assert residual.data_ptr() == x.data_ptr() and residual is not x
+    gen = torch.Generator().manual_seed(2)
+    cot_rows, cot_res = (torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in (rows, residual))
+    want = cot_res.clone()
+    for i, j in enumerate(idx.tolist()):   # loop oracle of the scatter-add
+        want[j] += cot_rows[i]
+    g = torch.autograd.grad((rows, residual), x, (cot_rows.float(), cot_res.float()))[0]
+    assert torch.allclose(g.double(), want, atol=1e-6)
+    rows, residual = index_first_axis_residual(x, idx.int())   # one output used: the other adds nothing
+    (g_rows,) = torch.autograd.grad(rows, x, cot_rows.float())
+    assert torch.allclose(g_rows.double(), want - cot_res, atol=1e-6)
+    (g_res,) = torch.autograd.grad(index_first_axis_residual(x, idx)[1], x, cot_res.float())
+    assert torch.equal(g_res.double(), cot_res.float().double())
+    with pytest.raises(IndexError, match=r"indices must lie in \[0, input.shape\[0\] = 8\); got values from 0 to 8"):
+        index_first_axis_residual(x, torch.tensor([0, 8]))
+    with pytest.raises(ValueError, match=r"input must be \(first_axis_dim, \.\.\.\) with at least one trailing dim"):
+        index_first_axis_residual(x[:, 0, 0], idx)
 
 
 def test_bad_input():
@@ -178,7 +205,7 @@ def test_masks_and_indices_on_another_device(device):
 # nonzero's shape and the longest length read on the host: traced by default in torch 2.11 and 2.13, not 2.8
 @torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True)
 def test_compile_fullgraph():
-    """All five trace whole under torch.compile (the host-side value checks are skipped there) and give the
+    """All six trace whole under torch.compile (the host-side value checks are skipped there) and give the
     eager results."""
     torch._dynamo.reset()
     x = torch.randn(3, 6, 4)
@@ -189,6 +216,7 @@ def test_compile_fullgraph():
     packed, indices = unpad_input(x, mask)[:2]
     for fn, args in ((unpad_input, (x, mask, unused)), (unpad_input_for_concatenated_sequences, (x, lengths)),
                      (pad_input, (packed, indices, 3, 6)), (index_first_axis, (x.flatten(0, 1), indices)),
+                     (index_first_axis_residual, (x.flatten(0, 1), indices)),
                      (index_put_first_axis, (packed, indices, 18))):
         got = torch.compile(fn, fullgraph=True, backend="aot_eager")(*args)
         want = fn(*args)

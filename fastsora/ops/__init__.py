@@ -13,5 +13,6 @@ from .varlen_attention_bias import (BlockDiagonalCausalFromBottomRightMask, Bloc
                                     BlockDiagonalCausalLocalAttentionMask, BlockDiagonalMask,
                                     LocalAttentionFromBottomRightMask, LowerTriangularFromBottomRightLocalAttentionMask,
                                     LowerTriangularFromBottomRightMask, LowerTriangularMask)
-from .varlen_attention_padding import (index_first_axis, index_put_first_axis, pad_input, unpad_input,  # noqa: F401
+from .varlen_attention_padding import (index_first_axis, index_first_axis_residual,  # noqa: F401
+                                       index_put_first_axis, pad_input, unpad_input,
                                        unpad_input_for_concatenated_sequences)

@@ -7,7 +7,9 @@ unpads a padded batch for the varlen kernels (and pads the result back) changes 
 * :func:`unpad_input_for_concatenated_sequences`: rows that each hold several sequences back to back, given by
   their lengths.
 * :func:`pad_input`: the inverse (zeros where nothing was kept).
-* :func:`index_first_axis`, :func:`index_put_first_axis`: the gather / scatter along dim 0 underneath.
+* :func:`index_first_axis`, :func:`index_put_first_axis`: the gather / scatter along dim 0 underneath;
+  :func:`index_first_axis_residual`: the gather and its input, both differentiable (flash-attn's fused MLP
+  form, for a block that runs on a subset of the tokens and keeps the whole input as its residual).
 
 Plain torch ops (autograd included). Host synchronisations, outside torch.compile: the unpad forms find the
 kept positions (``nonzero``) and read the longest length, as flash-attn's do, plus one for the overlap check
@@ -21,8 +23,8 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["index_first_axis", "index_put_first_axis", "unpad_input", "unpad_input_for_concatenated_sequences",
-           "pad_input"]
+__all__ = ["index_first_axis", "index_first_axis_residual", "index_put_first_axis", "unpad_input",
+           "unpad_input_for_concatenated_sequences", "pad_input"]
 
 
 def _is_count(value) -> bool:
@@ -57,6 +59,15 @@ def index_first_axis(input: torch.Tensor, indices: torch.Tensor) -> torch.Tensor
     gradient is scattered back, zeros elsewhere)."""
     _rows_of(input, "input", "(first_axis_dim, ...)")
     return input.index_select(0, _indices_on(indices, input.device, input.shape[0], "input.shape[0]"))
+
+
+def index_first_axis_residual(input: torch.Tensor, indices: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Drop-in for ``flash_attn.bert_padding.index_first_axis_residual``: ``(input[indices], residual)`` for
+    input (first_axis_dim, ...), the rows (len(indices), ...) and ``residual``, a view of all of input (same
+    values, shape and strides, its storage shared). The gradients of both reach input and add up: the rows'
+    scattered back (summed over repeated indices), plus the residual's."""
+    rows = index_first_axis(input, indices)
+    return rows, input.view_as(input)
 
 
 def _index_put(values: torch.Tensor, indices: torch.Tensor, size: int, values_name: str, size_name: str):
