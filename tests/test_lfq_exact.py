@@ -230,6 +230,30 @@ def test_quantize_outputs(poison, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_without_entropy_the_zero_entropies_carry_no_gradient(backend, device, poison):
+    """with_entropy=False returns a constant 0 per-sample entropy (and zero codebook entropies): a loss that
+    includes them gets exactly the gradient it gets without them (the per-sample term's gradient used to be
+    applied anyway, on both backends; found by tests/test_lfq_fuzz.py)."""
+    x, w = _inputs(37, 2, 5, 0.05, masked=True, seed=12, device=device)
+    gen = torch.Generator().manual_seed(13)
+    cot = torch.randn(x.shape, generator=gen).to(device)
+    with use_backend(backend):
+        res = lfq(x, 1.0, TAU, entropy_weight=w, commit_weight=w, with_entropy=False)
+        base = (res.out * cot).sum() + 0.7 * res.commitment
+        (g_with,) = torch.autograd.grad(base + 3.0 * res.per_sample_entropy + res.codebook_entropy.sum(), x,
+                                        retain_graph=True)
+        (g_without,) = torch.autograd.grad(base, x)
+    assert res.per_sample_entropy.item() == 0 and not res.codebook_entropy.any()
+    assert torch.equal(g_with, g_without)
+    x64, w64 = to_float64((x.detach(), w))
+    x64.requires_grad_()
+    q = torch.where(x64 > 0, 1.0, -1.0).double()
+    commitment = (w64[:, None, None] * (x64 - q) ** 2).sum() / (w64.sum() * 2 * 5)
+    (g64,) = torch.autograd.grad((x64 * cot.cpu().double()).sum() + 0.7 * commitment, x64)
+    assert relative_error(g_with, g64) <= 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_zero_total_weight_gives_nan_like_the_anchor(backend, device):
     """entropy_weight selecting no token (an all-False mask): the mean code distribution is 0/0, so the codebook
     entropy is NaN on both backends (the anchor's too), as is the per-sample entropy - never a silent 0."""

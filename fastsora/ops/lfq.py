@@ -193,6 +193,7 @@ def _quantize_setup(ctx, inputs, output):
     x, code_value, logit_scale, straight_through, with_entropy, ew, cw, requested_backend = inputs
     ctx.save_for_backward(x, ew, cw)
     ctx.args = (code_value, logit_scale, straight_through)
+    ctx.with_entropy = with_entropy   # without it the per-sample entropy output is a constant 0
     ctx.requested_backend = requested_backend  # the backward resolves as the forward did (see select_backend)
 
 
@@ -200,7 +201,7 @@ def _quantize_backward(ctx, g_out, g_idx, g_pos, g_neg, g_ps, g_cm):
     x, ew, cw = ctx.saved_tensors
     code_value, logit_scale, straight_through = ctx.args
     pdt = _ref.prob_dtype(x.dtype)
-    g_ps = g_ps if g_ps is not None else x.new_zeros((), dtype=pdt)
+    g_ps = g_ps if g_ps is not None and ctx.with_entropy else x.new_zeros((), dtype=pdt)
     g_cm = g_cm if g_cm is not None else x.new_zeros((), dtype=pdt)
     if g_pos is None or g_neg is None:
         g_pos = g_neg = None
