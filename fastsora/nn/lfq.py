@@ -38,6 +38,21 @@ class CosineSimLinear(nn.Module):
         return (F.normalize(x, dim=-1) @ F.normalize(self.weight, dim=0)) * self.scale
 
 
+class _TokensInnermostGradient(torch.autograd.Function):
+    """Identity on t (b, n, ...); its backward hands the gradient on with the token axis n innermost in memory.
+    That is the order in which the anchor's l2norm receives it for a channel-first input (through its
+    rearrange), and the l2norm's backward reduces over the last axis in an order that follows the layout: the
+    same order gives the same bits."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor) -> Tensor:
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.movedim(1, -1).contiguous().movedim(-1, 1)
+
+
 def _l2norm_code_value(scale: float, d: int, dtype: torch.dtype) -> float:
     """The value of every entry of l2norm(±scale·1_d)·scale, rounded exactly as torch computes it in dtype."""
     return float((F.normalize(torch.full((1, d), scale, dtype=dtype), dim=-1) * scale)[0, 0])
@@ -212,10 +227,11 @@ class LFQ(nn.Module):
             x = x.movedim(1, -1)
             spatial = x.shape[1:-1]
             x = x.reshape(x.shape[0], -1, x.shape[-1])
-            if not isinstance(self.project_in, nn.Identity) or self.orthogonal_rotation:
-                # a contiguous copy, as the anchor's einops.pack makes, for the matmuls below to sum in its
-                # order, which decides the signs of components within rounding of 0 (without a matmul the
-                # kernels read the permuted view in place)
+            if not isinstance(self.project_in, nn.Identity) or self.orthogonal_rotation or self.spherical:
+                # a contiguous copy, as the anchor's einops.pack makes, for the matmuls and the l2norm below to
+                # sum in its order, which decides the signs of components within rounding of 0 and the last bit
+                # of the normalized values (without a matmul or a norm the kernels read the permuted view in
+                # place)
                 x = x.contiguous()
         elif x.ndim != 3:
             raise ValueError(f"channel_first=False takes (batch, seq, {self.dim}) inputs, got shape {tuple(x.shape)}")
@@ -232,6 +248,8 @@ class LFQ(nn.Module):
         if self.orthogonal_rotation:
             x = x @ self.orthogonal_rot
         x = self.maybe_l2norm(x)
+        if self.spherical and should_transpose:
+            x = _TokensInnermostGradient.apply(x)
 
         force_f32 = self.force_quantization_f32
         context = torch.autocast("cuda", enabled=False) if force_f32 else nullcontext()
