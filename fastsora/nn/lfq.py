@@ -40,8 +40,8 @@ class CosineSimLinear(nn.Module):
 
 class _TokensInnermostGradient(torch.autograd.Function):
     """Identity on t (b, n, ...); its backward hands the gradient on with the token axis n innermost in memory.
-    That is the order in which the anchor's l2norm receives it for a channel-first input (through its
-    rearrange), and the l2norm's backward reduces over the last axis in an order that follows the layout: the
+    That is the order in which the anchor's l2norm receives it for a channel-first input without a projection
+    out (through its rearrange alone), and the l2norm's backward reduces over the last axis in an order that follows the layout: the
     same order gives the same bits."""
 
     @staticmethod
@@ -248,7 +248,8 @@ class LFQ(nn.Module):
         if self.orthogonal_rotation:
             x = x @ self.orthogonal_rot
         x = self.maybe_l2norm(x)
-        if self.spherical and should_transpose:
+        if self.spherical and should_transpose and isinstance(self.project_out, nn.Identity):
+            # (with a projection out, the anchor's gradient arrives from its matmul, contiguous as ours)
             x = _TokensInnermostGradient.apply(x)
 
         force_f32 = self.force_quantization_f32
