@@ -5,6 +5,7 @@ caches into a fresh directory per run.
 """
 import atexit
 import os
+import random
 import shutil
 import tempfile
 
@@ -14,6 +15,9 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastsora-inductor-")
     atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
+# the fuzz suites' seed (fastsora.testing.fuzz_random): drawn here once per run, before pytest-xdist starts its
+# workers, which inherit it, so every worker draws the same cases
+os.environ.setdefault("FASTSORA_FUZZ_SEED", str(random.SystemRandom().randrange(2 ** 31)))
 
 
 def _has_cuda() -> bool:
@@ -49,6 +53,10 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if "interpreter" in item.keywords and CUDA:
             item.add_marker(skip_interpreter)
+
+
+def pytest_report_header(config):
+    return f"fuzz suites (-m slow): FASTSORA_FUZZ_SEED={os.environ['FASTSORA_FUZZ_SEED']}"
 
 
 @pytest.fixture(autouse=True)

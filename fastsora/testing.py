@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 from typing import Any, Iterable, Iterator, Optional, Sequence, Tuple, Union
 
@@ -198,6 +199,23 @@ def attention_per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, le
             lse[h, a:a + lq] = torch.where(has_key, s.logsumexp(-1), float("inf")) if lk else float("inf")
         a, b = a + lq, b + lk
     return out, lse
+
+
+#: the fuzz suites' settings: FASTSORA_FUZZ_CASES cases per suite (default 16); FASTSORA_FUZZ_SEED, drawn afresh
+#: per run by conftest.py (which shows it in pytest's header) unless given, so a failing case reproduces with
+#: ``FASTSORA_FUZZ_SEED=<seed> pytest -m slow <file> -k 'case<N>]'``
+FUZZ_CASES_ENV, FUZZ_SEED_ENV = "FASTSORA_FUZZ_CASES", "FASTSORA_FUZZ_SEED"
+
+
+def fuzz_cases(default: int = 16) -> range:
+    """The case numbers of a fuzz suite: ``range(FASTSORA_FUZZ_CASES)``."""
+    return range(int(os.environ.get(FUZZ_CASES_ENV, default)))
+
+
+def fuzz_random(case: int) -> Tuple[random.Random, str]:
+    """A ``random.Random`` for fuzz case ``case`` of this run's seed, and the words that reproduce it."""
+    seed = int(os.environ.get(FUZZ_SEED_ENV, "0"))
+    return random.Random(seed * 1_000_003 + case), f"{FUZZ_SEED_ENV}={seed}, case {case}"
 
 
 def doc_examples(relative_path: str) -> Tuple[str, ...]:

@@ -1,0 +1,208 @@
+"""Fuzz suite of the LFQ op (``fastsora.ops.lfq``) on the Triton backend: random token counts (one tile and
+several, ragged), codebooks, bits per code (1..12), input scales, code values, temperatures, entropy and
+commitment weights (none, 0/1 masks, positive reals), straight-through on/off, entropy on/off, the exact or the
+clamp-compatible codebook entropy, and strided layouts, against float64 oracles written here from the
+definitions (sign bits MSB first, weighted commitment) and the brute force over all 2^D codes
+(``fastsora.reference.lfq.brute_force_entropies``): values, and the gradient w.r.t. x of a random mix of every
+output.
+
+Slow (CI deselects it): ``pytest -m slow tests/test_lfq_fuzz.py``; FASTSORA_FUZZ_CASES sets the number of cases,
+FASTSORA_FUZZ_SEED the run's seed (pytest's header shows the one drawn; every failure message names it).
+"""
+import pytest
+import torch
+
+from fastsora import use_backend
+from fastsora.ops.lfq import lfq
+from fastsora.reference.lfq import brute_force_entropies
+from fastsora.testing import TOLERANCE, fuzz_cases, fuzz_random, relative_error
+
+pytestmark = pytest.mark.slow
+
+#: entropies and commitment: computed in fp32 from the input's own values (fp16 and bf16 are exact in fp32)
+LOSS_TOL = 1e-5
+
+
+def _draw(rng):
+    d = rng.randint(1, 12)
+    c = rng.randint(1, 3)
+    # keep the brute force (T x C x 2^D float64) small
+    t = rng.choice([1, 2, 3, 17, 64, 100, 257, 500] if d <= 9 else [1, 5, 33, 130, 300])
+    return dict(t=t, c=c, d=d, scale=rng.choice([0.002, 0.01, 0.05, 0.3, 1.0]),
+                code_value=rng.choice([1.0, 0.5, 1.7]), inv_temperature=rng.choice([100.0, 37.5, 10.0]),
+                entropy_weight=rng.choice([None, "mask", "real"]), commit_weight=rng.choice([None, "mask", "real"]),
+                straight_through=rng.random() < 0.8, with_entropy=rng.random() < 0.85,
+                clamp_compat=rng.random() < 0.2, layout=rng.choice(["contiguous", "strided", "permuted"]))
+
+
+def _weight(kind, t, gen):
+    if kind is None:
+        return None
+    if kind == "mask":
+        w = (torch.rand(t, generator=gen) > 0.35).double()
+        w[torch.randint(t, (1,), generator=gen)] = 1.0   # at least one token counts
+        return w
+    return torch.rand(t, generator=gen, dtype=torch.float64) * 2 + 0.05
+
+
+def _laid_out(x, layout, gen):
+    """x's values in the drawn memory layout: contiguous, a strided slice of a larger buffer, or a permuted one."""
+    if layout == "contiguous":
+        return x.contiguous()
+    t, c, d = x.shape
+    if layout == "strided":
+        buf = torch.randn(t, c, 2 * d + 1, generator=gen).to(x.dtype)
+        view = buf[:, :, 1::2]
+    else:
+        view = torch.empty(d, t, c, dtype=x.dtype).permute(1, 2, 0)
+    view.copy_(x)
+    return view
+
+
+@pytest.mark.parametrize("case", fuzz_cases(), ids=lambda c: f"case{c}")
+def test_lfq_op_matches_float64_oracles(case, device, dtype, poison):
+    rng, repro = fuzz_random(case)
+    cfg = _draw(rng)
+    where = f"{repro}, {dtype}: {cfg}"
+    t, c, d = cfg["t"], cfg["c"], cfg["d"]
+    gen = torch.Generator().manual_seed(rng.randrange(2 ** 31))
+    x0 = (torch.randn(t, c, d, generator=gen) * cfg["scale"]).to(dtype)
+    ew, cw = _weight(cfg["entropy_weight"], t, gen), _weight(cfg["commit_weight"], t, gen)
+    x = _laid_out(x0, cfg["layout"], gen).to(device).requires_grad_()
+    assert torch.equal(x.detach().cpu(), x0), where
+    with use_backend("triton"):
+        res = lfq(x, cfg["code_value"], cfg["inv_temperature"], distributed=False,
+                  entropy_weight=None if ew is None else ew.float().to(device),
+                  commit_weight=None if cw is None else cw.float().to(device),
+                  straight_through=cfg["straight_through"], with_entropy=cfg["with_entropy"],
+                  clamp_compat=cfg["clamp_compat"])
+
+    # float64 oracles from the definitions
+    x64 = x0.double().requires_grad_()
+    cv = cfg["code_value"]
+    q = torch.where(x64 > 0, cv, -cv).to(dtype).double()   # the code value in the input's dtype, as the op returns it
+    indices = ((x64 > 0).long() * 2 ** torch.arange(d - 1, -1, -1)).sum(-1)
+    out64 = x64 + (q - x64).detach() if cfg["straight_through"] else q
+    cw64 = torch.ones(t, dtype=torch.float64) if cw is None else cw
+    commitment = (cw64[:, None, None] * (x64 - q) ** 2).sum() / (cw64.sum() * c * d)
+    if cfg["with_entropy"]:
+        ps64, cb64 = brute_force_entropies(x64, cv, cfg["inv_temperature"], ew)
+        if cfg["clamp_compat"]:   # the anchor's clamped logs, in the codebook entropy only
+            cb64 = brute_force_entropies(x64, cv, cfg["inv_temperature"], ew, clamp=1e-5)[1]
+    else:
+        ps64, cb64 = x64.new_zeros(()), x64.new_zeros(c)
+
+    assert res.out.dtype == dtype and res.indices.dtype == torch.int64, where
+    assert torch.equal(res.indices.cpu(), indices), where
+    assert relative_error(res.out, out64) <= TOLERANCE[dtype], where
+    for name, got, want in (("per-sample entropy", res.per_sample_entropy, ps64),
+                            ("codebook entropy", res.codebook_entropy, cb64), ("commitment", res.commitment,
+                                                                               commitment)):
+        assert got.shape == want.shape and torch.isfinite(got).all(), f"{name}: {where}"
+        err = (got.detach().cpu().double() - want.detach()).abs().max().item()
+        assert err <= LOSS_TOL * max(want.detach().abs().max().item(), 1e-2), f"{name}: error {err:.2e}; {where}"
+
+    # the gradient w.r.t. x of a random mix of every output
+    coef = torch.randn(c + 2, generator=gen, dtype=torch.float64)
+    cot = torch.randn(t, c, d, generator=gen, dtype=torch.float64)
+
+    def mix(out, ps, cb, cm, to=torch.float64):
+        coef_, cot_ = coef.to(device, to), cot.to(device, out.dtype)
+        return ((out * cot_).sum().to(to) + ps.to(to) * coef_[0] + (cb.to(to) * coef_[1:c + 1]).sum()
+                + cm.to(to) * coef_[c + 1])
+
+    loss = mix(res.out, res.per_sample_entropy, res.codebook_entropy, res.commitment, torch.float32)
+    if not loss.requires_grad:   # nothing differentiable was asked for (no straight-through, entropy or commitment)
+        return
+    (g,) = torch.autograd.grad(loss, x)
+    want = mix(out64, ps64, cb64, commitment)
+    (g64,) = torch.autograd.grad(want, x64) if want.requires_grad else (torch.zeros_like(x64),)
+    assert g.dtype == dtype and g.shape == x.shape, where
+    err = relative_error(g, g64)
+    assert err <= max(TOLERANCE[dtype], 2e-5), f"dx: relative error {err:.2e}; {where}"
+
+
+def _draw_module(rng):
+    """Constructor options of vector-quantize-pytorch's LFQ (every one the anchor has), an input shape, a mode."""
+    d, c = rng.randint(1, 9), rng.randint(1, 3)
+    kw = dict(codebook_size=2 ** d, num_codebooks=c, codebook_scale=rng.choice([1.0, 0.5, 1.7]),
+              spherical=rng.random() < 0.3, commitment_loss_weight=rng.choice([0.0, 0.25]),
+              entropy_loss_weight=rng.choice([0.1, 0.3]), diversity_gamma=rng.choice([1.0, 2.5]),
+              frac_per_sample_entropy=rng.choice([1.0, 1.0, 0.5]), force_quantization_f32=rng.random() < 0.7,
+              orthogonal_rotation=rng.random() < 0.2)
+    if c == 1 and rng.random() < 0.3:
+        kw["keep_num_codebooks_dim"] = True
+    if rng.random() < 0.4:   # projections in and out
+        kw["dim"] = d * c + rng.randint(1, 5)
+        kw["projection_has_bias"] = rng.random() < 0.7
+        if rng.random() < 0.3:
+            kw["cosine_sim_project_in"] = True
+            if rng.random() < 0.5:
+                kw["cosine_sim_project_in_scale"] = rng.choice([0.5, 3.0])
+    if rng.random() < 0.25:
+        kw["soft_clamp_input_value"] = kw["codebook_scale"] * rng.choice([1.0, 1.5])
+    if rng.random() < 0.2:
+        kw["straight_through_activation"] = torch.nn.Tanh()
+    if rng.random() < 0.2:
+        kw.update(experimental_softplus_entropy_loss=True, entropy_loss_offset=rng.choice([5.0, 3.0]))
+    dim = kw.get("dim", d * c)
+    layout = rng.choice(["tokens", "tokens", "image", "video", "channel_first"])
+    b = rng.randint(1, 3)
+    shape = {"tokens": (b, rng.randint(1, 40), dim), "image": (b, dim, rng.randint(1, 5), rng.randint(1, 5)),
+             "video": (b, dim, rng.randint(1, 3), rng.randint(1, 4), rng.randint(1, 4)),
+             "channel_first": (b, dim, rng.randint(1, 30))}[layout]
+    if layout == "channel_first":
+        kw["channel_first"] = True
+    # (b,) masks: with a (b, n) mask the anchor's codebook entropy is its per-sample entropy, a documented
+    # difference (docs/lfq.md; tests/test_lfq.py checks ours against the selected tokens alone)
+    mask = rng.random() < 0.3
+    return kw, shape, dict(training=rng.random() < 0.8, mask=mask, inv_temperature=rng.choice([100.0, 37.0, 10.0]),
+                           scale=rng.choice([0.05, 0.3, 1.0]))
+
+
+@pytest.mark.parametrize("case", fuzz_cases(), ids=lambda c: f"case{c}")
+def test_lfq_module_matches_the_anchor(case, device, poison):
+    """fastsora.nn.LFQ on the Triton backend with the anchor's state_dict (loaded strictly) and
+    entropy_clamp_compat=True: quantized outputs, indices and straight-through gradients (x and every parameter)
+    exactly, commitment to 1e-6, the codebook entropy to 1e-5 relative, the entropy aux loss to 2e-3 (the
+    anchor's per-sample entropy clamps its logs at 1e-5; ours is exact)."""
+    anchor = pytest.importorskip("vector_quantize_pytorch.lookup_free_quantization")
+    from fastsora.nn.lfq import LFQ
+
+    rng, repro = fuzz_random(case)
+    kw, shape, run = _draw_module(rng)
+    where = f"{repro}: {kw}, shape {shape}, {run}"
+    seed = rng.randrange(2 ** 31)
+    torch.manual_seed(seed)
+    ref = anchor.LFQ(**kw)
+    ours = LFQ(**kw, entropy_clamp_compat=True)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    ref, ours = ref.to(device).train(run["training"]), ours.to(device).train(run["training"])
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=gen) * run["scale"]).to(device).requires_grad_()
+    mask = None
+    if run["mask"]:
+        mask = torch.rand(shape[0], generator=gen) > 0.4
+        mask[torch.randint(shape[0], (1,), generator=gen)] = True   # at least one element of the batch
+        mask = mask.to(device)
+    results = []
+    for module, backend in ((ref, "torch"), (ours, "triton")):
+        torch.manual_seed(seed + 1)   # frac_per_sample_entropy draws from the global generator, as the anchor's
+        with use_backend(backend):
+            results.append(module(x, inv_temperature=run["inv_temperature"], return_loss_breakdown=True, mask=mask))
+    (ra, la), (rb, lb) = results
+    assert torch.equal(rb.quantized, ra.quantized), where
+    assert torch.equal(rb.indices, ra.indices), where
+    assert abs(lb.commitment.item() - la.commitment.item()) <= 1e-6, where
+    assert relative_error(lb.batch_entropy, la.batch_entropy) <= 1e-5, where
+    assert relative_error(rb.entropy_aux_loss, ra.entropy_aux_loss) <= 2e-3, where
+    assert rb.quantized.requires_grad == ra.quantized.requires_grad, where   # none in eval mode
+    if not ra.quantized.requires_grad:
+        return
+    cot = torch.randn(ra.quantized.shape, generator=gen).to(device)
+    leaves_a = [x] + [p for p in ref.parameters() if p.requires_grad]
+    leaves_b = [x] + [p for p in ours.parameters() if p.requires_grad]
+    ga = torch.autograd.grad(ra.quantized, leaves_a, cot, allow_unused=True)
+    gb = torch.autograd.grad(rb.quantized, leaves_b, cot, allow_unused=True)
+    for i, (a, b) in enumerate(zip(ga, gb, strict=True)):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), f"gradient {i}: {where}"
