@@ -1,5 +1,5 @@
 """Fuzz suite of the LFQ op (``fastsora.ops.lfq``) on the Triton backend: random token counts (one tile and
-several, ragged), codebooks, bits per code (1..12), input scales, code values, temperatures, entropy and
+several, ragged), codebooks, bits per code (1..16), input scales, code values, temperatures, entropy and
 commitment weights (none, 0/1 masks, positive reals), straight-through on/off, entropy on/off, the exact or the
 clamp-compatible codebook entropy, and strided layouts, against float64 oracles written here from the
 definitions (sign bits MSB first, weighted commitment) and the brute force over all 2^D codes
@@ -24,10 +24,10 @@ LOSS_TOL = 1e-5
 
 
 def _draw(rng):
-    d = rng.randint(1, 12)
+    d = rng.randint(1, 16)
     c = rng.randint(1, 3)
     # keep the brute force (T x C x 2^D float64) small
-    t = rng.choice([1, 2, 3, 17, 64, 100, 257, 500] if d <= 9 else [1, 5, 33, 130, 300])
+    t = rng.choice([1, 2, 3, 17, 64, 100, 257, 500] if d <= 9 else [1, 5, 33, 130, 300] if d <= 12 else [1, 4, 19, 40])
     return dict(t=t, c=c, d=d, scale=rng.choice([0.002, 0.01, 0.05, 0.3, 1.0]),
                 code_value=rng.choice([1.0, 0.5, 1.7]), inv_temperature=rng.choice([100.0, 37.5, 10.0]),
                 entropy_weight=rng.choice([None, "mask", "real"]), commit_weight=rng.choice([None, "mask", "real"]),
