@@ -41,8 +41,8 @@ class CosineSimLinear(nn.Module):
 class _TokensInnermostGradient(torch.autograd.Function):
     """Identity on t (b, n, ...); its backward hands the gradient on with the token axis n innermost in memory.
     That is the order in which the anchor's l2norm receives it for a channel-first input without a projection
-    out (through its rearrange alone), and the l2norm's backward reduces over the last axis in an order that follows the layout: the
-    same order gives the same bits."""
+    out (through its rearrange alone), and the l2norm's backward reduces over the last axis in an order that
+    follows the layout: the same order gives the same bits."""
 
     @staticmethod
     def forward(ctx, t: Tensor) -> Tensor:
