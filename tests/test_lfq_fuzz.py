@@ -9,6 +9,8 @@ output.
 Slow (CI deselects it): ``pytest -m slow tests/test_lfq_fuzz.py``; FASTSORA_FUZZ_CASES sets the number of cases,
 FASTSORA_FUZZ_SEED the run's seed (pytest's header shows the one drawn; every failure message names it).
 """
+import math
+
 import pytest
 import torch
 
@@ -161,25 +163,28 @@ def _draw_module(rng):
 
 
 @pytest.mark.parametrize("case", fuzz_cases(), ids=lambda c: f"case{c}")
-def test_lfq_module_matches_the_anchor(case, device, poison):
+def test_lfq_module_matches_the_anchor(case, device, dtype, poison):
     """fastsora.nn.LFQ on the Triton backend with the anchor's state_dict (loaded strictly) and
-    entropy_clamp_compat=True: quantized outputs, indices and straight-through gradients (x and every parameter)
-    exactly, commitment to 1e-6, the codebook entropy to 1e-5 relative, the entropy aux loss to 2e-3 (the
-    anchor's per-sample entropy clamps its logs at 1e-5; ours is exact)."""
+    entropy_clamp_compat=True, both modules and the input in ``dtype``: quantized outputs, indices and
+    straight-through gradients (x and every parameter) exactly, for a cotangent in either layout,
+    commitment to 1e-6, the codebook entropy to 1e-5 relative, the entropy aux loss to 2e-3 relative to its
+    terms (the anchor's per-sample entropy clamps its logs at 1e-5; ours is exact). In half precision the
+    anchor computes its losses in that precision without force_quantization_f32 (then only the commitment is
+    compared, to its rounding), and its codebook keeps codebook_scale rounded to it (docs/lfq.md)."""
     anchor = pytest.importorskip("vector_quantize_pytorch.lookup_free_quantization")
     from fastsora.nn.lfq import LFQ
 
     rng, repro = fuzz_random(case)
     kw, shape, run = _draw_module(rng)
-    where = f"{repro}: {kw}, shape {shape}, {run}"
+    where = f"{repro}, {dtype}: {kw}, shape {shape}, {run}"
     seed = rng.randrange(2 ** 31)
     torch.manual_seed(seed)
     ref = anchor.LFQ(**kw)
     ours = LFQ(**kw, entropy_clamp_compat=True)
     ours.load_state_dict(ref.state_dict(), strict=True)
-    ref, ours = ref.to(device).train(run["training"]), ours.to(device).train(run["training"])
+    ref, ours = (m.to(device, dtype).train(run["training"]) for m in (ref, ours))
     gen = torch.Generator().manual_seed(seed)
-    x = (torch.randn(shape, generator=gen) * run["scale"]).to(device).requires_grad_()
+    x = (torch.randn(shape, generator=gen) * run["scale"]).to(device, dtype).requires_grad_()
     mask = None
     if run["mask"]:
         mask = torch.rand(shape[0], generator=gen) > 0.4
@@ -193,16 +198,42 @@ def test_lfq_module_matches_the_anchor(case, device, poison):
     (ra, la), (rb, lb) = results
     assert torch.equal(rb.quantized, ra.quantized), where
     assert torch.equal(rb.indices, ra.indices), where
-    assert abs(lb.commitment.item() - la.commitment.item()) <= 1e-6, where
-    assert relative_error(lb.batch_entropy, la.batch_entropy) <= 1e-5, where
-    assert relative_error(rb.entropy_aux_loss, ra.entropy_aux_loss) <= 2e-3, where
+    # the anchor in half precision: without force_quantization_f32 its losses are computed in that precision
+    # (ours in fp32), which makes them no reference (2^d code probabilities summed in fp16 are off by percents):
+    # then only the commitment is compared, to its rounding; with it, its codebook keeps codebook_scale rounded
+    # to that precision (a documented difference, docs/lfq.md), whose rounding enters the comparison
+    half_losses = dtype != torch.float32 and not kw["force_quantization_f32"]
+    scale_rounded = float(torch.tensor(kw["codebook_scale"], dtype=dtype)) != kw["codebook_scale"]
+    rounding = {torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}.get(dtype, 0.0)
+    assert abs(lb.commitment.item() - la.commitment.item()) <= 1e-6 + half_losses * rounding * la.commitment.item(), \
+        where
+    if not half_losses:
+        rounding = rounding if scale_rounded else 0.0
+        # entropies: relative to their size, at least 0.01 (fp32 rounding of probabilities near 1 costs ~1e-7
+        # absolute); NaN where no token was sampled (frac_per_sample_entropy of 1 token), in both
+        cb_a, cb_b = (t.detach().double().cpu() for t in (la.batch_entropy, lb.batch_entropy))
+        assert torch.equal(cb_a.isnan(), cb_b.isnan()), f"codebook entropy NaN {cb_b} vs {cb_a}: {where}"
+        err = (cb_b - cb_a).nan_to_num().abs().max().item()
+        tol = max(1e-5, 16 * rounding) * max(cb_a.nan_to_num().abs().max().item(), 1e-2)
+        assert err <= tol, f"codebook entropy {err:.2e}: {where}"
+        # the aux loss is a difference (per-sample - gamma x codebook): relative to the size of its terms
+        terms = la.per_sample_entropy.abs().item() + kw["diversity_gamma"] * cb_a.abs().max().item()
+        aux_a, aux_b = ra.entropy_aux_loss.item(), rb.entropy_aux_loss.item()
+        assert math.isnan(aux_a) == math.isnan(aux_b), f"aux loss {aux_b} vs {aux_a}: {where}"
+        if not math.isnan(aux_a):
+            err = abs(aux_b - aux_a)
+            assert err <= max(2e-3, 16 * rounding) * max(terms, 1e-2), f"aux loss {err:.2e}: {where}"
     assert rb.quantized.requires_grad == ra.quantized.requires_grad, where   # none in eval mode
     if not ra.quantized.requires_grad:
         return
-    cot = torch.randn(ra.quantized.shape, generator=gen).to(device)
+    cot = torch.randn(ra.quantized.shape, generator=gen).to(device, dtype)
+    if rng.random() < 0.5:   # laid out like the output (a channel-first view), as torch.randn_like makes it
+        cot = torch.empty_like(ra.quantized).copy_(cot)
     leaves_a = [x] + [p for p in ref.parameters() if p.requires_grad]
     leaves_b = [x] + [p for p in ours.parameters() if p.requires_grad]
     ga = torch.autograd.grad(ra.quantized, leaves_a, cot, allow_unused=True)
     gb = torch.autograd.grad(rb.quantized, leaves_b, cot, allow_unused=True)
     for i, (a, b) in enumerate(zip(ga, gb, strict=True)):
-        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), f"gradient {i}: {where}"
+        assert (a is None) == (b is None), f"gradient {i}: {where}"
+        if a is not None:   # bitwise, NaN where the anchor's is (fp16 l2norm of a vector whose square underflows)
+            torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"gradient {i}: {m} {where}")

@@ -38,21 +38,6 @@ class CosineSimLinear(nn.Module):
         return (F.normalize(x, dim=-1) @ F.normalize(self.weight, dim=0)) * self.scale
 
 
-class _TokensInnermostGradient(torch.autograd.Function):
-    """Identity on t (b, n, ...); its backward hands the gradient on with the token axis n innermost in memory.
-    That is the order in which the anchor's l2norm receives it for a channel-first input without a projection
-    out (through its rearrange alone), and the l2norm's backward reduces over the last axis in an order that
-    follows the layout: the same order gives the same bits."""
-
-    @staticmethod
-    def forward(ctx, t: Tensor) -> Tensor:
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        return grad.movedim(1, -1).contiguous().movedim(-1, 1)
-
-
 def _l2norm_code_value(scale: float, d: int, dtype: torch.dtype) -> float:
     """The value of every entry of l2norm(±scale·1_d)·scale, rounded exactly as torch computes it in dtype."""
     return float((F.normalize(torch.full((1, d), scale, dtype=dtype), dim=-1) * scale)[0, 0])
@@ -248,9 +233,6 @@ class LFQ(nn.Module):
         if self.orthogonal_rotation:
             x = x @ self.orthogonal_rot
         x = self.maybe_l2norm(x)
-        if self.spherical and should_transpose and isinstance(self.project_out, nn.Identity):
-            # (with a projection out, the anchor's gradient arrives from its matmul, contiguous as ours)
-            x = _TokensInnermostGradient.apply(x)
 
         force_f32 = self.force_quantization_f32
         context = torch.autocast("cuda", enabled=False) if force_f32 else nullcontext()
@@ -267,18 +249,24 @@ class LFQ(nn.Module):
             entropy_w, commit_w = self._token_weights(mask, b, n, x.device)
             code_value = self._code_values.get(x.dtype, float(self.codebook_scale))
             entropy_scale = self._code_values[torch.float32]   # the anchor's codebook is float32
+            # the straight-through step in torch, as the anchor's, where the kernel's fused one would not give its
+            # bits: with a custom activation, and with spherical, whose l2norm's backward reduces in the memory
+            # order the gradient arrives in (the anchor's add hands it on as it comes, e.g. channel-first; the
+            # fused backward writes it contiguous)
+            straight_through_in_torch = training and (custom_activation or self.spherical)
             res = lfq(original_input.reshape(b * n, c, d), code_value, 1.0, entropy_weight=entropy_w,
-                      commit_weight=commit_w, straight_through=training, with_entropy=training,
-                      clamp_compat=self.entropy_clamp_compat, logit_scale=4.0 * float(inv_temperature) * entropy_scale)
+                      commit_weight=commit_w, straight_through=training and not straight_through_in_torch,
+                      with_entropy=training, clamp_compat=self.entropy_clamp_compat,
+                      logit_scale=4.0 * float(inv_temperature) * entropy_scale)
             out = res.out.view(b, n, c, d)
             if not training:   # the bare codes, as the anchor: no gradient (None, not zeros) to x or project_in
                 out = out.detach()
             indices = res.indices.view(b, n, c)
-            if custom_activation:
-                # the codes from x's signs, as the kernel and the anchor (the straight-through out = x + (q - x)
-                # rounds to 0 or the wrong sign when |x| dwarfs the code value)
-                q = torch.where(original_input.detach() > 0, code_value, -code_value).to(out.dtype)
-                out = act + (q - act).detach()
+            if straight_through_in_torch:
+                # out holds the codes, from x's signs as the anchor's (a fused x + (q - x) with the activation's
+                # output for x would round to 0 or the wrong sign where it dwarfs the code value)
+                src = act if custom_activation else original_input
+                out = src + (out - src).detach()
             if training:
                 per_sample_entropy = res.per_sample_entropy
                 codebook_entropy = res.codebook_entropy.mean()
