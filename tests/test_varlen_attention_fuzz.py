@@ -188,6 +188,34 @@ def oracle(cfg: Dict[str, Any], views):
     return out, lse, g
 
 
+def check_lse(lse: torch.Tensor, want_lse: torch.Tensor, where: str) -> None:
+    """float32, want_lse's shape, +inf exactly where a row sees no key, else within 1e-5 relative."""
+    assert lse.shape == want_lse.shape and lse.dtype == torch.float32, (
+        f"lse {tuple(lse.shape)} {lse.dtype}, want {tuple(want_lse.shape)} float32; {where}")
+    lse_c = lse.detach().cpu()
+    finite = torch.isfinite(want_lse)
+    assert torch.equal(torch.isfinite(lse_c), finite), f"lse: rows without a visible key must be +inf; {where}"
+    assert (lse_c[~finite] == float("inf")).all(), f"lse: non-finite rows not +inf; {where}"
+    err = relative_error(lse_c[finite], want_lse[finite])
+    assert err < 1e-5, f"lse: relative error {err:.3e} > 1e-5; {where}"
+
+
+def check_gradient(name: str, got: torch.Tensor, want: torch.Tensor, dtype, torch_backend_gradient, where: str):
+    """got within ATTENTION_GRAD_TOL of the float64 want, or else flash-attn's rule where that tolerance is too
+    tight for the case: at most twice the error of the torch backend's gradient in the same dtype
+    (``torch_backend_gradient()``, run only then), whose backward has the same form (dS = P (dP - rowsum(dO O))),
+    so it shares its cancellation - e.g. a one-key sequence, whose dk is exactly 0 in float64, beside long
+    sequences with a small scale (small dk): the rounding of dP - rowsum(dO O) is then the error. Only near the
+    tolerance (FALLBACK_CAP x): past it the float64 comparison alone decides."""
+    assert torch.isfinite(got).all(), f"{name} has non-finite values; {where}"
+    err, tol = relative_error(got, want), ATTENTION_GRAD_TOL[dtype]
+    if err > tol:
+        base = relative_error(torch_backend_gradient(), want)
+        assert err <= min(2 * base, FALLBACK_CAP * tol), (
+            f"{name}: relative error {err:.3e} > {tol:.1e} (and > min(2 x the torch backend's {base:.3e}, "
+            f"{FALLBACK_CAP} x the tolerance)); {where}")
+
+
 @pytest.mark.parametrize("case", fuzz_cases(), ids=lambda c: f"case{c}")
 def test_varlen_attention_fuzz(case, dtype, device, poison):
     cfg, where = draw(case)
@@ -205,33 +233,21 @@ def test_varlen_attention_fuzz(case, dtype, device, poison):
     assert err <= tol, f"out: relative error {err:.3e} > {tol:.1e}; {where}"
 
     if lse is not None:
-        assert lse.shape == (cfg["hq"], tq) and lse.dtype == torch.float32, f"lse {lse.shape} {lse.dtype}; {where}"
-        lse_c = lse.detach().cpu()
-        finite = torch.isfinite(want_lse)
-        assert torch.equal(torch.isfinite(lse_c), finite), f"lse: rows without a visible key must be +inf; {where}"
-        assert (lse_c[~finite] == float("inf")).all(), f"lse: non-finite rows not +inf; {where}"
-        err = relative_error(lse_c[finite], want_lse[finite])
-        assert err < 1e-5, f"lse: relative error {err:.3e} > 1e-5; {where}"
+        assert lse.shape == (cfg["hq"], tq), f"lse {tuple(lse.shape)}; {where}"
+        check_lse(lse, want_lse, where)
 
-    baseline = None
+    baseline = []   # the torch backend's gradients, computed once if a check asks for them
+
+    def torch_backend(i):
+        if not baseline:
+            baseline.extend(run_case(cfg, where, dtype, device, backend="torch")[2])
+        return baseline[i].cpu()
+
     for i, (name, a, b, n) in enumerate(zip("qkv", g, want_g, (nq, nk, nk))):
         a = a.cpu()
         assert a.shape == b.shape, f"d{name} shape {tuple(a.shape)} != {tuple(b.shape)}; {where}"
-        assert torch.isfinite(a).all(), f"d{name} has non-finite values; {where}"
         assert (a[n:] == 0).all(), f"d{name} rows past the offsets not 0; {where}"
-        err, tol = relative_error(a, b), ATTENTION_GRAD_TOL[dtype]
-        if err > tol:
-            # flash-attn's rule where the fixed tolerance is too tight for the case: at most twice the error of
-            # the torch backend in the same dtype, whose backward has the same form (dS = P (dP - rowsum(dO O))),
-            # so it shares its cancellation - e.g. a one-key sequence, whose dk is exactly 0 in float64, beside
-            # long sequences with a small scale (small dk): the rounding of dP - rowsum(dO O) is then the error.
-            # Only near the tolerance (FALLBACK_CAP x): past it the float64 comparison alone decides
-            if baseline is None:
-                baseline = run_case(cfg, where, dtype, device, backend="torch")[2]
-            base = relative_error(baseline[i].cpu(), b)
-            assert err <= min(2 * base, FALLBACK_CAP * tol), (
-                f"d{name}: relative error {err:.3e} > {tol:.1e} (and > min(2 x the torch backend's {base:.3e}, "
-                f"{FALLBACK_CAP} x the tolerance)); {where}")
+        check_gradient(f"d{name}", a, b, dtype, lambda: torch_backend(i), where)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -517,25 +533,17 @@ def test_xformers_and_fixed_length_fuzz(case, dtype, device, poison):
     assert err <= tol, f"out: relative error {err:.3e} > {tol:.1e}; {where}"
 
     if cfg["lse"]:
-        assert lse is not None and lse.shape == want_lse.shape and lse.dtype == torch.float32, (
-            f"lse {None if lse is None else (tuple(lse.shape), lse.dtype)}, want {tuple(want_lse.shape)}; {where}")
-        lse_c = lse.detach().cpu()
-        finite = torch.isfinite(want_lse)
-        assert torch.equal(torch.isfinite(lse_c), finite), f"lse: rows without a visible key must be +inf; {where}"
-        assert (lse_c[~finite] == float("inf")).all(), f"lse: non-finite rows not +inf; {where}"
-        err = relative_error(lse_c[finite], want_lse[finite])
-        assert err < 1e-5, f"lse: relative error {err:.3e} > 1e-5; {where}"
+        assert lse is not None, f"no LSE returned; {where}"
+        check_lse(lse, want_lse, where)
 
-    baseline = None
+    baseline = []   # the torch backend's gradients, computed once if a check asks for them
+
+    def torch_backend(i, j):
+        if not baseline:
+            baseline.extend(run_xformers_or_fixed(cfg, where, dtype, device, backend="torch")[3])
+        return _parts(cfg, i, baseline[i].cpu())[j][1]
+
     for i, (a, b) in enumerate(zip(g, want_g)):
         assert a.shape == b.shape, f"d{'qkv'[i]} shape {tuple(a.shape)} != {tuple(b.shape)}; {where}"
         for j, ((name, pa), (_, pb)) in enumerate(zip(_parts(cfg, i, a.cpu()), _parts(cfg, i, b))):
-            assert torch.isfinite(pa).all(), f"{name} has non-finite values; {where}"
-            err, tol = relative_error(pa, pb), ATTENTION_GRAD_TOL[dtype]
-            if err > tol:   # the fallback of test_varlen_attention_fuzz: see there
-                if baseline is None:
-                    baseline = run_xformers_or_fixed(cfg, where, dtype, device, backend="torch")[3]
-                base = relative_error(_parts(cfg, i, baseline[i].cpu())[j][1], pb)
-                assert err <= min(2 * base, FALLBACK_CAP * tol), (
-                    f"{name}: relative error {err:.3e} > {tol:.1e} (and > min(2 x the torch backend's {base:.3e}, "
-                    f"{FALLBACK_CAP} x the tolerance)); {where}")
+            check_gradient(name, pa, pb, dtype, lambda: torch_backend(i, j), where)
