@@ -24,7 +24,9 @@
 #          xformers rows (each flex case compiles), all in the full run, `bash scripts/bench.sh`
 #   tests  the CUDA test suite (bf16 included; interpreter-only tests skip), gpu-marked tests first, one line
 #          per test in tests.log so a run cut short still says what passed; without the files that touch no
-#          GPU (AOT compile sweep, packaging, DDP over gloo on CPU), which CI runs
+#          GPU (AOT compile sweep, packaging, DDP over gloo on CPU), which CI runs; then the fuzz suites
+#          (tests/test_*_fuzz.py, 8 cases each per dtype) in the same log, with a quarter of the budget kept for
+#          them when the stage is `tests`
 # The bench JSON goes to benchmarks/results/ in the commit that reports it, with the device name in its name.
 set -uo pipefail
 stage="${1:-all}"
@@ -101,12 +103,23 @@ if [ "$stage" != bench ] && [ "$(left)" -gt 60 ]; then
   # gpu-marked tests first (the realistic CUDA shapes), then everything else that is not slow, except the
   # files that touch no GPU and that CI runs the same way (the AOT compile sweep, packaging, gloo DDP on CPU)
   cpu_only=(--ignore tests/test_compile.py --ignore tests/test_packaging.py --ignore tests/test_lfq_ddp.py)
+  # the tests stage alone keeps a quarter of its budget for the fuzz suites below; `all` runs them if time is left
+  reserve=0
+  if [ "$stage" = tests ]; then reserve=$((total / 4)); fi
   for marks in "gpu and not slow" "not gpu and not slow"; do
-    [ "$(left)" -gt 40 ] || break
+    [ "$(left)" -gt $((40 + reserve)) ] || break
     echo "== pytest -m '$marks'" >>"$out/tests.log"
-    timeout $(($(left) - 20)) "$py" -m pytest -p no:cacheprovider -n 4 -v -m "$marks" "${limit[@]}" \
+    timeout $(($(left) - 20 - reserve)) "$py" -m pytest -p no:cacheprovider -n 4 -v -m "$marks" "${limit[@]}" \
       "${cpu_only[@]}" -o console_output_style=classic tests 2>&1 | grep --line-buffered -v '^$' >>"$out/tests.log"
   done
+  # the fuzz suites: random shapes and options against float64 oracles, bf16 included on CUDA (8 cases per
+  # suite and dtype; the seed is in the log's header line, so a failure replays with FASTSORA_FUZZ_SEED)
+  if [ "$(left)" -gt 60 ]; then
+    echo "== pytest -m slow (fuzz suites, FASTSORA_FUZZ_CASES=8)" >>"$out/tests.log"
+    FASTSORA_FUZZ_CASES=8 timeout $(($(left) - 20)) "$py" -m pytest -p no:cacheprovider -n 4 -v -m slow \
+      "${limit[@]}" -o console_output_style=classic tests/test_lfq_fuzz.py tests/test_causal_conv3d_fuzz.py \
+      tests/test_varlen_attention_fuzz.py 2>&1 | grep --line-buffered -v '^$' >>"$out/tests.log"
+  fi
   count() { grep -c " $1" "$out/tests.log"; }
   note "tests: $(count PASSED) passed, $(count FAILED) failed, $(count SKIPPED) skipped, $(count ERROR) errors," \
     "$(count XFAIL) xfailed after $((SECONDS - start)) s"
