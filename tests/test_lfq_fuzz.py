@@ -166,9 +166,9 @@ def _draw_module(rng):
 def test_lfq_module_matches_the_anchor(case, device, dtype, poison):
     """fastsora.nn.LFQ on the Triton backend with the anchor's state_dict (loaded strictly) and
     entropy_clamp_compat=True, both modules and the input in ``dtype``: quantized outputs, indices and
-    straight-through gradients (x and every parameter) exactly, for a cotangent in either layout,
-    commitment to 1e-6, the codebook entropy to 1e-5 relative, the entropy aux loss to 2e-3 relative to its
-    terms (the anchor's per-sample entropy clamps its logs at 1e-5; ours is exact). In half precision the
+    straight-through gradients (x and every parameter) exactly, for a cotangent in either layout, and
+    indices_to_codes exactly; commitment to 1e-6, the codebook entropy to 1e-5 relative, the entropy aux loss to
+    2e-3 relative to its terms (the anchor's per-sample entropy clamps its logs at 1e-5; ours is exact). In half precision the
     anchor computes its losses in that precision without force_quantization_f32 (then only the commitment is
     compared, to its rounding), and its codebook keeps codebook_scale rounded to it (docs/lfq.md)."""
     anchor = pytest.importorskip("vector_quantize_pytorch.lookup_free_quantization")
@@ -223,6 +223,12 @@ def test_lfq_module_matches_the_anchor(case, device, dtype, poison):
         if not math.isnan(aux_a):
             err = abs(aux_b - aux_a)
             assert err <= max(2e-3, 16 * rounding) * max(terms, 1e-2), f"aux loss {err:.2e}: {where}"
+    with torch.no_grad():   # indices back to codes, projected out or not: bitwise the anchor's
+        for project_out in (True, False):
+            ca, cb = ref.indices_to_codes(ra.indices, project_out), ours.indices_to_codes(rb.indices, project_out)
+            assert cb.dtype == ca.dtype and cb.shape == ca.shape, f"indices_to_codes({project_out}): {where}"
+            torch.testing.assert_close(cb, ca, rtol=0, atol=0, equal_nan=True,
+                                       msg=lambda m: f"indices_to_codes({project_out}): {m} {where}")
     assert rb.quantized.requires_grad == ra.quantized.requires_grad, where   # none in eval mode
     if not ra.quantized.requires_grad:
         return
