@@ -168,9 +168,10 @@ def test_lfq_module_matches_the_anchor(case, device, dtype, poison):
     entropy_clamp_compat=True, both modules and the input in ``dtype``: quantized outputs, indices and
     straight-through gradients (x and every parameter) exactly, for a cotangent in either layout, and
     indices_to_codes exactly; commitment to 1e-6, the codebook entropy to 1e-5 relative, the entropy aux loss to
-    2e-3 relative to its terms (the anchor's per-sample entropy clamps its logs at 1e-5; ours is exact). In half precision the
-    anchor computes its losses in that precision without force_quantization_f32 (then only the commitment is
-    compared, to its rounding), and its codebook keeps codebook_scale rounded to it (docs/lfq.md)."""
+    2e-3 relative to its terms (the anchor's per-sample entropy clamps its logs at 1e-5; ours is exact). In
+    half precision the anchor computes its losses in that precision without force_quantization_f32 (then only
+    the commitment is compared, to its rounding), and its codebook keeps codebook_scale rounded to it
+    (docs/lfq.md)."""
     anchor = pytest.importorskip("vector_quantize_pytorch.lookup_free_quantization")
     from fastsora.nn.lfq import LFQ
 
