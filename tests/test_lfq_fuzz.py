@@ -244,3 +244,41 @@ def test_lfq_module_matches_the_anchor(case, device, dtype, poison):
         assert (a is None) == (b is None), f"gradient {i}: {where}"
         if a is not None:   # bitwise, NaN where the anchor's is (fp16 l2norm of a vector whose square underflows)
             torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"gradient {i}: {m} {where}")
+
+
+@pytest.mark.parametrize("case", fuzz_cases(), ids=lambda c: f"case{c}")
+def test_lfq_token_mask_is_the_selected_tokens_alone(case, device, dtype, poison):
+    """A (b, n) token mask (where the anchor's codebook entropy is its per-sample one, docs/lfq.md): the Triton
+    module's outputs on the selected tokens and its losses equal those of a batch of the selected tokens alone,
+    exact and clamp-compatible entropies, over random options (the whole batch: frac_per_sample_entropy 1; no
+    projection or rotation)."""
+    from fastsora.nn.lfq import LFQ
+
+    rng, repro = fuzz_random(case)
+    kw, _, run = _draw_module(rng)
+    # no matmul before the quantizer (projection, rotation): BLAS may round a row differently in another batch
+    kw = {k: v for k, v in kw.items() if k not in ("channel_first", "dim", "projection_has_bias",
+                                                  "cosine_sim_project_in", "cosine_sim_project_in_scale")}
+    kw.update(frac_per_sample_entropy=1.0, orthogonal_rotation=False)
+    compat = rng.random() < 0.5
+    b, n = rng.randint(1, 3), rng.randint(1, 40)
+    where = f"{repro}, {dtype}: {kw}, compat {compat}, (b, n) = {(b, n)}, {run}"
+    seed = rng.randrange(2 ** 31)
+    torch.manual_seed(seed)
+    module = LFQ(**kw, entropy_clamp_compat=compat).to(device, dtype).train()
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(b, n, module.dim, generator=gen) * run["scale"]).to(device, dtype)
+    mask = torch.rand(b, n, generator=gen) > 0.4
+    mask[torch.randint(b, (1,), generator=gen), torch.randint(n, (1,), generator=gen)] = True
+    mask = mask.to(device)
+    with use_backend("triton"):
+        rm, lm = module(x, inv_temperature=run["inv_temperature"], return_loss_breakdown=True, mask=mask)
+        rs, ls = module(x[mask][None], inv_temperature=run["inv_temperature"], return_loss_breakdown=True)
+    assert torch.equal(rm.quantized[mask], rs.quantized[0]), where
+    assert torch.equal(rm.indices[mask], rs.indices[0]), where
+    for name, a, b_ in (("per-sample entropy", lm.per_sample_entropy, ls.per_sample_entropy),
+                        ("codebook entropy", lm.batch_entropy, ls.batch_entropy), ("commitment", lm.commitment,
+                                                                                  ls.commitment),
+                        ("aux loss", rm.entropy_aux_loss, rs.entropy_aux_loss)):
+        err = (a.double() - b_.double()).abs().max().item()
+        assert err <= 1e-5 * max(b_.double().abs().max().item(), 1e-2), f"{name}: {err:.2e}; {where}"
