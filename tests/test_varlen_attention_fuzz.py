@@ -1,6 +1,6 @@
 """Fuzz suite for varlen (packed) attention on the Triton backend (the interpreter on CPU): random packs against
 attention written out per sequence in float64 (fastsora.testing.attention_per_sequence) - output, LSE and the
-gradients of q, k, v (through the LSE too, sometimes).
+gradients of q, k, v (through the LSE too, sometimes); every other case also checks the custom ops' fake implementations (opcheck).
 
 Each case draws from its own seeded generator: 1-4 sequences with ragged query lengths (0, 1, multiples of 16 and
 not), self- or cross-attention (separate key lengths, Lk < Lq and Lk > Lq), GQA / MQA heads, head dims from 8 to
@@ -103,8 +103,9 @@ def draw(case: int) -> Tuple[Dict[str, Any], str]:
         scale=None if rng.random() < 0.5 else round(d ** -0.5 * 2 ** rng.uniform(-3, 1.5), 6),
         max_seqlen=rng.choice(("int", "none")),   # an int max_seqlen_k makes window sides >= it unbounded
         extra_q=extra_q, extra_k=extra_k, nan_tail=rng.random() < 0.4,
-        # None: contiguous; else the dim (tokens, heads, head dim) whose stride is doubled
-        noncontiguous=None if rng.random() < 0.65 else rng.choice((0, -2, -1)),
+        # None: contiguous; the dim (tokens, heads, head dim) whose stride is doubled; or "dense": the dims'
+        # memory order reversed (no gaps, not contiguous: output layouts must not copy the input's)
+        noncontiguous=None if rng.random() < 0.65 else rng.choice((0, -2, -1, "dense")),
         lse=rng.random() < (0.5 if entry == "varlen_attention" else 0.8),   # return it (return_attn_probs)
         lse_in_loss=rng.random() < 0.5,
         seed=rng.getrandbits(32),
@@ -126,7 +127,10 @@ def _leaf(shape: Sequence[int], cfg: Dict[str, Any], gen: torch.Generator, dtype
     t = randn(*shape, dtype=dtype, generator=gen).to(device)
     if cfg["nan_tail"] and tail_rows:
         t[t.shape[0] - tail_rows:] = float("nan")
-    if strided and cfg["noncontiguous"] is not None and t.numel():   # (an empty tensor is contiguous whatever)
+    if strided and cfg["noncontiguous"] == "dense" and t.numel():
+        dims = tuple(range(t.dim()))[::-1]
+        t = t.permute(dims).contiguous().permute(dims)   # the same values, the dims' memory order reversed
+    elif strided and cfg["noncontiguous"] is not None and t.numel():   # (an empty tensor is contiguous whatever)
         t = noncontiguous(t, cfg["noncontiguous"])
     return t.requires_grad_(True)
 
@@ -188,6 +192,27 @@ def oracle(cfg: Dict[str, Any], views):
     return out, lse, g
 
 
+def check_fakes(cfg: Dict[str, Any], views, where: str) -> None:
+    """The forward and backward custom ops' fake implementations give the real outputs' shapes, strides and dtypes
+    on the case's q, k, v (torch.library.opcheck's fake-tensor test; torch.compile relies on them)."""
+    q, k, v = (t.detach() for t in views)
+    dev = q.device
+    cu_q, cu_k = packed_offsets(cfg["lq"], dev), packed_offsets(cfg["lk"], dev)
+    scale = cfg["d"] ** -0.5 if cfg["scale"] is None else cfg["scale"]
+    fwd = (q, k, v, cu_q, cu_k, scale, 1 if cfg["causal"] else 0, "triton", *effective_window(cfg))
+    ops = torch.ops.fastsora
+    with use_backend("triton"):
+        try:
+            torch.library.opcheck(ops.varlen_attention_fwd.default, fwd, test_utils="test_faketensor")
+            out, lse = ops.varlen_attention_fwd.default(*fwd)
+            dout = randn(*out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(cfg["seed"])).to(dev)
+            torch.library.opcheck(ops.varlen_attention_bwd.default,
+                                  (dout, q, k, v, out, lse, *fwd[3:7], None, "triton", *fwd[8:]),
+                                  test_utils="test_faketensor")
+        except Exception as e:
+            raise AssertionError(f"opcheck: {e} {where}") from None
+
+
 def check_lse(lse: torch.Tensor, want_lse: torch.Tensor, where: str) -> None:
     """float32, want_lse's shape, +inf exactly where a row sees no key, else within 1e-5 relative."""
     assert lse.shape == want_lse.shape and lse.dtype == torch.float32, (
@@ -221,6 +246,8 @@ def test_varlen_attention_fuzz(case, dtype, device, poison):
     cfg, where = draw(case)
     out, lse, g, views = run_case(cfg, where, dtype, device)
     want, want_lse, want_g = oracle(cfg, views)
+    if case % 2 == 0 and all(t.numel() for t in views):   # (opcheck's input copies fail on an empty view whose
+        check_fakes(cfg, views, where)                    # storage offset lies past its empty storage: kv[:, 1])
     nq, nk = sum(cfg["lq"]), sum(cfg["lk"])
     tq = nq + cfg["extra_q"]
 
