@@ -1,6 +1,7 @@
 """Fuzz suite for varlen (packed) attention on the Triton backend (the interpreter on CPU): random packs against
 attention written out per sequence in float64 (fastsora.testing.attention_per_sequence) - output, LSE and the
-gradients of q, k, v (through the LSE too, sometimes); every other case also checks the custom ops' fake implementations (opcheck).
+gradients of q, k, v (through the LSE too, sometimes); every other case also checks the custom ops' fake
+implementations (opcheck).
 
 Each case draws from its own seeded generator: 1-4 sequences with ragged query lengths (0, 1, multiples of 16 and
 not), self- or cross-attention (separate key lengths, Lk < Lq and Lk > Lq), GQA / MQA heads, head dims from 8 to
