@@ -61,6 +61,27 @@ def _laid_out(x, layout, gen):
     return view
 
 
+def _check_fakes(x, cfg, ew, cw, where):
+    """The custom ops' fake implementations give the real outputs' shapes, strides and dtypes on the case's
+    (strided) x and weights (torch.library.opcheck's fake-tensor test; torch.compile relies on them): quantize
+    and its backward, and with entropy the codebook entropy and the code sums."""
+    ops, logit_scale = torch.ops.fastsora, 4.0 * cfg["inv_temperature"] * cfg["code_value"]
+    with use_backend("triton"):
+        try:
+            fwd = (x, cfg["code_value"], logit_scale, cfg["straight_through"], cfg["with_entropy"], ew, cw, "triton")
+            torch.library.opcheck(ops.lfq_quantize.default, fwd, test_utils="test_faketensor")
+            out, _, pos, neg, ps, cm = ops.lfq_quantize.default(*fwd)
+            g = [torch.randn_like(t) if t.numel() else None for t in (out, pos, neg)]
+            torch.library.opcheck(ops.lfq_quantize_backward.default,
+                                  (x, *g, torch.ones_like(ps), torch.ones_like(cm), ew, cw, cfg["code_value"],
+                                   logit_scale, cfg["straight_through"], "triton"), test_utils="test_faketensor")
+            if cfg["with_entropy"]:
+                for op in (ops.lfq_codebook_entropy, ops.lfq_code_sums):
+                    torch.library.opcheck(op.default, (pos, neg, ew, "triton"), test_utils="test_faketensor")
+        except Exception as e:
+            raise AssertionError(f"opcheck: {e} {where}") from None
+
+
 @pytest.mark.parametrize("case", fuzz_cases(), ids=lambda c: f"case{c}")
 def test_lfq_op_matches_float64_oracles(case, device, dtype, poison):
     rng, repro = fuzz_random(case)
@@ -78,6 +99,9 @@ def test_lfq_op_matches_float64_oracles(case, device, dtype, poison):
                   commit_weight=None if cw is None else cw.float().to(device),
                   straight_through=cfg["straight_through"], with_entropy=cfg["with_entropy"],
                   clamp_compat=cfg["clamp_compat"])
+    if case % 2 == 0:
+        _check_fakes(x.detach(), cfg, None if ew is None else ew.float().to(device),
+                     None if cw is None else cw.float().to(device), where)
 
     # float64 oracles from the definitions
     x64 = x0.double().requires_grad_()
