@@ -306,3 +306,45 @@ def test_lfq_token_mask_is_the_selected_tokens_alone(case, device, dtype, poison
                         ("aux loss", rm.entropy_aux_loss, rs.entropy_aux_loss)):
         err = (a.double() - b_.double()).abs().max().item()
         assert err <= 1e-5 * max(b_.double().abs().max().item(), 1e-2), f"{name}: {err:.2e}; {where}"
+
+
+@pytest.mark.parametrize("case", fuzz_cases(), ids=lambda c: f"case{c}")
+def test_lfq_module_compiles_to_the_eager_result(case, device, poison):
+    """torch.compile(fullgraph=True, backend="aot_eager") of the Triton module over random options (custom ops'
+    fakes, autograd registration, the torch-side straight-through): the eager outputs bitwise, the losses and the
+    gradient of x to fp32 rounding (frac_per_sample_entropy 1: its draw is eager-only randomness)."""
+    from fastsora.nn.lfq import LFQ
+
+    rng, repro = fuzz_random(case)
+    kw, shape, run = _draw_module(rng)
+    kw["frac_per_sample_entropy"] = 1.0
+    where = f"{repro}: {kw}, shape {shape}, {run}"
+    seed = rng.randrange(2 ** 31)
+    torch.manual_seed(seed)
+    module = LFQ(**kw).to(device).train(run["training"])
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=gen) * run["scale"]).to(device).requires_grad_()
+    mask = None
+    if run["mask"]:
+        mask = torch.rand(shape[0], generator=gen) > 0.4
+        mask[0] = True
+        mask = mask.to(device)
+
+    def step(x):
+        ret, losses = module(x, inv_temperature=run["inv_temperature"], return_loss_breakdown=True, mask=mask)
+        return ret.quantized, ret.indices, ret.entropy_aux_loss, losses.commitment
+
+    torch._dynamo.reset()
+    with use_backend("triton"):
+        got = torch.compile(step, fullgraph=True, backend="aot_eager")(x)
+        want = step(x)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), where
+        for name, a, b in (("aux loss", got[2], want[2]), ("commitment", got[3], want[3])):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, equal_nan=True, msg=lambda m: f"{name}: {m} {where}")
+        if want[0].requires_grad:   # (in eval mode only project_out's parameters get one: x's is None)
+            (gg,), (gw,) = (torch.autograd.grad(r[0].sum() * 0.3 + r[2] + r[3], x, allow_unused=True)
+                            for r in (got, want))
+            assert (gg is None) == (gw is None), where
+            if gw is not None:
+                torch.testing.assert_close(gg, gw, rtol=1e-5, atol=1e-7, equal_nan=True,
+                                           msg=lambda m: f"dx: {m} {where}")
