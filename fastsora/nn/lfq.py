@@ -283,6 +283,10 @@ class LFQ(nn.Module):
             out = out @ self.orthogonal_rot.t()
         out = self.project_out(out.flatten(-2))
         if should_transpose:
+            # the slice of the token axis the anchor's einops.unpack takes (all of it): its backward is a
+            # contiguous copy in some torch releases (2.8, not 2.11), which decides the memory order in which the
+            # backward's reductions (project_out's weight and bias, spherical's l2norm) sum, and so their bits
+            out = out[:, 0:out.shape[1]]
             out = out.unflatten(1, spatial).movedim(-1, 1)
             indices = indices.unflatten(1, spatial)
         if not self.keep_num_codebooks_dim:
