@@ -8,6 +8,7 @@ import re
 from typing import Any, Iterable, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 
 from fastsora.kernels.utils import poisoned_outputs  # noqa: F401  (re-exported for tests)
 
@@ -216,6 +217,28 @@ def fuzz_random(case: int) -> Tuple[random.Random, str]:
     """A ``random.Random`` for fuzz case ``case`` of this run's seed, and the words that reproduce it."""
     seed = int(os.environ.get(FUZZ_SEED_ENV, "0"))
     return random.Random(seed * 1_000_003 + case), f"{FUZZ_SEED_ENV}={seed}, case {case}"
+
+
+def causal_conv3d_definition(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None,
+                             r: Optional[torch.Tensor] = None, *, stride: int = 1, dilation: int = 1,
+                             pad_mode: str = "constant", activation: Optional[str] = None,
+                             whole_clip: bool = True) -> torch.Tensor:
+    """magvit2-pytorch's CausalConv3d written out with F.pad + F.conv3d, in float64 (floating inputs of other
+    dtypes are copied to float64 leaves), independent of fastsora.reference (a test oracle for it and for the
+    kernels). x (B, C_in, T, H, W), w (C_out, C_in, kt, kh, kw), b (C_out,), r (B, C_out, T // stride, H, W): time
+    padded at the front by time_pad = dilation·(kt − 1) + 1 − stride frames (negative: that many cropped), height
+    and width by kh // 2, kw // 2 on both sides, zeros ('constant') or edge values ('replicate'); a whole-clip
+    call with time_pad >= T pads with zeros (the short-clip fallback; ``whole_clip=False``, a chunk of a stream,
+    never falls back). Then y = act(conv + b) + r, act None or 'silu'."""
+    x, w, b, r = [t if t is None or t.dtype == torch.float64 else to_float64(t) for t in (x, w, b, r)]
+    kt, kh, kw_ = w.shape[2:]
+    tp = dilation * (kt - 1) + (1 - stride)
+    mode = pad_mode if tp < x.shape[2] or not whole_clip else "constant"
+    y = F.conv3d(F.pad(x, (kw_ // 2, kw_ // 2, kh // 2, kh // 2, tp, 0), mode=mode), w, b,
+                 stride=(stride, 1, 1), dilation=(dilation, 1, 1))
+    if activation == "silu":
+        y = F.silu(y)
+    return y + r if r is not None else y
 
 
 def doc_examples(relative_path: str) -> Tuple[str, ...]:

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 import fastsora
 from fastsora.ops.causal_conv3d import causal_conv3d
 from fastsora.reference import causal_conv3d as ref
-from fastsora.testing import (TOLERANCE, assert_close, assert_flash_rule, channels_last, deterministic_algorithms,
-                              grads, noncontiguous, randn, relative_error, spread_past_int32, to_float64)
+from fastsora.testing import (TOLERANCE, assert_close, assert_flash_rule, causal_conv3d_definition, channels_last,
+                              deterministic_algorithms, grads, noncontiguous, randn, relative_error,
+                              spread_past_int32, to_float64)
 
 
 def _inputs(b, ci, co, t, h, w, k, dtype, device, bias=True, residual=False, stride=1, requires_grad=False):
@@ -25,20 +26,6 @@ def _inputs(b, ci, co, t, h, w, k, dtype, device, bias=True, residual=False, str
     rs = randn(b, co, t // stride, h, w, dtype=dtype, device=device, requires_grad=requires_grad) \
         if residual else None
     return x, wt, bs, rs
-
-
-def _oracle(x, w, b, r=None, **kw):
-    """Independent float64 oracle: magvit2-pytorch's F.pad + F.conv3d written out here."""
-    x, w, b, r = [t if t is None or t.dtype == torch.float64 else to_float64(t) for t in (x, w, b, r)]
-    kt, kh, kw_ = w.shape[2:]
-    s, d, mode = kw.get("stride", 1), kw.get("dilation", 1), kw.get("pad_mode", "constant")
-    tp = d * (kt - 1) + (1 - s)
-    mode = mode if tp < x.shape[2] else "constant"
-    y = F.conv3d(F.pad(x, (kw_ // 2, kw_ // 2, kh // 2, kh // 2, tp, 0), mode=mode), w, b,
-                 stride=(s, 1, 1), dilation=(d, 1, 1))
-    if kw.get("activation") == "silu":
-        y = F.silu(y)
-    return y + r if r is not None else y
 
 
 def _assert_silu_grads_close(got, want, torch_got, dtype, names):
@@ -75,7 +62,7 @@ def test_forward_parity(k, stride, dilation, pad_mode, bias, shape, dtype, devic
     with fastsora.use_backend("triton"):
         y = causal_conv3d(x, wt, bs, stride=stride, dilation=dilation, pad_mode=pad_mode)
     assert y.shape == (b, co, t // stride, h, w) and y.dtype == dtype
-    assert_close(y, _oracle(x, wt, bs, stride=stride, dilation=dilation, pad_mode=pad_mode), dtype)
+    assert_close(y, causal_conv3d_definition(x, wt, bs, stride=stride, dilation=dilation, pad_mode=pad_mode), dtype)
 
 
 def test_reference_matches_oracle():
@@ -83,7 +70,7 @@ def test_reference_matches_oracle():
     for k, s, d, mode, bias, (b, ci, co, t, h, w) in FWD_CASES:
         x, wt, bs, _ = _inputs(b, ci, co, t, h, w, k, torch.float64, "cpu", bias=bias)
         got = ref.causal_conv3d(x, wt, bs, stride=s, dilation=d, pad_mode=mode)
-        assert_close(got, _oracle(x, wt, bs, stride=s, dilation=d, pad_mode=mode), torch.float64)
+        assert_close(got, causal_conv3d_definition(x, wt, bs, stride=s, dilation=d, pad_mode=mode), torch.float64)
 
 
 GRAD_CASES = [
@@ -108,15 +95,15 @@ def test_torch_backend_gradients_match_oracle(k, stride, dilation, pad_mode, sha
     with fastsora.use_backend("torch"):
         got = grads(causal_conv3d(x, wt, bs, **kw), [x, wt, bs])
         got_epilogue = grads(causal_conv3d(x, wt, bs, activation="silu", residual=rs, **kw), [x, wt, bs, rs])
-    assert_close(got, grads(_oracle(x, wt, bs, **kw), [x, wt, bs]), torch.float64, name="grads")
-    assert_close(got_epilogue, grads(_oracle(x, wt, bs, rs, activation="silu", **kw), [x, wt, bs, rs]),
+    assert_close(got, grads(causal_conv3d_definition(x, wt, bs, **kw), [x, wt, bs]), torch.float64, name="grads")
+    assert_close(got_epilogue, grads(causal_conv3d_definition(x, wt, bs, rs, activation="silu", **kw), [x, wt, bs, rs]),
                  torch.float64, name="epilogue grads")
     if stride == 1:
         n_cache = dilation * (k[0] - 1)
         cache = randn(b, ci, n_cache, h, w, dtype=torch.float64)
         with fastsora.use_backend("torch"):
             got_cached = grads(causal_conv3d(x, wt, bs, cache=cache, **kw), [x, wt, bs])
-        y64 = _oracle(torch.cat([cache, x], 2), wt, bs, **kw)[:, :, n_cache:]
+        y64 = causal_conv3d_definition(torch.cat([cache, x], 2), wt, bs, **kw)[:, :, n_cache:]
         assert_close(got_cached, grads(y64, [x, wt, bs]), torch.float64, name="cached grads")
 
 
@@ -130,7 +117,7 @@ def test_gradients(k, stride, dilation, pad_mode, shape, dtype, device, poison):
         y = causal_conv3d(x, wt, bs, **kw)
         got = grads(y, [x, wt, bs])
     x64, w64, b64 = to_float64((x, wt, bs))
-    y64 = _oracle(x64, w64, b64, **kw)
+    y64 = causal_conv3d_definition(x64, w64, b64, **kw)
     want = grads(y64, [x64, w64, b64])
     for name, g, r in zip(("x", "weight", "bias"), got, want):
         assert g.dtype == dtype
@@ -150,7 +137,7 @@ def test_offsets_past_2_31_elements(pad_mode, dtype, device, poison):
         y = causal_conv3d(x, wt, bs, pad_mode=pad_mode, residual=rs)
         got = grads(y, [x, wt, bs, rs], spread=True)
     x64, w64, b64, r64 = to_float64((x, wt, bs, rs))
-    y64 = _oracle(x64, w64, b64, r64, pad_mode=pad_mode)
+    y64 = causal_conv3d_definition(x64, w64, b64, r64, pad_mode=pad_mode)
     assert_close(y, y64, dtype)
     for name, g, r in zip(("x", "weight", "bias", "residual"), got, grads(y64, [x64, w64, b64, r64])):
         assert_close(g, r, dtype, name=f"grad {name}")
@@ -183,9 +170,9 @@ def test_batch_split_past_launch_positions(pad_mode, with_cache, monkeypatch, dt
     x64, w64, b64, r64 = to_float64((x, wt, bs, rs))
     if with_cache:  # the cache is the frames before x: the oracle sees the whole video and drops them
         full = torch.cat([to_float64(cache), x64], dim=2)
-        y64 = F.silu(_oracle(full, w64, b64, pad_mode=pad_mode)[:, :, 2:]) + r64
+        y64 = F.silu(causal_conv3d_definition(full, w64, b64, pad_mode=pad_mode)[:, :, 2:]) + r64
     else:
-        y64 = _oracle(x64, w64, b64, r64, pad_mode=pad_mode, activation="silu")
+        y64 = causal_conv3d_definition(x64, w64, b64, r64, pad_mode=pad_mode, activation="silu")
     assert_close(y, y64, dtype)
     _assert_silu_grads_close(got, grads(y64, [x64, w64, b64, r64]), torch_got, dtype,
                              ("x", "weight", "bias", "residual"))
@@ -249,7 +236,7 @@ def test_replicate_border_groups(grouped, monkeypatch, device, poison):
     with fastsora.use_backend("triton"):
         gx, = grads(causal_conv3d(x, wt, bs, pad_mode="replicate"), [x])
     x64, w64, b64 = to_float64((x, wt, bs))
-    assert_close(gx, grads(_oracle(x64, w64.detach(), b64.detach(), pad_mode="replicate"), [x64])[0],
+    assert_close(gx, grads(causal_conv3d_definition(x64, w64.detach(), b64.detach(), pad_mode="replicate"), [x64])[0],
                  torch.float32)
 
 
@@ -274,7 +261,7 @@ def test_layouts(layout, dtype, device, poison):
     else:
         assert y.is_contiguous()
     x64, w64, b64 = to_float64((x, wt, bs))
-    y64 = _oracle(x64, w64, b64, pad_mode="replicate")
+    y64 = causal_conv3d_definition(x64, w64, b64, pad_mode="replicate")
     gx64, gw64, gb64 = grads(y64, [x64, w64, b64])
     assert_close([y, gx, gw, gb], [y64, gx64, gw64, gb64], dtype)
 
@@ -292,7 +279,7 @@ def test_one_channel_input_dense_in_both_layouts_gives_ncdhw_like_conv3d(backend
     assert F.conv3d(xin.detach(), wt.detach(), padding=(1, 1, 0)).is_contiguous()  # torch's choice for it
     assert y.is_contiguous() and gx.is_contiguous()
     x64, w64, b64 = to_float64((x, wt, bs))
-    y64 = _oracle(x64, w64.detach(), b64.detach())
+    y64 = causal_conv3d_definition(x64, w64.detach(), b64.detach())
     assert_close([y, gx], [y64, grads(y64, [x64])[0]], torch.float32)
 
 
@@ -302,7 +289,7 @@ def test_channels_last_weight_and_noncontiguous_residual(device, poison):
     r_nc = noncontiguous(rs, dim=2)
     with fastsora.use_backend("triton"):
         y = causal_conv3d(x, w_cl, bs, residual=r_nc)
-    assert_close(y, _oracle(x, wt, bs, rs), torch.float32)
+    assert_close(y, causal_conv3d_definition(x, wt, bs, rs), torch.float32)
 
 
 @pytest.mark.parametrize("pad_mode", ["constant", "replicate"])
@@ -313,10 +300,10 @@ def test_short_clip_fallback(pad_mode, device, poison):
         x, wt, bs, _ = _inputs(1, 3, 4, t, 5, 5, k, torch.float32, device)
         with fastsora.use_backend("triton"):
             y = causal_conv3d(x, wt, bs, pad_mode=pad_mode)
-        want = _oracle(x, wt, bs, pad_mode=pad_mode)
+        want = causal_conv3d_definition(x, wt, bs, pad_mode=pad_mode)
         assert_close(y, want, torch.float32)
         if pad_mode == "replicate":
-            const = _oracle(x, wt, bs, pad_mode="constant")
+            const = causal_conv3d_definition(x, wt, bs, pad_mode="constant")
             same = torch.allclose(want, const)
             assert same == (t <= 4), "fallback applies exactly when time_pad >= T"
 
@@ -335,14 +322,14 @@ def test_fused_epilogue(with_residual, dtype, device, poison):
     with fastsora.use_backend("torch"):
         torch_got = grads(causal_conv3d(x, wt, bs, activation="silu", residual=rs, pad_mode="replicate"), leaves)
     l64 = to_float64(leaves)
-    y64 = _oracle(l64[0], l64[1], l64[2], l64[3] if with_residual else None, activation="silu",
+    y64 = causal_conv3d_definition(l64[0], l64[1], l64[2], l64[3] if with_residual else None, activation="silu",
                   pad_mode="replicate")
     want = grads(y64, l64)
     assert_close(y, y64, dtype)
     _assert_silu_grads_close(got, want, torch_got, dtype, ("x", "weight", "bias", "residual")[:len(leaves)])
     # the order is act(conv + bias) + residual, not act(conv + bias + residual)
     if with_residual:
-        other = F.silu(_oracle(l64[0], l64[1], l64[2], l64[3]))
+        other = F.silu(causal_conv3d_definition(l64[0], l64[1], l64[2], l64[3]))
         assert (y.detach().double().cpu() - other).abs().max() > 10 * TOLERANCE[dtype]
 
 
@@ -350,7 +337,7 @@ def test_residual_only_epilogue(device, poison):
     x, wt, bs, rs = _inputs(2, 4, 4, 4, 5, 5, (3, 3, 3), torch.float32, device, residual=True, stride=2)
     with fastsora.use_backend("triton"):
         y = causal_conv3d(x, wt, None, stride=2, residual=rs)
-    assert_close(y, _oracle(x, wt, None, rs, stride=2), torch.float32)
+    assert_close(y, causal_conv3d_definition(x, wt, None, rs, stride=2), torch.float32)
 
 
 def test_weight_only_and_input_only_gradients(device, poison):
@@ -359,13 +346,13 @@ def test_weight_only_and_input_only_gradients(device, poison):
     with fastsora.use_backend("triton"):
         gw, = grads(causal_conv3d(x, wt, bs, pad_mode="replicate"), [wt])
     x64, w64, b64 = to_float64((x, wt, bs))
-    assert_close(gw, grads(_oracle(x64, w64, b64, pad_mode="replicate"), [w64])[0], torch.float32)
+    assert_close(gw, grads(causal_conv3d_definition(x64, w64, b64, pad_mode="replicate"), [w64])[0], torch.float32)
     x.requires_grad_(True)
     wt.requires_grad_(False)
     with fastsora.use_backend("triton"):
         gx, = grads(causal_conv3d(x, wt, bs), [x])
     x64 = to_float64(x)
-    assert_close(gx, grads(_oracle(x64, w64.detach(), b64), [x64])[0], torch.float32)
+    assert_close(gx, grads(causal_conv3d_definition(x64, w64.detach(), b64), [x64])[0], torch.float32)
 
 
 @pytest.mark.gpu
@@ -409,7 +396,7 @@ def test_gpu_deterministic_algorithms_are_bitwise_reproducible(dtype):
     for name, a, b in zip(["y", "grad x", "grad w", "grad b"], *runs):
         assert torch.equal(a, b), f"{name} differs between two deterministic runs"
     l64 = to_float64((x, wt, bs))
-    y64 = _oracle(*l64)
+    y64 = causal_conv3d_definition(*l64)
     assert_close(runs[0][0], y64, dtype)
     assert_close(runs[0][1:], grads(y64, list(l64)), dtype, name="grads")
 
@@ -449,7 +436,8 @@ def test_random_configs_forward(kt, kh, kw, stride, dilation, pad_mode, ci, co, 
         x = channels_last(x)
     with fastsora.use_backend("triton"):
         y = causal_conv3d(x, wt, bs, stride=stride, dilation=dilation, pad_mode=pad_mode)
-    assert_close(y, _oracle(x, wt, bs, stride=stride, dilation=dilation, pad_mode=pad_mode), torch.float32)
+    assert_close(y, causal_conv3d_definition(x, wt, bs, stride=stride, dilation=dilation, pad_mode=pad_mode),
+                 torch.float32)
 
 
 @settings(max_examples=8, deadline=None, derandomize=True)
@@ -464,7 +452,7 @@ def test_random_configs_gradients(kt, kh, kw, stride, dilation, pad_mode, ci, co
     with fastsora.use_backend("triton"):
         got = grads(causal_conv3d(x, wt, bs, **kw_), leaves)
     l64 = to_float64(leaves)
-    want = grads(_oracle(l64[0], l64[1], l64[2] if bias else None, **kw_), l64)
+    want = grads(causal_conv3d_definition(l64[0], l64[1], l64[2] if bias else None, **kw_), l64)
     assert_close(got, want, torch.float32, name="grads")
 
 
@@ -485,7 +473,7 @@ def test_gpu_streaming_bf16_channels_last(pad_mode):
         y3, c = m(x[:, :, 9:], cache=c, return_cache=True)
     stream = torch.cat([y1, y2, y3], 2)
     assert (stream.float() - full.float()).abs().max().item() <= 2 ** -7 * full.float().abs().max().item()
-    assert_close(full, _oracle(x, m.conv.weight, m.conv.bias, pad_mode=pad_mode), torch.bfloat16)
+    assert_close(full, causal_conv3d_definition(x, m.conv.weight, m.conv.bias, pad_mode=pad_mode), torch.bfloat16)
 
 
 @pytest.fixture
@@ -519,7 +507,7 @@ def test_cuda_launch_path_with_split_weight_gradient(fake_cuda_launchers, poison
             y = causal_conv3d(x, wt, bs, pad_mode=mode)
             got = grads(y, [x, wt, bs])
         l64 = to_float64((x, wt, bs))
-        y64 = _oracle(*l64, pad_mode=mode)
+        y64 = causal_conv3d_definition(*l64, pad_mode=mode)
         assert_close([y, *got], [y64, *grads(y64, list(l64))], torch.float32)
 
 
@@ -548,7 +536,7 @@ def test_deterministic_algorithms_run_grad_weight_unsplit(fake_cuda_launchers, m
             with fastsora.use_backend("triton"):
                 got = grads(causal_conv3d(x, wt, bs), [x, wt, bs])
         l64 = to_float64((x, wt, bs))
-        assert_close(got, grads(_oracle(*l64), list(l64)), torch.float32)
+        assert_close(got, grads(causal_conv3d_definition(*l64), list(l64)), torch.float32)
     assert splits[0] > 1 and splits[1] == 1, splits
 
 
@@ -571,7 +559,7 @@ def test_grad_weight_rows_advance_across_rows_frames_and_batches(fake_cuda_launc
             with fastsora.use_backend("triton"):
                 got = grads(causal_conv3d(x, wt, bs, pad_mode=mode), [wt, bs])
         l64 = to_float64((x, wt, bs))
-        assert_close(got, grads(_oracle(*l64, pad_mode=mode), list(l64[1:])), torch.float32)
+        assert_close(got, grads(causal_conv3d_definition(*l64, pad_mode=mode), list(l64[1:])), torch.float32)
     assert splits == ([1, 1] if deterministic else [2, 2]), splits
 
 
@@ -599,7 +587,7 @@ def test_grad_weight_channels_last_table(fake_cuda_launchers, monkeypatch, poiso
             got = torch.autograd.grad(causal_conv3d(x, wt, bs), [x, wt, bs], cot)
         assert variants[-1] == want, (ci, layout, variants)
         l64 = to_float64((x, wt, bs))
-        want_g = torch.autograd.grad(_oracle(*l64), list(l64), cot.double())
+        want_g = torch.autograd.grad(causal_conv3d_definition(*l64), list(l64), cot.double())
         for name, a, b in zip(("x", "weight", "bias"), got, want_g):
             assert_close(a, b, torch.float16, name=f"grad {name}")
 

@@ -1,5 +1,6 @@
 """Fuzz suite for the CausalConv3d family: ``fastsora.ops.causal_conv3d`` and ``fastsora.nn.CausalConv3d`` on the
-Triton backend against an independent float64 oracle, over random configurations.
+Triton backend against an independent float64 oracle (``fastsora.testing.causal_conv3d_definition``), over random
+configurations.
 
 Each case draws batch, channels (odd ones and C_in <= 8, the flattened (tap, channel) kernels, too), frames,
 height, width, kernel sizes (kt any of 1..5; kh, kw odd as magvit2-pytorch demands), time stride and dilation
@@ -17,54 +18,14 @@ Slow (CI deselects it): ``FASTSORA_FUZZ_CASES`` cases per dtype (default 16), ``
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fastsora
 from fastsora.nn import CausalConv3d
 from fastsora.ops import causal_conv3d
-from fastsora.testing import (TOLERANCE, assert_close, assert_flash_rule, channels_last, fuzz_cases, fuzz_random,
-                              grads, noncontiguous, randn, relative_error, to_float64)
+from fastsora.testing import (TOLERANCE, assert_close, assert_flash_rule, causal_conv3d_definition, channels_last,
+                              fuzz_cases, fuzz_random, grads, noncontiguous, randn, relative_error, to_float64)
 
 pytestmark = pytest.mark.slow
-
-
-# ---------------------------------------------------------------------------------------------------------
-# the float64 oracle: the documented semantics written out by index arithmetic (no fastsora code)
-# ---------------------------------------------------------------------------------------------------------
-
-def _pad_axis(x: torch.Tensor, dim: int, before: int, after: int, mode: str) -> torch.Tensor:
-    """x padded along ``dim``: zeros ('constant') or the edge element repeated ('replicate', clamped indices)."""
-    n = x.shape[dim]
-    if mode == "replicate":
-        idx = torch.arange(-before, n + after, device=x.device).clamp(0, n - 1)
-        return x.index_select(dim, idx)
-    parts = []
-    for k in (before, None, after):
-        if k is None:
-            parts.append(x)
-        elif k > 0:
-            shape = list(x.shape)
-            shape[dim] = k
-            parts.append(x.new_zeros(shape))
-    return torch.cat(parts, dim)
-
-
-def _oracle(x, w, b, r, *, stride, dilation, pad_mode, activation, whole_clip=True):
-    """magvit2-pytorch 0.5.1's CausalConv3d in float64: time padded at the front by
-    time_pad = dilation·(kt − 1) + 1 − stride frames (negative: that many frames cropped at the front), height and
-    width by kh//2, kw//2 on both sides; 'replicate' repeats the first frame and the border pixels; a whole-clip
-    call with time_pad >= T pads with zeros (the short-clip fallback; a streamed video never falls back). Then
-    the conv (stride, dilation on time only), y = act(conv + bias) + residual."""
-    kt, kh, kw = w.shape[2:]
-    tp = dilation * (kt - 1) + 1 - stride
-    mode = "constant" if whole_clip and tp >= x.shape[2] else pad_mode
-    if tp < 0:
-        x, tp = x[:, :, -tp:], 0
-    xp = _pad_axis(_pad_axis(_pad_axis(x, 2, tp, 0, mode), 3, kh // 2, kh // 2, mode), 4, kw // 2, kw // 2, mode)
-    y = F.conv3d(xp, w, b, stride=(stride, 1, 1), dilation=(dilation, 1, 1))
-    if activation == "silu":
-        y = y * torch.sigmoid(y)
-    return y if r is None else y + r
 
 
 def _rows_exact() -> bool:
@@ -230,7 +191,7 @@ def test_fuzz(case, dtype, device, poison):
     x64, w64 = l64[0], l64[1]
     b64 = l64[2] if bs is not None else None
     r64 = l64[-1] if rs is not None else None
-    y64 = _oracle(x64, w64, b64, r64, activation=cfg["activation"], **kw)
+    y64 = causal_conv3d_definition(x64, w64, b64, r64, activation=cfg["activation"], **kw)
     close(y, y64, "output")
     # the reference's cotangent is drawn in the kernel's dtype (grads draws it in float64 and casts it to the
     # output's dtype; cast back exactly by autograd), so both differentiate <y, R> for the same R: the fp16
@@ -301,7 +262,7 @@ def test_fuzz(case, dtype, device, poison):
             outs.append(yc)
             t0 += n
     stream = torch.cat(outs, 2)
-    close(stream, _oracle(x64, w64, b64, r64, activation=cfg["activation"], whole_clip=False, **kw),
+    close(stream, causal_conv3d_definition(x64, w64, b64, r64, activation=cfg["activation"], whole_clip=False, **kw),
           "streamed output")
     if cfg["pad_mode"] == "constant" or tp < t:   # the short-clip fallback applies to whole-clip calls only
         if device.type == "cpu" and _ROWS_EXACT:
