@@ -52,11 +52,11 @@ def _laid_out(x, layout, gen):
     if layout == "contiguous":
         return x.contiguous()
     t, c, d = x.shape
-    if layout == "strided":
-        buf = torch.randn(t, c, 2 * d + 1, generator=gen).to(x.dtype)
+    if layout == "strided":   # (from element 1 of the buffer: a base pointer off the usual alignment too)
+        buf = torch.randn(t, c, 2 * d + 1, generator=gen).to(x.device, x.dtype)
         view = buf[:, :, 1::2]
     else:
-        view = torch.empty(d, t, c, dtype=x.dtype).permute(1, 2, 0)
+        view = torch.empty(d, t, c, dtype=x.dtype, device=x.device).permute(1, 2, 0)
     view.copy_(x)
     return view
 
@@ -91,7 +91,7 @@ def test_lfq_op_matches_float64_oracles(case, device, dtype, poison):
     gen = torch.Generator().manual_seed(rng.randrange(2 ** 31))
     x0 = (torch.randn(t, c, d, generator=gen) * cfg["scale"]).to(dtype)
     ew, cw = _weight(cfg["entropy_weight"], t, gen), _weight(cfg["commit_weight"], t, gen)
-    x = _laid_out(x0, cfg["layout"], gen).to(device).requires_grad_()
+    x = _laid_out(x0.to(device), cfg["layout"], gen).requires_grad_()   # laid out on the device: .to() would copy
     assert torch.equal(x.detach().cpu(), x0), where
     with use_backend("triton"):
         res = lfq(x, cfg["code_value"], cfg["inv_temperature"], distributed=False,
