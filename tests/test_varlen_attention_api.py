@@ -18,8 +18,8 @@ from fastsora.ops.varlen_attention import (flash_attn_func, flash_attn_kvpacked_
                                            flash_attn_varlen_qkvpacked_func, memory_efficient_attention,
                                            varlen_attention)
 from fastsora.reference.varlen_attention import varlen_attention as ref_attention
-from fastsora.testing import (TOLERANCE, assert_close, assert_flash_rule, attention_per_sequence, doc_examples, grads,
-                              to_float64)
+from fastsora.testing import (TOLERANCE, assert_close, assert_flash_rule, assert_module_parity, attention_per_sequence,
+                              doc_examples, grads, to_float64)
 from fastsora.testing import packed_offsets as offsets
 
 
@@ -709,20 +709,6 @@ def test_fake_tensor_shapes():
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _check_module_grads(y, got, ref, want, names, dtype, torch_run):
-    """fp32: within tolerance of float64. fp16/bf16: flash-attn's rule against torch's own run of the module at
-    the same precision (``torch_run()`` -> (y, grads)), output 2x and gradients 3x its error."""
-    if dtype == torch.float32:
-        assert_close(y, ref, dtype, "out")
-        for name, a, b in zip(names, got, want, strict=True):
-            assert_close(a, b, dtype, f"d{name}")
-        return
-    y_t, got_t = torch_run()
-    assert_flash_rule(y, ref, y_t, name="out")
-    for name, a, b, c in zip(names, got, want, got_t, strict=True):
-        assert_flash_rule(a, b, c, factor=3.0, name=f"d{name}")
-
-
 @pytest.mark.parametrize("qk_norm", [True, False], ids=["qk_norm", "plain"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_nn_self_attention_gqa(backend, qk_norm, device, dtype):
@@ -759,7 +745,7 @@ def test_nn_self_attention_gqa(backend, qk_norm, device, dtype):
     ref = m64.proj(attention_per_sequence(q, m64.k_norm(k), v, lens, lens, 16 ** -0.5, 1)[0].reshape(-1, 64))
     want = grads(ref, [x64, *m64.parameters()])
     names = ["x"] + [n for n, _ in m.named_parameters()]
-    _check_module_grads(y, got, ref, want, names, dtype, lambda: run("torch"))
+    assert_module_parity(y, got, ref, want, names, dtype, lambda: run("torch"))
 
 
 def test_nn_cross_attention(device, dtype):
@@ -792,7 +778,7 @@ def test_nn_cross_attention(device, dtype):
     ref = m64.proj(attention_per_sequence(q, k, v, lq, lk, 16 ** -0.5, 0)[0].reshape(-1, 32))
     want = grads(ref, [x64, ctx64, *m64.parameters()])
     names = ["x", "context"] + [n for n, _ in m.named_parameters()]
-    _check_module_grads(y, got, ref, want, names, dtype, lambda: run("torch"))
+    assert_module_parity(y, got, ref, want, names, dtype, lambda: run("torch"))
 
 
 def test_nn_varlen_attention_refusals():
