@@ -781,6 +781,28 @@ def test_nn_cross_attention(device, dtype):
     assert_module_parity(y, got, ref, want, names, dtype, lambda: run("torch"))
 
 
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+def test_nn_rows_past_the_offsets_give_the_projection_bias(cross, device, poison):
+    """Rows of x past cu_seqlens[-1] attend to nothing: their output is exactly the output projection's bias and
+    their gradient exactly 0 (docs/varlen_attention.md); the rows before them are those of x without the tail.
+    Kernel outputs start as NaN (poison), so an unwritten tail row would show."""
+    from fastsora.nn.varlen_attention import VarlenAttention
+
+    torch.manual_seed(0)
+    m = VarlenAttention(32, 2, num_kv_heads=1, cross_attention_dim=24 if cross else None).to(device)
+    lens, tail = [5, 0, 3], 3
+    x = torch.randn(sum(lens) + tail, 32, device=device, requires_grad=True)
+    cu = offsets(lens, device)
+    ctx = (torch.randn(6, 24, device=device), offsets([2, 3, 1], device)) if cross else ()
+    with use_backend("triton"):
+        y = m(x, cu, *ctx)
+        (dx,) = grads(y, [x])
+        head = m(x[:-tail].detach(), cu, *ctx)
+    assert torch.equal(y[-tail:], m.proj.bias.detach().expand(tail, -1))
+    assert torch.equal(dx[-tail:], torch.zeros_like(dx[-tail:])) and dx[:-tail].abs().max() > 0
+    torch.testing.assert_close(y[:-tail], head)  # (not bitwise: the projections' matmuls may block by row count)
+
+
 def test_nn_varlen_attention_refusals():
     from fastsora.nn.varlen_attention import VarlenAttention
 
