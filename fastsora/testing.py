@@ -235,6 +235,32 @@ def attention_per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, le
     return out, lse
 
 
+def varlen_attention_module_definition(module: torch.nn.Module, x: torch.Tensor, lens_q: Sequence[int],
+                                       context: Optional[torch.Tensor] = None,
+                                       lens_k: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """fastsora.nn.VarlenAttention written out (a test oracle; call it on a float64 copy of the module with float64
+    x and context): projections to heads ([q | k | v] of x, or q of x and [k | v] of the context), the module's q and
+    k norms, attention within each sequence (:func:`attention_per_sequence`: the module's scale, bottom-right causal
+    mask and window), the output projection. x (total_q, dim), context (total_k, cross_attention_dim) with
+    cross-attention (sequences of ``lens_k`` keys), else the keys are x's (``lens_q``). A pack with no query (or no
+    key) anywhere still gives x, the context and the parameters a gradient, 0, as the module's own graph does: an
+    empty slice's sum ties them in."""
+    h, hkv, d = module.num_heads, module.num_kv_heads, module.head_dim
+    if module.is_cross:
+        q = module.q(x).view(-1, h, d)
+        k, v = module.kv(context).view(-1, 2, hkv, d).unbind(1)
+    else:
+        qkv = module.qkv(x)
+        q = qkv[:, :h * d].view(-1, h, d)
+        k, v = qkv[:, h * d:].view(-1, 2, hkv, d).unbind(1)
+        lens_k = lens_q
+    scale = d ** -0.5 if module.softmax_scale is None else module.softmax_scale
+    out, _ = attention_per_sequence(module.q_norm(q), module.k_norm(k), v, lens_q, lens_k, scale,
+                                    1 if module.causal else 0, module.window_size)
+    unread = [t for t in (x, context, *module.parameters()) if t is not None]
+    return module.proj(out.reshape(-1, h * d)) + sum(t.reshape(-1)[:0].sum() for t in unread)
+
+
 #: the fuzz suites' settings: FASTSORA_FUZZ_CASES cases per suite (default 16); FASTSORA_FUZZ_SEED, drawn afresh
 #: per run by conftest.py (which shows it in pytest's header) unless given, so a failing case reproduces with
 #: ``FASTSORA_FUZZ_SEED=<seed> pytest -m slow <file> -k 'case<N>]'``

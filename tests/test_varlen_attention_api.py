@@ -19,7 +19,7 @@ from fastsora.ops.varlen_attention import (flash_attn_func, flash_attn_kvpacked_
                                            varlen_attention)
 from fastsora.reference.varlen_attention import varlen_attention as ref_attention
 from fastsora.testing import (TOLERANCE, assert_close, assert_flash_rule, assert_module_parity, attention_per_sequence,
-                              doc_examples, grads, to_float64)
+                              doc_examples, grads, to_float64, varlen_attention_module_definition)
 from fastsora.testing import packed_offsets as offsets
 
 
@@ -739,10 +739,7 @@ def test_nn_self_attention_gqa(backend, qk_norm, device, dtype):
     # zero-filled gradient, summed)
     assert _autograd_nodes(y) & _GRADIENT_COPIES == ({"SplitWithSizesBackward0"} if qk_norm else set())
     x64 = x.detach().cpu().double().requires_grad_()
-    qkv = m64.qkv(x64)
-    q = m64.q_norm(qkv[:, :64].view(-1, 4, 16))
-    k, v = qkv[:, 64:].view(-1, 2, 2, 16).unbind(1)
-    ref = m64.proj(attention_per_sequence(q, m64.k_norm(k), v, lens, lens, 16 ** -0.5, 1)[0].reshape(-1, 64))
+    ref = varlen_attention_module_definition(m64, x64, lens)
     want = grads(ref, [x64, *m64.parameters()])
     names = ["x"] + [n for n, _ in m.named_parameters()]
     assert_module_parity(y, got, ref, want, names, dtype, lambda: run("torch"))
@@ -773,9 +770,7 @@ def test_nn_cross_attention(device, dtype):
         m.k_norm = torch.nn.Identity()
     assert torch.equal(plain, y) and not torch.equal(normed, y)
     x64, ctx64 = (t.detach().cpu().double().requires_grad_() for t in (x, ctx))
-    q = m64.q(x64).view(-1, 2, 16)
-    k, v = m64.kv(ctx64).view(-1, 2, 2, 16).unbind(1)
-    ref = m64.proj(attention_per_sequence(q, k, v, lq, lk, 16 ** -0.5, 0)[0].reshape(-1, 32))
+    ref = varlen_attention_module_definition(m64, x64, lq, ctx64, lk)
     want = grads(ref, [x64, ctx64, *m64.parameters()])
     names = ["x", "context"] + [n for n, _ in m.named_parameters()]
     assert_module_parity(y, got, ref, want, names, dtype, lambda: run("torch"))

@@ -1,7 +1,7 @@
 """Fuzz suite for fastsora.nn.VarlenAttention on the Triton backend (the interpreter on CPU): random modules and
-packs against the module's definition written out in float64 - its own projections and norms, cast to float64
-after the module is cast to the test dtype (the same weights), around attention per sequence
-(fastsora.testing.attention_per_sequence) - output and the gradients of x, the context and every parameter.
+packs against the module's definition written out in float64 (fastsora.testing.varlen_attention_module_definition
+on a float64 copy made after the module is cast to the test dtype: the same weights) - output and the gradients of
+x, the context and every parameter.
 
 Each case draws from its own seeded generator: head dims 8 to 72, GQA / MQA heads (at most 6 query heads), self- or
 cross-attention (a context of its own width, key lengths of their own: 0, fewer or more than the queries), QK
@@ -25,8 +25,8 @@ import torch
 
 from fastsora import use_backend
 from fastsora.nn import VarlenAttention
-from fastsora.testing import (assert_module_parity, attention_per_sequence, fuzz_cases, fuzz_random, grads,
-                              noncontiguous, packed_offsets, randn, to_float64)
+from fastsora.testing import (assert_module_parity, fuzz_cases, fuzz_random, grads, noncontiguous, packed_offsets,
+                              randn, to_float64, varlen_attention_module_definition)
 
 pytestmark = pytest.mark.slow
 
@@ -97,25 +97,6 @@ def call(m, cfg: Dict[str, Any], leaves: List[torch.Tensor]) -> torch.Tensor:
     return m(leaves[0], cu_q, validate=cfg["validate"])
 
 
-def definition(m64: VarlenAttention, cfg: Dict[str, Any], leaves64: List[torch.Tensor]) -> torch.Tensor:
-    """The module written out: projections to heads ([q | k | v], or q and [k | v] for a context), RMSNorms over
-    the head dim, attention within each sequence (flash-attn's bottom-right causal and window), output projection."""
-    hq, hkv, d = cfg["hq"], cfg["hkv"], cfg["d"]
-    if cfg["cross"]:
-        q = m64.q(leaves64[0]).view(-1, hq, d)
-        k, v = m64.kv(leaves64[1]).view(-1, 2, hkv, d).unbind(1)
-    else:
-        qkv = m64.qkv(leaves64[0])
-        q = qkv[:, :hq * d].view(-1, hq, d)
-        k, v = qkv[:, hq * d:].view(-1, 2, hkv, d).unbind(1)
-    scale = d ** -0.5 if cfg["scale"] is None else cfg["scale"]
-    out, _ = attention_per_sequence(m64.q_norm(q), m64.k_norm(k), v, cfg["lq"], cfg["lk"], scale,
-                                    1 if cfg["causal"] else 0, cfg["window"])
-    # a pack with no query (or no key) anywhere still gives x, the context and the parameters a gradient, 0: an
-    # empty slice's sum ties them into the graph, as the module's own graph does
-    return m64.proj(out.reshape(-1, hq * d)) + sum(t.reshape(-1)[:0].sum() for t in [*leaves64, *m64.parameters()])
-
-
 @pytest.mark.parametrize("case", fuzz_cases(), ids=lambda c: f"case{c}")
 def test_varlen_attention_module_fuzz(case, dtype, device, poison):
     """A random VarlenAttention on the Triton backend against its float64 definition: output and the gradients of
@@ -134,7 +115,8 @@ def test_varlen_attention_module_fuzz(case, dtype, device, poison):
     y, got = run("triton")
     assert y.shape == leaves[0].shape and y.dtype == dtype, f"out {tuple(y.shape)} {y.dtype}; {where}"
     leaves64 = to_float64(leaves)
-    ref = definition(m64, cfg, leaves64)
+    context64 = leaves64[1] if cfg["cross"] else None
+    ref = varlen_attention_module_definition(m64, leaves64[0], cfg["lq"], context64, cfg["lk"])
     want = grads(ref, leaves64 + list(m64.parameters()), seed=cfg["seed"])
     assert_module_parity(y, got, ref, want, names, dtype, lambda: run("torch"), where)
 
