@@ -117,7 +117,8 @@ if [ "$stage" != bench ] && [ "$(left)" -gt 60 ]; then
   if [ "$(left)" -gt 60 ]; then
     echo "== pytest -m slow (fuzz suites, FASTSORA_FUZZ_CASES=8)" >>"$out/tests.log"
     FASTSORA_FUZZ_CASES=8 timeout $(($(left) - 20)) "$py" -m pytest -p no:cacheprovider -n 4 -v -m slow \
-      "${limit[@]}" -o console_output_style=classic tests/test_*_fuzz.py 2>&1 | grep --line-buffered -v '^$' >>"$out/tests.log"
+      "${limit[@]}" -o console_output_style=classic tests/test_*_fuzz.py 2>&1 |
+      grep --line-buffered -v '^$' >>"$out/tests.log"
   fi
   count() { grep -c " $1" "$out/tests.log"; }
   note "tests: $(count PASSED) passed, $(count FAILED) failed, $(count SKIPPED) skipped, $(count ERROR) errors," \

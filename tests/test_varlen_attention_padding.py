@@ -1,6 +1,7 @@
 """flash-attn's bert_padding helpers (unpad_input, pad_input, unpad_input_for_concatenated_sequences,
-index_first_axis, index_first_axis_residual, index_put_first_axis) against loop-built oracles, their gradients, bad input, and the padded
-batch -> varlen attention -> padded batch pattern of video DiT code (FastVideo's flash_attn_no_pad)."""
+index_first_axis, index_first_axis_residual, index_put_first_axis) against loop-built oracles, their gradients,
+bad input, and the padded batch -> varlen attention -> padded batch pattern of video DiT code (FastVideo's
+flash_attn_no_pad)."""
 import pytest
 import torch
 
