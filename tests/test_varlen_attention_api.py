@@ -10,6 +10,7 @@ from typing import List
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
 
 import fastsora.ops
 from fastsora import BackendError, use_backend
@@ -614,6 +615,42 @@ def test_torch_compile_fullgraph_with_backward(backend, packed, device):
     torch.testing.assert_close(loss, loss_e)
     for a, b in zip(g, g_e):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_torch_compile_dynamic_shapes_compile_once(backend, device):
+    """A training loop over packs feeds a new token count and number of sequences every step. Compiled with
+    ``dynamic=True``, the op, its backward, memory_efficient_attention with a new BlockDiagonalMask each step
+    and the VarlenAttention module compile once for all of them (no guard on a size, on max_seqlen or on the
+    mask's host list of block starts) and give the eager outputs and gradients bitwise. The first pack's sizes
+    differ from the head counts and dims, so dynamo's duck sizing ties none of them."""
+    from fastsora.nn.varlen_attention import VarlenAttention
+    torch._dynamo.reset()
+    module = VarlenAttention(32, 4, num_kv_heads=2, qk_norm=True).to(device)
+
+    def f(q, k, v, x, cu, max_seqlen, mask):
+        out = varlen_attention(q, k, v, cu, cu, max_seqlen, max_seqlen, causal=True)
+        return out, memory_efficient_attention(q[None], k[None], v[None], attn_bias=mask), module(x, cu)
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(f, fullgraph=True, dynamic=True, backend=counter)
+    frames = []  # graphs compiled so far, after each pack
+    for seed, lens in enumerate([[5, 12], [7, 0, 2], [3, 9, 4, 6], [13]]):
+        cu, total = offsets(lens, device), sum(lens)
+        mask = fastsora.ops.BlockDiagonalMask.from_seqlens(lens, device=device)
+        q, x = rand(total, 4, 16, device=device, seed=seed, grad=True), rand(total, 32, device=device, seed=seed)
+        k, v = (rand(total, 2, 16, device=device, seed=10 * seed + s, grad=True) for s in (1, 2))
+        x.requires_grad_()
+        inputs = [q, k, v, x] + list(module.parameters())
+        with use_backend(backend):
+            got = compiled(q, k, v, x, cu, max(lens), mask)
+            g_got = torch.autograd.grad(sum((o.float() ** 2).sum() for o in got), inputs)
+            want = f(q, k, v, x, cu, max(lens), mask)
+            g_want = torch.autograd.grad(sum((o.float() ** 2).sum() for o in want), inputs)
+        for a, b in zip(list(got) + list(g_got), list(want) + list(g_want)):
+            assert torch.equal(a, b), (lens, (a - b).abs().max())
+        frames.append(counter.frame_count)
+    assert frames == frames[:1] * len(frames), f"recompiled for a new pack shape (graphs after each: {frames})"
 
 
 def test_torch_compile_inductor_cpu_torch_backend():

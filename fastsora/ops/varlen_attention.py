@@ -588,19 +588,25 @@ def _xformers_window(attn_bias: Any, names: Tuple[str, ...]) -> Tuple[int, int]:
     return _window(tuple(values)) if values else NO_WINDOW
 
 
-def _seqstart(info: Any, name: str, device: torch.device, total: int) -> torch.Tensor:
+def _seqstart(info: Any, name: str, device: torch.device, total: int) -> Tuple[torch.Tensor, bool]:
+    """The block starts of ``attn_bias.<name>`` as int32 offsets on ``device``, and whether their values were
+    checked here (from the host copy ``seqstart_py`` that xformers keeps: no device synchronisation)."""
     if info is None:
         raise TypeError(f"attn_bias has no '{name}' attribute; expected an xformers BlockDiagonalMask-style object")
     seqstart = getattr(info, "seqstart", None)
     if seqstart is None:
         raise TypeError(f"attn_bias.{name} has no 'seqstart' attribute; expected an xformers _SeqLenInfo")
+    cu = seqstart.to(device=device, dtype=torch.int32)
+    if _compiling():  # value checks are skipped under torch.compile, as for cu_seqlens; reading the host list
+        return cu, True  # there would also guard the graph on its length: a recompile per number of blocks
     seqstart_py = getattr(info, "seqstart_py", None)
-    if seqstart_py is not None:  # the host copy xformers keeps: validate without a device synchronisation
-        _check_values(f"attn_bias.{name}.seqstart", [int(x) for x in seqstart_py], total)
-        if len(seqstart_py) != seqstart.numel():
-            raise ValueError(f"attn_bias.{name}: seqstart has {seqstart.numel()} entries but seqstart_py has "
-                             f"{len(seqstart_py)}")
-    return seqstart.to(device=device, dtype=torch.int32)
+    if seqstart_py is None:
+        return cu, False
+    _check_values(f"attn_bias.{name}.seqstart", [int(x) for x in seqstart_py], total)
+    if len(seqstart_py) != seqstart.numel():
+        raise ValueError(f"attn_bias.{name}: seqstart has {seqstart.numel()} entries but seqstart_py has "
+                         f"{len(seqstart_py)}")
+    return cu, True
 
 
 def memory_efficient_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -698,13 +704,12 @@ def _memory_efficient_attention_bmhk(query: torch.Tensor, key: torch.Tensor, val
     if b != 1:
         raise ValueError(f"with a {type(attn_bias).__name__} the batch size must be 1 (sequences packed along "
                          f"M); got B={b}")
-    cu_q = _seqstart(getattr(attn_bias, "q_seqinfo", None), "q_seqinfo", device, mq)
-    cu_k = _seqstart(getattr(attn_bias, "k_seqinfo", None), "k_seqinfo", device, mk)
+    cu_q, checked_q = _seqstart(getattr(attn_bias, "q_seqinfo", None), "q_seqinfo", device, mq)
+    cu_k, checked_k = _seqstart(getattr(attn_bias, "k_seqinfo", None), "k_seqinfo", device, mk)
     if cu_q.numel() != cu_k.numel():
         raise ValueError(f"attn_bias: {cu_q.numel() - 1} query blocks but {cu_k.numel() - 1} key blocks")
-    validate = getattr(attn_bias.q_seqinfo, "seqstart_py", None) is None or \
-        getattr(attn_bias.k_seqinfo, "seqstart_py", None) is None
-    out, _ = _attention(query[0], key[0], value[0], cu_q, cu_k, 0.0, scale, mode, validate, window)
+    out, _ = _attention(query[0], key[0], value[0], cu_q, cu_k, 0.0, scale, mode, not (checked_q and checked_k),
+                        window)
     return out.reshape(b, mq, h, d)
 
 
