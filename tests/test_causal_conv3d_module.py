@@ -386,6 +386,54 @@ def test_torch_compile_streaming():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_torch_compile_dynamic_shapes_compile_once(backend, device):
+    """Clips of new lengths and sizes, and a stream of chunks of new lengths, compiled with ``dynamic=True``:
+    one graph for whole clips and one for streaming steps with a cache, none recompiled for a new length,
+    height or width (a guard on a size would recompile every clip); outputs, gradients and caches equal eager's
+    bitwise, and the streamed chunks give the one-call output. The first shape of each graph has sizes distinct
+    from each other and from the channels, so dynamo's duck sizing ties none of them."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    m = CausalConv3d(3, 5, 3, pad_mode="replicate").to(device)
+    params = [m.conv.weight, m.conv.bias]
+
+    def clip(x):
+        return m(x, activation="silu")
+
+    def step(chunk, cache):
+        return m(chunk, cache=cache, return_cache=True)
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled_clip = torch.compile(clip, fullgraph=True, dynamic=True, backend=counter)
+    compiled_step = torch.compile(step, fullgraph=True, dynamic=True, backend=counter)
+    frames = []  # graphs compiled so far, after each clip
+    with fastsora.use_backend(backend):
+        for t, h, w in [(6, 7, 9), (4, 5, 11), (9, 8, 6)]:
+            x = randn(2, 3, t, h, w, device=device, requires_grad=True)
+            got, want = compiled_clip(x), clip(x)
+            g_got = torch.autograd.grad(got.square().sum(), [x] + params)
+            g_want = torch.autograd.grad(want.square().sum(), [x] + params)
+            for a, b in zip([got, *g_got], [want, *g_want]):
+                assert torch.equal(a, b), ((t, h, w), (a - b).abs().max())
+            frames.append(counter.frame_count)
+        assert frames == frames[:1] * len(frames), f"recompiled for a new clip shape (graphs after each: {frames})"
+        with torch.no_grad():
+            video = randn(2, 3, 16, 7, 9, device=device)
+            y_whole = m(video)
+            y0, cache = m(video[:, :, :1], return_cache=True)
+            ys, start, frames = [y0], 1, []
+            for t in [6, 4, 5]:  # not 1: dynamo specialises sizes 0 and 1
+                y, next_cache = compiled_step(video[:, :, start:start + t], cache)
+                y_e, cache_e = step(video[:, :, start:start + t], cache)
+                assert torch.equal(y, y_e) and torch.equal(next_cache, cache_e), t
+                ys.append(y)
+                start, cache = start + t, next_cache
+                frames.append(counter.frame_count)
+        assert frames == frames[:1] * len(frames), f"recompiled for a new chunk length (graphs after each: {frames})"
+    assert_close(torch.cat(ys, 2), y_whole, torch.float32)  # equal up to rounding (docs/causal_conv3d.md)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_export_save_load_round_trip(backend, device, tmp_path):
     """torch.export of a streaming encoder step (two chunks, the cache carried between them; stride 2,
     replicate padding, channels_last_3d input), saved and loaded: the loaded program gives the eager outputs

@@ -477,6 +477,36 @@ def test_torch_compile_channel_first_batch_one():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_torch_compile_dynamic_shapes_compile_once(backend, device):
+    """Batches of new sizes and token counts (with (b, n) masks), compiled with ``dynamic=True``: one graph
+    for all of them, never recompiled for a new size; quantized output, indices, losses and the gradient of
+    x equal eager's bitwise. The first batch's sizes differ from each other and from the dims, so dynamo's
+    duck sizing ties none of them."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    m = LFQ(codebook_size=2 ** 6, dim=16, num_codebooks=2, commitment_loss_weight=0.1).to(device)
+
+    def step(x, mask):
+        ret, br = m(x, mask=mask, return_loss_breakdown=True)
+        return ret.quantized, ret.indices, ret.entropy_aux_loss, br.per_sample_entropy, br.batch_entropy
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend=counter)
+    frames = []  # graphs compiled so far, after each batch
+    for b, n in [(3, 7), (2, 13), (5, 4)]:
+        x = torch.randn(b, n, 16, device=device, requires_grad=True)
+        mask = torch.rand(b, n, device=device) > 0.3
+        with use_backend(backend):
+            got, want = compiled(x, mask), step(x, mask)
+            g_got = torch.autograd.grad(got[0].sum() + got[2], x)[0]
+            g_want = torch.autograd.grad(want[0].sum() + want[2], x)[0]
+        for a, c in zip([*got, g_got], [*want, g_want]):
+            assert torch.equal(a, c), ((b, n), (a - c).abs().max())
+        frames.append(counter.frame_count)
+    assert frames == frames[:1] * len(frames), f"recompiled for a new batch shape (graphs after each: {frames})"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_op_fakes_match_outputs_on_permuted_views(backend, device):
     """Every LFQ op on permuted (T, C, d) views: the fake implementations' shapes and strides match the backend's
     outputs, autograd included (torch.library.opcheck)."""
