@@ -455,8 +455,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
     across processes ``torch.use_deterministic_algorithms(True)`` also fixes the autotuned tiles). Refused with
     NotImplementedError: ``softcap`` != 0, ``alibi_slopes``, ``block_table``, ``dropout_p`` > 0.
     ``return_attn_probs=True`` returns ``(out, softmax_lse, None)``: the LSE (Hq, total_q) float32 (float64 for
-    float64 inputs); the
-    dropout mask flash-attn would return as the third item does not exist here (no dropout).
+    float64 inputs); the dropout mask flash-attn would return as the third item does not exist here (no
+    dropout).
     ``validate`` (keyword only, not in flash-attn): as in :func:`varlen_attention`, a host synchronisation to
     check a new offsets tensor's values; flash-attn never checks them, pass False for its behaviour.
     """
