@@ -24,20 +24,25 @@ def _model_and_batch():
     return model, x
 
 
-def _step(model, x, backend):
+def _step(model, x, backend, compiled=False):
+    def forward(x):
+        return model(x, return_loss_breakdown=True)
+
+    if compiled:  # dynamo traces the all_reduce of the code sums into the graph (torch's functional collectives)
+        forward = torch.compile(forward, fullgraph=True, backend="aot_eager")
     with use_backend(backend):
-        ret, br = model(x, return_loss_breakdown=True)
+        ret, br = forward(x)
         (ret.entropy_aux_loss + ret.quantized.square().mean()).backward()
     return br
 
 
-def _worker(rank, init_file, out_dir, backend):
+def _worker(rank, init_file, out_dir, backend, compiled):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         model, x = _model_and_batch()
         per = x.shape[0] // WORLD
         x = x[rank * per:(rank + 1) * per].clone().requires_grad_()
-        br = _step(model, x, backend)
+        br = _step(model, x, backend, compiled)
         grads = {}
         for name, p in model.named_parameters():   # what DDP does: average the parameter gradients
             g = p.grad.clone()
@@ -50,9 +55,11 @@ def _worker(rank, init_file, out_dir, backend):
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
-def test_ddp_halves_give_global_entropy_and_gradients(tmp_path, backend):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path), backend), nprocs=WORLD, join=True)
+def test_ddp_halves_give_global_entropy_and_gradients(tmp_path, backend, compiled):
+    """Also with each rank's step under torch.compile(fullgraph=True): the all-reduces stay in the graph."""
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path), backend, compiled), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
     model, x = _model_and_batch()
@@ -117,7 +124,7 @@ def test_single_process_group_is_not_distributed(tmp_path, monkeypatch):
 
     model, x = _model_and_batch()
     want = _step(model, x, "torch").batch_entropy
-    monkeypatch.setattr(lfq_ops._GlobalSum, "apply", refuse)
+    monkeypatch.setattr(lfq_ops, "_global_sum", refuse)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init1'}", rank=0, world_size=1)
     try:
         got = _step(model, x, "torch").batch_entropy

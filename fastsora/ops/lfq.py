@@ -412,24 +412,36 @@ class LFQOutput(NamedTuple):
 register_namedtuples_for_export(LFQOutput)
 
 
-class _GlobalSum(torch.autograd.Function):
-    """all_reduce (sum) across the default process group; backward: the local cotangent times the world size.
-    Every rank's loss weighs the global value alike (LFQ's does), so a collective backward would sum world-size
-    equal cotangents: the same gradient, but this backward has no collective (a rank that skips its backward,
-    e.g. for a NaN loss, does not hang the others) and one rank's NaN cotangent stays on that rank."""
+@torch.library.custom_op("fastsora::lfq_global_sum", mutates_args=())
+def _global_sum(t: Tensor) -> Tensor:
+    """t summed over the ranks of the default process group (all_reduce of a copy; t is left as it is).
 
-    @staticmethod
-    def forward(ctx, t: Tensor) -> Tensor:
-        import torch.distributed as dist
+    A custom op, so torch.compile keeps it whole: dynamo's rewrite of an in-place ``dist.all_reduce`` inside an
+    ``autograd.Function`` gives zero gradients under torch 2.11 (2.8 and 2.13 are right; the compiled DDP test
+    caught it)."""
+    import torch.distributed as dist
 
-        out = t.clone()
-        dist.all_reduce(out)
-        ctx.world_size = dist.get_world_size()
-        return out
+    out = t.clone()
+    dist.all_reduce(out)
+    return out
 
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        return grad * ctx.world_size
+
+@_global_sum.register_fake
+def _(t):
+    return torch.empty_like(t)
+
+
+def _global_sum_backward(ctx, grad: Tensor) -> Tensor:
+    """The local cotangent times the world size. Every rank's loss weighs the global value alike (LFQ's does), so
+    a collective backward would sum world-size equal cotangents: the same gradient, but this backward has no
+    collective (a rank that skips its backward, e.g. for a NaN loss, does not hang the others) and one rank's
+    NaN cotangent stays on that rank."""
+    import torch.distributed as dist
+
+    return grad * dist.get_world_size()
+
+
+_global_sum.register_autograd(_global_sum_backward)
 
 
 def _distributed() -> bool:
@@ -451,8 +463,8 @@ def lfq(x: Tensor, code_value: float = 1.0, inv_temperature: float = 100.0, *, e
     computes the codebook entropy as vector-quantize-pytorch does (log clamped at 1e-5; the 2^D distribution
     is then materialised once). ``distributed`` (default: a process group with >1 rank is initialised): the
     code distribution is all-reduced (sums and token counts) so the codebook entropy is the exact global
-    one; the backward scales the local cotangent by the world size (see :class:`_GlobalSum`), so DDP's
-    gradient averaging yields the gradient of the global entropy. ``logit_scale`` overrides
+    one; the backward scales the local cotangent by the world size (see :func:`_global_sum_backward`), so
+    DDP's gradient averaging yields the gradient of the global entropy. ``logit_scale`` overrides
     4·inv_temperature·code_value (the per-bit logit is logit_scale·x).
 
     Returns ``LFQOutput(out (T, C, D) x.dtype, indices (T, C) int64, per_sample_entropy (0-d),
@@ -470,10 +482,7 @@ def lfq(x: Tensor, code_value: float = 1.0, inv_temperature: float = 100.0, *, e
         sums = lfq_code_sums(pos, neg, entropy_weight)
         count = _count(entropy_weight, x.shape[0], sums)
         if distributed:
-            import torch.distributed as dist
-
-            sums = _GlobalSum.apply(sums)
-            dist.all_reduce(count)   # a fresh tensor, no gradient
+            sums, count = _global_sum(sums), _global_sum(count)
         cb = lfq_entropy_of_sums(sums, count, 1e-5 if clamp_compat else None)
     else:
         # pos and neg reach x only through lfq_quantize's backward, which takes d/dpos - d/dneg: the centred
