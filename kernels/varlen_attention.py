@@ -148,23 +148,6 @@ def _window_key_tiles(blk, diag, seqlen_q, seqlen_k, win_left, win_right, BLOCK_
 
 
 @triton.jit
-def _query_block_keys(blk, seqlen_q, seqlen_k, bottom_right, win_left, win_right, IS_CAUSAL: tl.constexpr,
-                      IS_LOCAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The keys query block ``blk`` visits: the causal diagonal (key i + diag is query i's), the window's band
-    offsets (lo, hi) (the diagonal without a window), and [0, full_end) whole tiles that need no mask, then
-    [full_end, hi) masked ones; a window masks every tile it visits, from its first, full_end."""
-    diag = bottom_right * (seqlen_k - seqlen_q)
-    if IS_LOCAL:
-        band_lo, band_hi, full_end, hi = _window_key_tiles(blk, diag, seqlen_q, seqlen_k, win_left, win_right,
-                                                           BLOCK_M, BLOCK_N)
-    else:
-        band_lo = diag
-        band_hi = diag
-        full_end, hi = _query_block_key_range(blk, diag, seqlen_k, IS_CAUSAL, BLOCK_M, BLOCK_N)
-    return diag, band_lo, band_hi, full_end, hi
-
-
-@triton.jit
 def _in_window(rows, cols, band_lo, band_hi):
     """Key ``cols`` within the window of query ``rows`` (sequence positions, broadcast against each other)."""
     # one unsigned comparison: an offset below band_lo wraps past the band's width
@@ -222,11 +205,14 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    diag, band_lo, band_hi, full_end, hi = _query_block_keys(blk, seqlen_q, seqlen_k, bottom_right, win_left,
-                                                             win_right, IS_CAUSAL, IS_LOCAL, BLOCK_M, BLOCK_N)
+    diag = bottom_right * (seqlen_k - seqlen_q)
     if IS_LOCAL:  # a window: the masked loop covers all of [full_end, hi)
+        band_lo, band_hi, full_end, hi = _window_key_tiles(blk, diag, seqlen_q, seqlen_k, win_left, win_right,
+                                                           BLOCK_M, BLOCK_N)
         k_base += full_end.to(tl.int64) * stride_kt
         v_base += full_end.to(tl.int64) * stride_vt
+    else:
+        full_end, hi = _query_block_key_range(blk, diag, seqlen_k, IS_CAUSAL, BLOCK_M, BLOCK_N)
 
     # blocks with no masking (none in a window: not even compiled there)
     if not IS_LOCAL:
@@ -465,11 +451,14 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
     v_off = offs_n[:, None] * stride_vt + offs_d[None, :]
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    diag, band_lo, band_hi, full_end, hi = _query_block_keys(blk, seqlen_q, seqlen_k, bottom_right, win_left,
-                                                             win_right, IS_CAUSAL, IS_LOCAL, BLOCK_M, BLOCK_N)
+    diag = bottom_right * (seqlen_k - seqlen_q)
     if IS_LOCAL:  # a window: the masked loop covers all of [full_end, hi)
+        band_lo, band_hi, full_end, hi = _window_key_tiles(blk, diag, seqlen_q, seqlen_k, win_left, win_right,
+                                                           BLOCK_M, BLOCK_N)
         k_base += full_end.to(tl.int64) * stride_kt
         v_base += full_end.to(tl.int64) * stride_vt
+    else:
+        full_end, hi = _query_block_key_range(blk, diag, seqlen_k, IS_CAUSAL, BLOCK_M, BLOCK_N)
 
     if not IS_LOCAL:  # blocks with no masking (none in a window)
         for start_n in range(0, full_end, BLOCK_N):
