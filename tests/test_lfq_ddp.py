@@ -28,7 +28,7 @@ def _step(model, x, backend, compiled=False):
     def forward(x):
         return model(x, return_loss_breakdown=True)
 
-    if compiled:  # dynamo traces the all_reduce of the code sums into the graph (torch's functional collectives)
+    if compiled:  # the all-reduces (the custom op fastsora::lfq_global_sum) are nodes of the compiled graph
         forward = torch.compile(forward, fullgraph=True, backend="aot_eager")
     with use_backend(backend):
         ret, br = forward(x)

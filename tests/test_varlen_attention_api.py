@@ -638,9 +638,9 @@ def test_torch_compile_dynamic_shapes_compile_once(backend, device):
     for seed, lens in enumerate([[5, 12], [7, 0, 2], [3, 9, 4, 6], [13]]):
         cu, total = offsets(lens, device), sum(lens)
         mask = fastsora.ops.BlockDiagonalMask.from_seqlens(lens, device=device)
-        q, x = rand(total, 4, 16, device=device, seed=seed, grad=True), rand(total, 32, device=device, seed=seed)
+        q = rand(total, 4, 16, device=device, seed=seed, grad=True)
+        x = rand(total, 32, device=device, seed=seed, grad=True)
         k, v = (rand(total, 2, 16, device=device, seed=10 * seed + s, grad=True) for s in (1, 2))
-        x.requires_grad_()
         inputs = [q, k, v, x] + list(module.parameters())
         with use_backend(backend):
             got = compiled(q, k, v, x, cu, max(lens), mask)

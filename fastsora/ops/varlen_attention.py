@@ -598,7 +598,7 @@ def _seqstart(info: Any, name: str, device: torch.device, total: int) -> Tuple[t
         raise TypeError(f"attn_bias.{name} has no 'seqstart' attribute; expected an xformers _SeqLenInfo")
     cu = seqstart.to(device=device, dtype=torch.int32)
     if _compiling():  # value checks are skipped under torch.compile, as for cu_seqlens; reading the host list
-        return cu, True  # there would also guard the graph on its length: a recompile per number of blocks
+        return cu, False  # there would also guard the graph on its length: a recompile per number of blocks
     seqstart_py = getattr(info, "seqstart_py", None)
     if seqstart_py is None:
         return cu, False
