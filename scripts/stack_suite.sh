@@ -8,6 +8,8 @@
 # The venv is .venv-torch-TORCH-triton-TRITON; triton < 3.7 gets numpy < 2.4 (its interpreter fails with
 # numpy >= 2.4, see README "Testing"). TorchInductor's on-disk cache is a fresh directory per run, removed after
 # it, so no compiled graph of another torch release or fastsora version is replayed.
+# EXTRA_PIP: more requirements for that venv, e.g. the magvit2-pytorch swap test (tests/test_magvit2_tokenizer.py)
+# needs EXTRA_PIP="torchvision==0.26.0 magvit2-pytorch" (the torchvision of torch 2.11).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="${PYTHON:-python3}"
@@ -34,7 +36,9 @@ if "$python" -c "import sys; v = tuple(int(p) for p in sys.argv[1].split('.')[:2
 fi
 venv="$root/.venv-torch-$torch_version-triton-$triton_version"
 if [ ! -x "$venv/bin/python" ]; then "$python" -m venv "$venv"; fi
-"$venv/bin/python" -m pip install -q "torch==$torch_version" "triton==$triton_version" "$numpy_pin" setuptools wheel
+# shellcheck disable=SC2086  # EXTRA_PIP is a list of requirements
+"$venv/bin/python" -m pip install -q "torch==$torch_version" "triton==$triton_version" "$numpy_pin" setuptools wheel \
+  ${EXTRA_PIP:-}
 "$venv/bin/python" -m pip install -q --no-build-isolation -e "$root[test]"
 "$venv/bin/python" -c 'import torch, triton, numpy; print(f"== torch {torch.__version__}, triton {triton.__version__}, numpy {numpy.__version__}")'
 cache="$(mktemp -d)"
