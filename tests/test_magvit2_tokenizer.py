@@ -43,10 +43,11 @@ def swapped_copy(anchor: torch.nn.Module, pad_mode: str, swap_lfq: bool) -> torc
     """fastsora's modules in a tokenizer of the same config, holding ``anchor``'s weights (strict load). LFQ with
     ``entropy_clamp_compat=True``: the anchor's clamped codebook entropy (docs/lfq.md)."""
     lfq = functools.partial(LFQ, entropy_clamp_compat=True) if swap_lfq else None
-    mine = tokenizer(pad_mode, CausalConv3d, lfq)
+    weight = anchor.conv_in.conv.weight
+    mine = tokenizer(pad_mode, CausalConv3d, lfq).to(weight.device, weight.dtype)
     assert isinstance(mine.conv_in, CausalConv3d) and isinstance(mine.quantizers, LFQ) == swap_lfq
     mine.load_state_dict(anchor.state_dict(), strict=True)
-    return mine.to(next(iter(anchor.state_dict().values())).dtype)
+    return mine
 
 
 def training_step(model: torch.nn.Module, video: torch.Tensor):
@@ -92,7 +93,6 @@ def test_conv_swap_is_bitwise_on_torch_backend(pad_mode, clip):
     assert torch.equal(codes, anchor.tokenize(video))
 
 
-@pytest.mark.interpreter
 @pytest.mark.parametrize("pad_mode", ["constant", "replicate"])
 def test_swap_on_triton_backend(pad_mode, device, poison):
     """fp32 on the Triton backend, CausalConv3d and LFQ swapped, against the anchor in float64: losses, gradients
@@ -139,7 +139,6 @@ def test_swap_on_triton_backend(pad_mode, device, poison):
     assert torch.equal(codes[clear], ref_codes[clear])
 
 
-@pytest.mark.interpreter
 def test_swap_under_fp16_autocast(device, poison):
     """A mixed-precision training step (accelerate's fp16: fp32 weights under autocast) on the Triton backend: each
     parameter's gradient is within 1.5x (+1e-3) of the anchor's own autocast error against its float64 step. fp16
