@@ -23,6 +23,11 @@ pytestmark = pytest.mark.slow
 
 #: entropies and commitment: computed in fp32 from the input's own values (fp16 and bf16 are exact in fp32)
 LOSS_TOL = 1e-5
+#: how far past its tolerance the op's dx may be where the torch backend's dx in the same dtype is off by at least
+#: half as much: with small inputs and a low temperature the code distribution is near uniform, where the entropies'
+#: gradient is a small difference of large fp32 terms (seen: d = 9, scale 0.002, inv_temperature 10, dx 9.0e-5 off
+#: against the torch backend's 1.2e-4). Past the cap the float64 comparison alone decides
+FALLBACK_CAP = 8
 
 
 def _draw(rng):
@@ -93,12 +98,15 @@ def test_lfq_op_matches_float64_oracles(case, device, dtype, poison):
     ew, cw = _weight(cfg["entropy_weight"], t, gen), _weight(cfg["commit_weight"], t, gen)
     x = _laid_out(x0.to(device), cfg["layout"], gen).requires_grad_()   # laid out on the device: .to() would copy
     assert torch.equal(x.detach().cpu(), x0), where
-    with use_backend("triton"):
-        res = lfq(x, cfg["code_value"], cfg["inv_temperature"], distributed=False,
-                  entropy_weight=None if ew is None else ew.float().to(device),
-                  commit_weight=None if cw is None else cw.float().to(device),
-                  straight_through=cfg["straight_through"], with_entropy=cfg["with_entropy"],
-                  clamp_compat=cfg["clamp_compat"])
+    def run(backend):
+        with use_backend(backend):
+            return lfq(x, cfg["code_value"], cfg["inv_temperature"], distributed=False,
+                       entropy_weight=None if ew is None else ew.float().to(device),
+                       commit_weight=None if cw is None else cw.float().to(device),
+                       straight_through=cfg["straight_through"], with_entropy=cfg["with_entropy"],
+                       clamp_compat=cfg["clamp_compat"])
+
+    res = run("triton")
     if case % 2 == 0:
         _check_fakes(x.detach(), cfg, None if ew is None else ew.float().to(device),
                      None if cw is None else cw.float().to(device), where)
@@ -137,15 +145,22 @@ def test_lfq_op_matches_float64_oracles(case, device, dtype, poison):
         return ((out * cot_).sum().to(to) + ps.to(to) * coef_[0] + (cb.to(to) * coef_[1:c + 1]).sum()
                 + cm.to(to) * coef_[c + 1])
 
-    loss = mix(res.out, res.per_sample_entropy, res.codebook_entropy, res.commitment, torch.float32)
-    if not loss.requires_grad:   # nothing differentiable was asked for (no straight-through, entropy or commitment)
+    def dx(res):
+        loss = mix(res.out, res.per_sample_entropy, res.codebook_entropy, res.commitment, torch.float32)
+        return torch.autograd.grad(loss, x)[0] if loss.requires_grad else None
+
+    g = dx(res)
+    if g is None:   # nothing differentiable was asked for (no straight-through, entropy or commitment)
         return
-    (g,) = torch.autograd.grad(loss, x)
     want = mix(out64, ps64, cb64, commitment)
     (g64,) = torch.autograd.grad(want, x64) if want.requires_grad else (torch.zeros_like(x64),)
     assert g.dtype == dtype and g.shape == x.shape, where
-    err = relative_error(g, g64)
-    assert err <= max(TOLERANCE[dtype], 2e-5), f"dx: relative error {err:.2e}; {where}"
+    err, tol = relative_error(g, g64), max(TOLERANCE[dtype], 2e-5)
+    if err > tol:   # see FALLBACK_CAP: then no worse than 2x the torch backend's error in the same dtype
+        base = relative_error(dx(run("torch")), g64)
+        assert err <= min(2 * base, FALLBACK_CAP * tol), (
+            f"dx: relative error {err:.2e} > {tol:.0e} (and > min(2 x the torch backend's {base:.2e}, "
+            f"{FALLBACK_CAP} x the tolerance)); {where}")
 
 
 def _draw_module(rng):
