@@ -51,7 +51,8 @@ def swapped_copy(anchor: torch.nn.Module, pad_mode: str, swap_lfq: bool) -> torc
 
 
 def training_step(model: torch.nn.Module, video: torch.Tensor):
-    """(loss, its breakdown, {parameter name: gradient}) of the tokenizer's reconstruction + LFQ loss."""
+    """(loss, its breakdown, {parameter name: gradient}) of the tokenizer's reconstruction + LFQ loss (fresh gradient
+    tensors: the previous step's are set to None, not overwritten)."""
     model.zero_grad(set_to_none=True)
     loss, breakdown = model(video, return_loss=True)
     loss.backward()
@@ -165,3 +166,24 @@ def test_swap_under_fp16_autocast(device, poison):
     ours, theirs = gradient_errors(grads, ref_grads), gradient_errors(grads_amp, ref_grads)
     worse = {n: (ours[n], theirs[n]) for n in theirs if ours[n] > 1.5 * theirs[n] + 1e-3}
     assert not worse, f"gradients further from float64 than the anchor's under autocast: {worse}"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_swapped_tokenizer_training_step_compiles_whole(backend, device, poison):
+    """torch.compile(fullgraph=True) over the whole swapped tokenizer's training step: one graph, and the loss and
+    every parameter gradient bitwise the eager step's (aot_eager: the custom ops' fakes and registered backwards
+    as the compiled graph runs them, without inductor's own rounding)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch.manual_seed(0)
+    mine = swapped_copy(tokenizer("replicate").to(device), "replicate", swap_lfq=True)
+    video = randn(2, 3, 5, 8, 8, device=device)
+    counter = CompileCounterWithBackend("aot_eager")
+    with fastsora.use_backend(backend):
+        loss, _, grads = training_step(mine, video)
+        compiled_loss, _, compiled_grads = training_step(torch.compile(mine, backend=counter, fullgraph=True), video)
+    assert counter.frame_count == 1
+    # the compiled wrapper names the parameters _orig_mod.<name>
+    compiled_grads = {n.removeprefix("_orig_mod."): g for n, g in compiled_grads.items()}
+    assert torch.equal(compiled_loss, loss)
+    assert set(grads) == set(compiled_grads) and all(torch.equal(compiled_grads[n], g) for n, g in grads.items())
