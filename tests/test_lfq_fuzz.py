@@ -23,6 +23,11 @@ pytestmark = pytest.mark.slow
 
 #: entropies and commitment: computed in fp32 from the input's own values (fp16 and bf16 are exact in fp32)
 LOSS_TOL = 1e-5
+#: and an absolute floor of 4 ulps of 1 for the entropies: the codebook entropy is -sum p log p over a distribution
+#: of mass 1 held in fp32, so a near-deterministic one (the entropy ~1e-3 or less) is off by a few roundings of
+#: the dominant p ~ 1 (seen: one token, d = 12, entropy 9.0e-4 off by 1.6e-7 on the Triton backend and 4.0e-8 on
+#: the torch backend, which forms and sums the same 2^d terms differently)
+ENTROPY_ABS_TOL = 4 * torch.finfo(torch.float32).eps
 #: how far past its tolerance the op's dx may be where the torch backend's dx in the same dtype is off by at least
 #: half as much: with small inputs and a low temperature the code distribution is near uniform, where the entropies'
 #: gradient is a small difference of large fp32 terms (seen: d = 9, scale 0.002, inv_temperature 10, dx 9.0e-5 off
@@ -134,7 +139,8 @@ def test_lfq_op_matches_float64_oracles(case, device, dtype, poison):
                                                                                commitment)):
         assert got.shape == want.shape and torch.isfinite(got).all(), f"{name}: {where}"
         err = (got.detach().cpu().double() - want.detach()).abs().max().item()
-        assert err <= LOSS_TOL * max(want.detach().abs().max().item(), 1e-2), f"{name}: error {err:.2e}; {where}"
+        tol = LOSS_TOL * max(want.detach().abs().max().item(), 1e-2) + (name != "commitment") * ENTROPY_ABS_TOL
+        assert err <= tol, f"{name}: error {err:.2e} > {tol:.1e}; {where}"
 
     # the gradient w.r.t. x of a random mix of every output
     coef = torch.randn(c + 2, generator=gen, dtype=torch.float64)
