@@ -103,18 +103,17 @@ def test_lfq_op_matches_float64_oracles(case, device, dtype, poison):
     ew, cw = _weight(cfg["entropy_weight"], t, gen), _weight(cfg["commit_weight"], t, gen)
     x = _laid_out(x0.to(device), cfg["layout"], gen).requires_grad_()   # laid out on the device: .to() would copy
     assert torch.equal(x.detach().cpu(), x0), where
+    ew_op, cw_op = (None if w is None else w.float().to(device) for w in (ew, cw))   # as the op takes them
+
     def run(backend):
         with use_backend(backend):
-            return lfq(x, cfg["code_value"], cfg["inv_temperature"], distributed=False,
-                       entropy_weight=None if ew is None else ew.float().to(device),
-                       commit_weight=None if cw is None else cw.float().to(device),
-                       straight_through=cfg["straight_through"], with_entropy=cfg["with_entropy"],
-                       clamp_compat=cfg["clamp_compat"])
+            return lfq(x, cfg["code_value"], cfg["inv_temperature"], distributed=False, entropy_weight=ew_op,
+                       commit_weight=cw_op, straight_through=cfg["straight_through"],
+                       with_entropy=cfg["with_entropy"], clamp_compat=cfg["clamp_compat"])
 
     res = run("triton")
     if case % 2 == 0:
-        _check_fakes(x.detach(), cfg, None if ew is None else ew.float().to(device),
-                     None if cw is None else cw.float().to(device), where)
+        _check_fakes(x.detach(), cfg, ew_op, cw_op, where)
 
     # float64 oracles from the definitions
     x64 = x0.double().requires_grad_()
