@@ -10,14 +10,13 @@ extension (which is built for one CUDA torch; xformers then warns that it cannot
 installs ``xformers==0.0.35`` with ``--no-deps`` (so it never replaces torch), best effort; without it this file
 is skipped, naming why.
 """
-import math
-
 import pytest
 import torch
 
 from fastsora import use_backend
 from fastsora.ops import memory_efficient_attention
-from fastsora.testing import ATTENTION_GRAD_TOL, TOLERANCE, assert_close, grads, randn, to_float64
+from fastsora.testing import (ATTENTION_GRAD_TOL, TOLERANCE, assert_close, attention_per_sequence, grads, randn,
+                              to_float64)
 
 try:
     from xformers.ops.fmha import attn_bias as xab
@@ -111,7 +110,8 @@ def test_xformers_masks_hide_what_materialize_hides(device):
 def test_open_sora_cross_attention_call_site(backend, device, dtype, poison):
     """Open-Sora's MultiHeadCrossAttention: the B videos' N tokens each packed as one [1, B*N, H, K] query, the
     B captions of different lengths packed as keys and values, ``BlockDiagonalMask.from_seqlens([N] * B,
-    caption_lengths)``. Each video must attend to its own caption only: against per-video float64 attention."""
+    caption_lengths)``. Each video must attend to its own caption only: against per-video float64 attention
+    (fastsora.testing.attention_per_sequence, written out per sequence, independent of the op)."""
     if backend == "torch" and dtype != torch.float32:
         pytest.skip("one dtype is enough on the torch backend")
     b, n, h, d = 3, 20, 4, 72  # 72: Open-Sora's and DiT-XL's head dim
@@ -125,13 +125,7 @@ def test_open_sora_cross_attention_call_site(backend, device, dtype, poison):
         got = grads(out, [q, kv])
     q64, kv64 = to_float64([q, kv])
     k64, v64 = kv64.unbind(2)
-    pieces, start = [], 0
-    for i, length in enumerate(caption_lengths):
-        qi = q64[0, i * n:(i + 1) * n].transpose(0, 1)
-        ki, vi = (t[0, start:start + length].transpose(0, 1) for t in (k64, v64))
-        pieces.append(torch.softmax(qi @ ki.transpose(1, 2) / math.sqrt(d), -1) @ vi)
-        start += length
-    ref = torch.cat([p.transpose(0, 1) for p in pieces])[None]
+    ref = attention_per_sequence(q64[0], k64[0], v64[0], [n] * b, caption_lengths, d ** -0.5, 0)[0][None]
     assert_close(out, ref, dtype, "out", tol=2 * TOLERANCE[dtype])
     assert_close(got, grads(ref, [q64, kv64]), dtype, "grads", tol=ATTENTION_GRAD_TOL[dtype])
 
