@@ -405,9 +405,10 @@ _TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 #: (bwd-input), K = channels reduced per step; bwd-weight: M = positions reduced, N = C_out, K = C_in.
 #: Variant 'heavy' = the launches with more live state (fwd: cache / residual / stored pre-activation;
 #: bwd-input: the border-row list; bwd-weight: cache or replicate clamping). Every tile listed here compiles
-#: for its architecture with no spills and no stack frame under triton 3.4, 3.6 and 3.9 (checked with
-#: cuobjdump; `bash scripts/compile_matrix.sh`), which rules out the 128x128 tiles: the gathered implicit-GEMM
-#: operands need a 64-bit pointer per element. The autotuner times the candidates of a key at its first launch.
+#: for its architecture with no spills and no stack frame under triton 3.4, 3.6 and 3.9, and under 3.5, 3.7 and
+#: 3.8 but for the few in _STACK_IN_PLAIN_BUILD below (checked with cuobjdump; `bash scripts/compile_matrix.sh`),
+#: which rules out the 128x128 tiles: the gathered implicit-GEMM operands need a 64-bit pointer per element.
+#: The autotuner times the candidates of a key at its first launch.
 _TABLE = {
     ("fwd", "plain", "lp"): [(128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 8, 3)],
     ("fwd", "heavy", "lp"): [(64, 64, 32, 8, 3)],
@@ -452,9 +453,18 @@ _CONFIGS = {
 #: architecture that may pick it, only in the build Triton's JIT makes when every integer argument is a multiple
 #: of 16 (`fastsora compile --divisible-ints`; its plain builds are clean): under 3.6 and 3.9 every tile is clean
 #: in both builds, under 3.4 (the oldest release supported) this one is not (sm_80), and no tile was clean there
-#: in both builds under all three releases for the heavy variant
-_STACK_WITH_DIVISIBLE_INTS = {("bwd_input", variant, "lp", (64, 64, 32, 8, 3)): ("3.4",)
-                              for variant in ("plain", "heavy")}
+#: in both builds under all three releases for the heavy variant; under 3.5 the fp32 32x64x16 one (sm_80)
+_STACK_WITH_DIVISIBLE_INTS = {**{("bwd_input", variant, "lp", (64, 64, 32, 8, 3)): ("3.4",)
+                                 for variant in ("plain", "heavy")},
+                              ("bwd_input", "plain", "fp32", (32, 64, 16, 4, 1)): ("3.5",)}
+#: (kind, variant, dtype class, tile) -> the releases between those above (3.5, 3.7, 3.8: the pins of torch 2.9,
+#: 2.12 and 2.14) under which the tile keeps a small stack frame (8-56 B) on an architecture that may pick it, in
+#: its plain build (so in both). Each slot but the fp32 grad weight (one candidate) keeps candidates clean under
+#: every release; the autotuner still times these tiles there, since a spilled tile that measures faster is faster
+_STACK_IN_PLAIN_BUILD = {("bwd_weight", "plain", "fp32", (32, 32, 32, 4, 1)): ("3.5",),
+                         ("bwd_weight", "plain", "lp", (32, 64, 64, 4, 3)): ("3.7", "3.8"),
+                         ("fwd", "plain", "lp", (64, 128, 32, 8, 3)): ("3.8",),
+                         ("fwd", "plain", "lp", (64, 128, 32, 8, 4)): ("3.8",)}
 #: one config in the interpreter: big tiles (the interpreter costs per loop iteration, not per element)
 _INTERP = (256, 32, 32, 4, 1)
 _INTERP_WGRAD = (256, 32, 32, 4, 1)
@@ -580,10 +590,11 @@ def _register() -> None:
                 if variant.endswith("_cl"):   # what the JIT assumes for a launch the '_cl' table serves
                     divisible = tuple(n for n, ty in sig.items() if ty.startswith("*")) + (
                         "C_in", "C_out") + tuple(f"s{t_}{d}" for t_ in "xcg" for d in "bthw")
-                known_ints = _STACK_WITH_DIVISIBLE_INTS.get((kind, variant, klass, (bm, bn, bk, nw, ns)), ())
+                slot = (kind, variant, klass, (bm, bn, bk, nw, ns))
                 configs.append(KernelConfig(f"{arch} {kind} {variant} {t} BM={bm} BN={bn} BK={bk} w{nw} s{ns}",
                                             sig, consts, nw, ns, archs=archs, divisible_by_16=divisible,
-                                            known_stack_with_divisible_ints=known_ints))
+                                            known_stack_under=_STACK_IN_PLAIN_BUILD.get(slot, ()),
+                                            known_stack_with_divisible_ints=_STACK_WITH_DIVISIBLE_INTS.get(slot, ())))
         register_kernel("causal_conv3d", kernel, configs)
     names = argnames(_silu_bwd_kernel)
     configs = []

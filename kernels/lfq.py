@@ -375,8 +375,15 @@ _CUDA_PAIR_BWD_BY_TILE = {(64, 32): dict(BLOCK_T=64, num_warps=8, num_stages=2)}
 #: --divisible-ints`; the plain builds are clean). Its launches never specialise all of them: C = 1 becomes a
 #: constant and D (the code bits, e.g. 18) is rarely a multiple of 16. The 16-code tile serves sides of at most
 #: 4 bits (d <= 9); d = 18 (64-code tile, 16 bits) is clean on sm_90 under every release.
-_TABLE_BWD_STACK_WITH_DIVISIBLE_INTS = {(16, 2): ("3.4", "3.6"), (16, 4): ("3.4", "3.6", "3.9"),
-                                        (64, 8): ("3.6",), (64, 16): ("3.6",)}
+_TABLE_BWD_STACK_WITH_DIVISIBLE_INTS = {(16, 2): ("3.4", "3.5", "3.6", "3.7", "3.8"),
+                                        (16, 4): ("3.4", "3.5", "3.6", "3.7", "3.9"),
+                                        (64, 8): ("3.5", "3.6"), (64, 16): ("3.5", "3.6")}
+#: (kind, dtype, BLOCK_D) -> the same for the quantize kernels: the fp32 forward's 8-bit tile on sm_90 under 3.8
+_QUANT_STACK_WITH_DIVISIBLE_INTS = {("fwd", "fp32", 8): ("3.8",)}
+#: (BLOCK_A, BLOCK_B) -> releases under which the pair backward keeps a small stack frame (8 B, sm_80): under 3.8
+#: only (the pin of torch 2.14; not 3.4 to 3.7 or 3.9). BLOCK_T = 32, or one stage, is clean there (255 -> 138 or
+#: 248 registers), but this tile serves the d = 18 target on sm_90 too: it stays until a GPU run times both
+_PAIR_BWD_STACK_IN_PLAIN_BUILD = {(64, 32): ("3.8",)}
 #: (MODE, BLOCK_H, BLOCK_L) -> settings of the pair forward where the default above spills
 _CUDA_PAIR_BY_TILE = {(mode, 64, 64): dict(BLOCK_T=32, num_warps=8, num_stages=2) for mode in (0, 1, 2)}
 
@@ -449,7 +456,8 @@ def _quantize_configs(kind, names, types_of):
     launcher picks; ``types_of(ty)`` gives the signature types for input dtype ``ty``."""
     return [KernelConfig(f"quantize {kind} {ty} BLOCK_D={bd}", _sig(names, types_of(ty)),
                          dict(BLOCK_T=_quant_block_t(bd), BLOCK_D=bd),
-                         num_warps=_CUDA_QUANT["num_warps"], num_stages=_CUDA_QUANT["num_stages"])
+                         num_warps=_CUDA_QUANT["num_warps"], num_stages=_CUDA_QUANT["num_stages"],
+                         known_stack_with_divisible_ints=_QUANT_STACK_WITH_DIVISIBLE_INTS.get((kind, ty, bd), ()))
             for ty in _TL_DTYPE.values() for bd in sorted({_block_d(d) for d in range(1, MAX_BITS + 1)})]
 
 
@@ -526,7 +534,8 @@ def _pair_bwd_configs():
         configs.append(KernelConfig(f"code pair bwd BLOCK_A={ba} BLOCK_B={bb} T={cfg['BLOCK_T']}",
                                     _sig(names, types), dict(BLOCK_T=cfg["BLOCK_T"], BLOCK_A=ba, BLOCK_B=bb,
                                                              PRECISION=PRECISION),
-                                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+                                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                                    known_stack_under=_PAIR_BWD_STACK_IN_PLAIN_BUILD.get((ba, bb), ())))
     return configs
 
 

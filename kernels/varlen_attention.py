@@ -515,7 +515,8 @@ def block_d_for(head_dim: int) -> int:
 #: variant see _NOT_IN_WINDOW), with no spill
 #: and no stack frame under triton 3.4, 3.6 and 3.9 (AOT with the JIT's alignment hints) - except fp32 on sm_90 at
 #: D = 128 (forward, dQ) and D = 256 (dQ): no candidate was clean under 3.4 (8-24 B stack frames), so these are
-#: clean under 3.6 and 3.9 only (fp32 is the exact path, not the fast one). Not yet timed on a GPU:
+#: clean under 3.6 and 3.9 only (fp32 is the exact path, not the fast one). Under the releases between them (3.5,
+#: 3.7, 3.8) a few more keep small stack frames, listed in _STACK_IN_PLAIN_BUILD below. Not yet timed on a GPU:
 #: the autotuner times the candidates at the first launch of each key (``_TUNE_KEY``) and keeps the fastest.
 _CANDIDATES = {
     "sm_80": {
@@ -578,24 +579,36 @@ _CANDIDATES = {
 _KINDS = ("fwd", "dkdv", "dq")
 #: (tag, IS_CAUSAL, IS_LOCAL): the mask variants every tile compiles in
 _MASK_VARIANTS = (("", False, False), (" causal", True, False), (" window", False, True))
-#: (arch, dtype class, kernel, padded D) -> releases under which a candidate keeps a small stack frame in the plain
-#: build (only 3.4, see above)
-_STACK_IN_PLAIN_BUILD = {("sm_90", "fp32", "fwd", 128): ("3.4",), ("sm_90", "fp32", "dq", 128): ("3.4",),
-                         ("sm_90", "fp32", "dq", 256): ("3.4",)}
+#: (arch, dtype class, kernel, padded D) -> releases under which a candidate keeps a small stack frame (8-24 B) in
+#: the plain build: exact-fp32 slots under 3.4 (see above); under the releases between the three above (3.5, 3.7,
+#: 3.8: the pins of torch 2.9, 2.12 and 2.14) some others, among them 16-bit dK/dV slots whose other candidates are
+#: clean (the autotuner still times every candidate: a spilled tile that measures faster is faster)
+_STACK_IN_PLAIN_BUILD = {
+    ("sm_90", "fp32", "fwd", 128): ("3.4",), ("sm_90", "fp32", "dq", 128): ("3.4",),
+    ("sm_90", "fp32", "dq", 256): ("3.4",),
+    ("sm_80", "16bit", "dkdv", 16): ("3.7", "3.8"), ("sm_90", "16bit", "dkdv", 128): ("3.5",),
+    ("sm_80", "fp32", "fwd", 256): ("3.7",), ("sm_90", "fp32", "fwd", 32): ("3.8",),
+    ("sm_90", "fp32", "fwd", 256): ("3.5",),
+    ("sm_90", "fp32", "dkdv", 128): ("3.8",), ("sm_90", "fp32", "dkdv", 256): ("3.8",),
+}
 #: (arch, dtype class, kernel, padded D) -> releases under which a candidate keeps a small stack frame (8-48 B)
 #: only in the build Triton's JIT makes when every integer argument is a multiple of 16 (`fastsora compile
 #: --divisible-ints`; the plain builds are clean). Under 3.6 and 3.9 only exact-fp32 slots where no candidate
-#: tried was clean; 3.4 (the oldest release supported) also some 16-bit ones (see docs/varlen_attention.md).
+#: tried was clean; 3.4 (the oldest release supported) also some 16-bit ones (see docs/varlen_attention.md), and
+#: so do 3.7 and 3.8 (the sm_80 forward at D = 32 and the sm_90 one at D = 256).
 _STACK_WITH_DIVISIBLE_INTS = {
-    ("sm_80", "fp32", "dq", 128): ("3.4", "3.6", "3.9"), ("sm_80", "fp32", "dq", 256): ("3.4", "3.6", "3.9"),
-    ("sm_90", "fp32", "fwd", 128): ("3.6",), ("sm_90", "fp32", "fwd", 256): ("3.4", "3.6"),
+    ("sm_80", "fp32", "dq", 128): ("3.4", "3.5", "3.6", "3.7", "3.8", "3.9"),
+    ("sm_80", "fp32", "dq", 256): ("3.4", "3.5", "3.6", "3.7", "3.8", "3.9"),
+    ("sm_90", "fp32", "fwd", 128): ("3.5", "3.6", "3.7", "3.8"),
+    ("sm_90", "fp32", "fwd", 256): ("3.4", "3.6", "3.7", "3.8"),
     ("sm_80", "16bit", "fwd", 128): ("3.4",), ("sm_80", "16bit", "dq", 128): ("3.4",),
-    ("sm_90", "16bit", "dq", 256): ("3.4",),
-    ("sm_80", "fp32", "fwd", 32): ("3.4",), ("sm_90", "fp32", "fwd", 32): ("3.4",),
-    ("sm_80", "fp32", "fwd", 64): ("3.4",), ("sm_90", "fp32", "fwd", 64): ("3.4",),
-    ("sm_80", "fp32", "fwd", 128): ("3.4",), ("sm_80", "fp32", "dkdv", 64): ("3.4",),
-    ("sm_80", "fp32", "dkdv", 128): ("3.4",), ("sm_80", "fp32", "dq", 64): ("3.4",),
-    ("sm_90", "fp32", "dq", 64): ("3.4",),
+    ("sm_90", "16bit", "dq", 256): ("3.4",), ("sm_80", "16bit", "fwd", 32): ("3.7",),
+    ("sm_90", "16bit", "fwd", 256): ("3.7", "3.8"),
+    ("sm_80", "fp32", "fwd", 32): ("3.4",), ("sm_90", "fp32", "fwd", 32): ("3.4", "3.7"),
+    ("sm_80", "fp32", "fwd", 64): ("3.4", "3.7", "3.8"), ("sm_90", "fp32", "fwd", 64): ("3.4", "3.7"),
+    ("sm_80", "fp32", "fwd", 128): ("3.4", "3.5"), ("sm_80", "fp32", "dkdv", 64): ("3.4",),
+    ("sm_80", "fp32", "dkdv", 128): ("3.4", "3.5"), ("sm_90", "fp32", "dkdv", 128): ("3.7",),
+    ("sm_80", "fp32", "dq", 64): ("3.4",), ("sm_90", "fp32", "dq", 64): ("3.4",),
 }
 #: The window variant (IS_LOCAL) compiles to other code, where ptxas left small stack frames (8-16 B) in builds
 #: that are clean in the other variants. Candidates it leaves out where its slot has clean ones, per (arch, dtype
@@ -606,12 +619,15 @@ _NOT_IN_WINDOW = {("sm_80", "16bit", "dq", 256): ((16, 32, 8, 1),),
                   ("sm_80", "16bit", "dkdv", 256): ((16, 16, 8, 1),),
                   ("sm_90", "16bit", "dkdv", 256): ((16, 16, 8, 1),),
                   ("sm_90", "16bit", "dq", 256): ((16, 16, 4, 1),)}
-#: Stack frames the window variant keeps beyond the tables above, in exact-fp32 slots with a single candidate: the
-#: sm_80 forward and dK/dV at D = 256 in the plain build under 3.4; in the launch specialisation, at D = 32 the
-#: sm_80 dQ and the sm_90 forward under 3.6, and the sm_90 forward at D = 256 under 3.9.
-_WINDOW_STACK_IN_PLAIN_BUILD = {("sm_80", "fp32", "fwd", 256): ("3.4",), ("sm_80", "fp32", "dkdv", 256): ("3.4",)}
-_WINDOW_STACK_WITH_DIVISIBLE_INTS = {("sm_80", "fp32", "dq", 32): ("3.6",), ("sm_90", "fp32", "fwd", 32): ("3.6",),
-                                     ("sm_90", "fp32", "fwd", 256): ("3.9",)}
+#: Stack frames the window variant keeps beyond the tables above, in exact-fp32 slots: the sm_80 forward and dK/dV
+#: at D = 256 in the plain build under 3.4; in the launch specialisation, at D = 32 the sm_80 dQ and the sm_90
+#: forward under 3.6, and the sm_90 forward at D = 256 under 3.9; and some under 3.5, 3.7 and 3.8.
+_WINDOW_STACK_IN_PLAIN_BUILD = {("sm_80", "fp32", "fwd", 256): ("3.4",), ("sm_80", "fp32", "dkdv", 256): ("3.4",),
+                                ("sm_80", "fp32", "dkdv", 128): ("3.8",), ("sm_90", "fp32", "dq", 64): ("3.5",)}
+_WINDOW_STACK_WITH_DIVISIBLE_INTS = {("sm_80", "fp32", "dq", 32): ("3.6", "3.7"),
+                                     ("sm_90", "fp32", "fwd", 32): ("3.5", "3.6"),
+                                     ("sm_90", "fp32", "fwd", 256): ("3.9",), ("sm_80", "fp32", "dq", 64): ("3.5",),
+                                     ("sm_80", "fp32", "fwd", 64): ("3.5",)}
 
 
 def _arch(device: torch.device) -> str:
