@@ -6,6 +6,7 @@ the shared-memory limit, so it is checked here against each architecture's per-b
 """
 from __future__ import annotations
 
+import collections
 import os
 import re
 import subprocess
@@ -116,6 +117,38 @@ def _resource_usage(cubin: bytes) -> dict:
                               text=True, check=True).stdout
     usage = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text))
     return {k: int(v) for k, v in usage.items()}
+
+
+_SASS_INSTRUCTION = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s*(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
+#: the opcodes that touch a thread's local memory, where ptxas keeps a stack frame's spilled registers
+LOCAL_MEMORY_OPCODES = ("LDL", "STL")
+
+
+def _sass_instructions(sass: str) -> List[Tuple[int, str, str]]:
+    """[(address, opcode without modifiers, line)] of a ``cuobjdump -sass`` listing."""
+    return [(int(m.group(1), 16), m.group(2).split(".")[0], line)
+            for line in sass.splitlines() if (m := _SASS_INSTRUCTION.match(line))]
+
+
+def sass_loops(sass: str) -> List[Tuple[int, int, "collections.Counter[str]"]]:
+    """[(first address, last address, Counter of opcodes)] of every loop body (the span a backward branch jumps
+    over) of a ``cuobjdump -sass`` listing, for ``scripts/sass_loops.py``."""
+    code = _sass_instructions(sass)
+    found = []
+    for addr, op, line in code:
+        target = re.search(r"BRA\s+0x([0-9a-f]+)", line) if op == "BRA" else None
+        if target and int(target.group(1), 16) < addr:
+            lo = int(target.group(1), 16)
+            found.append((lo, addr, collections.Counter(o for a, o, _ in code if lo <= a <= addr)))
+    return found
+
+
+def local_memory_outside_loops(sass: str) -> "collections.Counter[str]":
+    """The local loads and stores (LDL/STL) of a ``cuobjdump -sass`` listing that lie in no loop body: a stack
+    frame used only there costs a few instructions per program, not per iteration."""
+    bodies = [(lo, hi) for lo, hi, _ in sass_loops(sass)]
+    return collections.Counter(op for addr, op, _ in _sass_instructions(sass)
+                               if op in LOCAL_MEMORY_OPCODES and not any(lo <= addr <= hi for lo, hi in bodies))
 
 
 def compile_config(entry: KernelEntry, config: KernelConfig, arch: str) -> CompileResult:

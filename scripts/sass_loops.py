@@ -1,5 +1,6 @@
 """Static cost of a registered kernel config: compile it ahead of time (no GPU), disassemble the cubin and print
-the instructions of each loop body (a backward branch), with the most frequent opcodes.
+the instructions of each loop body (a backward branch), with the most frequent opcodes and the local-memory
+loads/stores (a stack frame's spilled registers) in each body and outside all of them.
 
     python scripts/sass_loops.py lfq._lfq_code_pair_kernel "mode=0 BLOCK_H=64 BLOCK_L=64" --arch sm_90
     python scripts/sass_loops.py causal_conv3d._causal_conv3d_fwd_kernel \
@@ -13,10 +14,8 @@ issue rate (4 warp instructions per cycle per SM), bound a kernel's time from be
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import os
-import re
 import subprocess
 import tempfile
 
@@ -27,22 +26,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from fastsora import registry  # noqa: E402
 from fastsora.aot import ARCHS, _alignment_attrs, _cuobjdump, _resource_usage  # noqa: E402
-
-_ADDR = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s*(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
-
-
-def loops(sass: str):
-    """[(first address, last address, Counter of opcodes)] for every backward branch of a SASS listing."""
-    code = [(int(m.group(1), 16), m.group(2).split(".")[0], line)
-            for line in sass.splitlines() if (m := _ADDR.match(line))]
-    found = []
-    for addr, op, line in code:
-        target = re.search(r"BRA\s+0x([0-9a-f]+)", line) if op == "BRA" else None
-        if target and int(target.group(1), 16) < addr:
-            lo = int(target.group(1), 16)
-            found.append((lo, addr, collections.Counter(o for a, o, _ in code if lo <= a <= addr)))
-    return found
-
+from fastsora.aot import local_memory_outside_loops, sass_loops  # noqa: E402
+from fastsora.kernels.utils import LAUNCH_OPTIONS  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -66,7 +51,8 @@ def main() -> None:
     src = triton.compiler.ASTSource(fn=entry.kernel, signature=signature, constexprs=constexprs,
                                     attrs=_alignment_attrs(entry.kernel, config))
     compiled = triton.compile(src, target=GPUTarget("cuda", ARCHS[args.arch]["cc"], 32),
-                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+                              options={"num_warps": config.num_warps, "num_stages": config.num_stages,
+                                       **LAUNCH_OPTIONS})  # the options every launch passes, as `fastsora compile`
     usage = _resource_usage(compiled.asm["cubin"])
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
@@ -74,9 +60,16 @@ def main() -> None:
         sass = subprocess.run([_cuobjdump(), "-sass", f.name], capture_output=True, text=True, check=True).stdout
     print(f"{args.kernel} [{config.label}] {args.arch}, triton {triton.__version__}: "
           f"{usage.get('REG')} registers, stack {usage.get('STACK', 0)} B, {config.num_warps} warps")
-    for lo, hi, ops in loops(sass):
+    for lo, hi, ops in sass_loops(sass):
         top = ", ".join(f"{op} {n}" for op, n in ops.most_common(8))
-        print(f"  loop {lo:#06x}-{hi:#06x}: {sum(ops.values())} instructions ({top})")
+        local = ", ".join(f"{op} {ops[op]}" for op in ("LDL", "STL") if ops[op])
+        print(f"  loop {lo:#06x}-{hi:#06x}: {sum(ops.values())} instructions ({top})"
+              + (f"; local memory: {local}" if local else ""))
+    # where a stack frame costs: local loads/stores in no loop body run once per program
+    outside = local_memory_outside_loops(sass)
+    if usage.get("STACK", 0) or outside:
+        print("  local memory outside loops: " + (", ".join(f"{op} {n}" for op, n in sorted(outside.items()))
+                                                  or "none"))
 
 
 if __name__ == "__main__":

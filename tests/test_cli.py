@@ -490,3 +490,30 @@ def test_bench_sets_up_fastsora_on_the_backend_it_times(monkeypatch):
     with use_backend("triton"):
         make_fast((), "bwd")()
     assert seen == ["torch", "torch"]
+
+
+def test_sass_loops_find_loop_bodies_and_local_memory_outside_them():
+    """scripts/sass_loops.py's reading of a ``cuobjdump -sass`` listing (fastsora.aot): a loop body is the span a
+    backward branch jumps over; local loads/stores (a stack frame's spilled registers) in no body run once per
+    program. A listing shaped like cuobjdump's, with a predicated store and a forward branch that is no loop."""
+    from fastsora.aot import local_memory_outside_loops, sass_loops
+
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   STL [R1], R2 ;
+        /*0020*/                   IMAD R3, R4, R5, RZ ;
+        /*0030*/                   LDL R6, [R1] ;
+        /*0040*/                   HMMA.16816.F32 R8, R10, R12, R8 ;
+        /*0050*/              @!P0 STL [R1+0x4], R7 ;
+        /*0060*/               @P1 BRA 0x30 ;
+        /*0070*/                   BRA 0x90 ;
+        /*0080*/                   LDL R9, [R1+0x4] ;
+        /*0090*/                   EXIT ;
+    """
+    loops = sass_loops(sass)
+    assert [(lo, hi) for lo, hi, _ in loops] == [(0x30, 0x60)]
+    body = loops[0][2]
+    assert body == {"LDL": 1, "HMMA": 1, "STL": 1, "BRA": 1}, body
+    assert local_memory_outside_loops(sass) == {"STL": 1, "LDL": 1}
+    assert local_memory_outside_loops(sass.replace("BRA 0x30", "BRA 0xa0")) == {"STL": 2, "LDL": 2}, \
+        "a forward branch makes no loop"
