@@ -26,8 +26,9 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from fastsora import registry  # noqa: E402
 from fastsora.aot import ARCHS, _alignment_attrs, _cuobjdump, _resource_usage  # noqa: E402
-from fastsora.aot import local_memory_outside_loops, sass_loops  # noqa: E402
+from fastsora.aot import LOCAL_MEMORY_OPCODES, local_memory_outside_loops, sass_loops  # noqa: E402
 from fastsora.kernels.utils import LAUNCH_OPTIONS  # noqa: E402
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -62,7 +63,7 @@ def main() -> None:
           f"{usage.get('REG')} registers, stack {usage.get('STACK', 0)} B, {config.num_warps} warps")
     for lo, hi, ops in sass_loops(sass):
         top = ", ".join(f"{op} {n}" for op, n in ops.most_common(8))
-        local = ", ".join(f"{op} {ops[op]}" for op in ("LDL", "STL") if ops[op])
+        local = ", ".join(f"{op} {ops[op]}" for op in LOCAL_MEMORY_OPCODES if ops[op])
         print(f"  loop {lo:#06x}-{hi:#06x}: {sum(ops.values())} instructions ({top})"
               + (f"; local memory: {local}" if local else ""))
     # where a stack frame costs: local loads/stores in no loop body run once per program

@@ -2,10 +2,10 @@
 spilled registers and call frames there even when LOCAL reads 0) and shared memory within limits. Slow: the
 foundation's test_compile covers the spill/shared-memory rule in CI."""
 import pytest
-import triton
 
 from fastsora.aot import ARCHS, compile_config
 from fastsora.registry import KERNELS, load_all
+from fastsora.testing import assert_compiles_clean
 
 load_all()
 POINTS = [pytest.param(key, i, arch, id=f"{key}[{cfg.label}]-{arch}")
@@ -29,9 +29,7 @@ def test_config_compiles_without_stack(key, index, arch):
     result = compile_config(entry, config, arch)
     if "silu" not in key and "fp32" not in config.label:
         assert result.mma, "the fp16/bf16 GEMM kernels use tensor cores (fp32 runs IEEE fp32 dots)"
-    if config.stack_frame_known(result.problems, triton.__version__):  # listed beside the tables, this release only
-        pytest.xfail(f"documented stack frame under triton {triton.__version__}: {result.problems}")
-    assert result.problems == [], result.problems
+    assert_compiles_clean(key, config, arch, result)  # a frame listed beside the tables for this release: xfail
     assert result.stack_bytes == 0, f"{result.stack_bytes} B of stack (spilled registers)"
 
 
