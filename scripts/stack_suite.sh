@@ -6,8 +6,9 @@
 #   (default: 2.11.0 3.6.0 -- -m "not slow")
 #   PYTEST_ARGS replace the default, so add -m "not slow" to them to keep the slow tests out.
 # The venv is .venv-torch-TORCH-triton-TRITON; triton < 3.7 gets numpy < 2.4 (its interpreter fails with
-# numpy >= 2.4, see README "Testing"). TorchInductor's on-disk cache is a fresh directory per run, removed after
-# it, so no compiled graph of another torch release or fastsora version is replayed.
+# numpy >= 2.4, see README "The torch and triton releases the suite passes under"). TorchInductor's on-disk
+# cache is a fresh directory per run, removed after it, so no compiled graph of another torch release or
+# fastsora version is replayed.
 # EXTRA_PIP: more requirements for that venv, e.g. the magvit2-pytorch swap test (tests/test_magvit2_tokenizer.py)
 # needs EXTRA_PIP="torchvision==0.26.0 magvit2-pytorch" (the torchvision of torch 2.11).
 set -euo pipefail
