@@ -130,24 +130,29 @@ def _sass_instructions(sass: str) -> List[Tuple[int, str, str]]:
             for line in sass.splitlines() if (m := _SASS_INSTRUCTION.match(line))]
 
 
-def sass_loops(sass: str) -> List[Tuple[int, int, "collections.Counter[str]"]]:
-    """[(first address, last address, Counter of opcodes)] of every loop body (the span a backward branch jumps
-    over) of a ``cuobjdump -sass`` listing, for ``scripts/sass_loops.py``."""
-    code = _sass_instructions(sass)
+def _loop_bodies(code: List[Tuple[int, str, str]]) -> List[Tuple[int, int]]:
+    """[(first address, last address)] of every span a backward branch of ``code`` jumps over."""
     found = []
     for addr, op, line in code:
         target = re.search(r"BRA\s+0x([0-9a-f]+)", line) if op == "BRA" else None
         if target and int(target.group(1), 16) < addr:
-            lo = int(target.group(1), 16)
-            found.append((lo, addr, collections.Counter(o for a, o, _ in code if lo <= a <= addr)))
+            found.append((int(target.group(1), 16), addr))
     return found
+
+
+def sass_loops(sass: str) -> List[Tuple[int, int, "collections.Counter[str]"]]:
+    """[(first address, last address, Counter of opcodes)] of every loop body (the span a backward branch jumps
+    over) of a ``cuobjdump -sass`` listing, for ``scripts/sass_loops.py``."""
+    code = _sass_instructions(sass)
+    return [(lo, hi, collections.Counter(o for a, o, _ in code if lo <= a <= hi)) for lo, hi in _loop_bodies(code)]
 
 
 def local_memory_outside_loops(sass: str) -> "collections.Counter[str]":
     """The local loads and stores (LDL/STL) of a ``cuobjdump -sass`` listing that lie in no loop body: a stack
     frame used only there costs a few instructions per program, not per iteration."""
-    bodies = [(lo, hi) for lo, hi, _ in sass_loops(sass)]
-    return collections.Counter(op for addr, op, _ in _sass_instructions(sass)
+    code = _sass_instructions(sass)
+    bodies = _loop_bodies(code)
+    return collections.Counter(op for addr, op, _ in code
                                if op in LOCAL_MEMORY_OPCODES and not any(lo <= addr <= hi for lo, hi in bodies))
 
 
