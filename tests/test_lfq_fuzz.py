@@ -35,6 +35,12 @@ ENTROPY_ABS_TOL = 4 * torch.finfo(torch.float32).eps
 FALLBACK_CAP = 8
 
 
+def _loss_tol(name: str, size: float, rel: float = LOSS_TOL) -> float:
+    """The tolerance of loss ``name`` whose value is ``size`` in magnitude: ``rel`` x that size (at least 0.01),
+    plus ENTROPY_ABS_TOL for an entropy (and the losses made of them), none for the commitment."""
+    return rel * max(size, 1e-2) + (name != "commitment") * ENTROPY_ABS_TOL
+
+
 def _draw(rng):
     d = rng.randint(1, 16)
     c = rng.randint(1, 3)
@@ -138,7 +144,7 @@ def test_lfq_op_matches_float64_oracles(case, device, dtype, poison):
                                                                                commitment)):
         assert got.shape == want.shape and torch.isfinite(got).all(), f"{name}: {where}"
         err = (got.detach().cpu().double() - want.detach()).abs().max().item()
-        tol = LOSS_TOL * max(want.detach().abs().max().item(), 1e-2) + (name != "commitment") * ENTROPY_ABS_TOL
+        tol = _loss_tol(name, want.detach().abs().max().item())
         assert err <= tol, f"{name}: error {err:.2e} > {tol:.1e}; {where}"
 
     # the gradient w.r.t. x of a random mix of every output
@@ -266,7 +272,7 @@ def test_lfq_module_matches_the_anchor(case, device, dtype, poison, monkeypatch)
         cb_a, cb_b = (t.detach().double().cpu() for t in (la.batch_entropy, lb.batch_entropy))
         assert torch.equal(cb_a.isnan(), cb_b.isnan()), f"codebook entropy NaN {cb_b} vs {cb_a}: {where}"
         err = (cb_b - cb_a).nan_to_num().abs().max().item()
-        tol = max(LOSS_TOL, 16 * rounding) * max(cb_a.nan_to_num().abs().max().item(), 1e-2) + ENTROPY_ABS_TOL
+        tol = _loss_tol("codebook entropy", cb_a.nan_to_num().abs().max().item(), max(LOSS_TOL, 16 * rounding))
         if err > tol:
             (x_op, _, _), op_kw = op_calls[-1]
             ew = op_kw["entropy_weight"]
@@ -338,7 +344,7 @@ def test_lfq_token_mask_is_the_selected_tokens_alone(case, device, dtype, poison
                                                                                   ls.commitment),
                         ("aux loss", rm.entropy_aux_loss, rs.entropy_aux_loss)):
         err = (a.double() - b_.double()).abs().max().item()
-        tol = LOSS_TOL * max(b_.double().abs().max().item(), 1e-2) + (name != "commitment") * ENTROPY_ABS_TOL
+        tol = _loss_tol(name, b_.double().abs().max().item())
         assert err <= tol, f"{name}: {err:.2e}; {where}"
 
 
