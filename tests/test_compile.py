@@ -1,6 +1,7 @@
 """Every registered kernel config compiles for sm_80 and sm_90 without a GPU: no spills (nor stack frames),
 shared memory within the architecture's limit (what the interpreter cannot see). The same check as
-``fastsora compile``, one test per (kernel, config, arch): about 3 minutes on 2 cores.
+``fastsora compile``, one test per (kernel, config, arch). On 2 cores the CI part (995 builds) took 10 min 20 s
+with an empty Triton cache (``~/.triton/cache``, where ptxas's results are kept) and 16 s with it warm (at cc7d103).
 
 The same sweep with every integer argument divisible by 16 (``fastsora compile --divisible-ints``, the JIT's
 launch specialisation of power-of-two shapes) runs as ``slow`` tests (``pytest -m slow tests/test_compile.py``),
